@@ -84,7 +84,9 @@ def _alpha_from_log_probs(log_p: Tensor, log_q: Tensor, config: CMKDConfig) -> T
         kl = (log_q.exp() * (log_q - log_p)).sum(dim=1)
     else:
         kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)
-    # Rounding can make a near-zero KL slightly negative; alpha stays in [0, 1].
+    # alpha must stay in [0, 1] so that 1 - alpha is a valid weight. The KL is clipped at 0: rounding can make a
+    # near-zero KL slightly negative, and over a column subset without renormalisation (``active_classes``) the
+    # restricted sum is not a divergence and can be clearly negative.
     return torch.exp(-kl.clamp_min(0.0))
 
 

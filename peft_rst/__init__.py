@@ -1,0 +1,23 @@
+"""Residual Sparse Training (RST) as a PEFT method.
+
+`import peft_rst` registers the method with peft, after which `get_peft_model(model, RSTConfig(...))`,
+`PeftModel.from_pretrained`, `PeftConfig.from_pretrained` and `AutoPeftModel*.from_pretrained` handle RST adapters.
+"""
+
+from ._registration import IncompatiblePeftError, register_rst
+
+register_rst()
+
+from .config import RSTConfig, RSTPeftType  # noqa: E402
+from .layer import RSTLayer  # noqa: E402
+from .model import BaseWeightsMismatchError, RSTModel  # noqa: E402
+
+__all__ = [
+    "BaseWeightsMismatchError",
+    "IncompatiblePeftError",
+    "RSTConfig",
+    "RSTLayer",
+    "RSTModel",
+    "RSTPeftType",
+]
+__version__ = "0.1.0"

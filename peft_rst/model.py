@@ -1,0 +1,278 @@
+"""`RSTModel`: the peft tuner that injects RST layers, runs the reset hook and saves sparse adapters."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, _get_submodules
+from peft.utils import AuxiliaryTrainingWrapper
+from torch import nn
+
+from . import format as rst_format
+from .config import RSTConfig
+from .layer import RSTLayer
+from .reset import ResetGroup, register, unregister
+
+PREFIX = "rst_"
+_CONTAINER = "rst_weight"
+
+
+class BaseWeightsMismatchError(ValueError):
+    """The adapter was trained from other base weights than the model it is being loaded onto."""
+
+
+def _matches(patterns, key: str) -> bool:
+    """peft's matching rule: a regex string must match the whole name; a list entry the name or its suffix."""
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, key) is not None
+    return any(key == p or key.endswith(f".{p}") for p in patterns)
+
+
+def _under(key: str, roots: set[str]) -> bool:
+    return any(root == "" or key == root or key.startswith(root + ".") for root in roots)
+
+
+def resolve_parameter_owners(config: RSTConfig, model: nn.Module) -> list[str]:
+    """Current names of the modules whose own parameters this config targets (wrappers for wrapped modules).
+
+    Targeting a module means all parameters below it; None means the whole model. `modules_to_save` and
+    `exclude_modules` subtrees are left out, and so are adapter internals of earlier adapters.
+    """
+    names = [name for name, _ in model.named_modules()]
+    skip_roots: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, AuxiliaryTrainingWrapper) or _matches(config.modules_to_save, name):
+            skip_roots.add(name)
+        if _matches(config.exclude_modules, name):
+            skip_roots.add(name)
+        if isinstance(module, RSTLayer):
+            skip_roots.add(f"{name}.{_CONTAINER}" if name else _CONTAINER)
+    skip_roots.discard("")
+    if config.target_modules is None:
+        roots = {""}
+    else:
+        roots = {name for name in names if name and _matches(config.target_modules, name)}
+    owners = []
+    for name, module in model.named_modules():
+        if not _under(name, roots) or _under(name, skip_roots):
+            continue
+        if not any(True for _ in module.named_parameters(recurse=False)):
+            continue
+        # the parameters of an already wrapped module live on its base_layer: target the wrapper
+        owner = name.removesuffix(".base_layer") if name.endswith(".base_layer") else name
+        if owner in ("", "base_layer"):
+            params = ", ".join(n for n, _ in module.named_parameters(recurse=False))
+            raise ValueError(
+                f"The top-level module {type(model).__name__} owns parameters directly ({params}); peft cannot wrap "
+                "the top-level module. Wrap the submodule that should be adapted (e.g. the vision tower), register "
+                "frozen scalars as buffers, or list the owning module in `modules_to_save`."
+            )
+        owners.append(owner)
+    return owners
+
+
+class RSTModel(BaseTuner):
+    """Residual Sparse Training (paper Sec. III.C) as a peft tuner.
+
+    Example:
+        ```py
+        >>> import peft_rst  # registers RST with peft
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(vision_tower, peft_rst.RSTConfig(tau=1e-6, modules_to_save=["head"]))
+        ```
+    """
+
+    prefix: str = PREFIX
+    tuner_layer_cls = RSTLayer
+    target_module_mapping: dict = {}
+
+    def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+        self._owner_keys: set[str] = set()
+        self._reset_groups: dict[str, ResetGroup] = {}
+        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
+    # ------------------------------------------------------------------ injection
+    def _prepare_adapter_config(self, peft_config: RSTConfig, model_config: dict) -> RSTConfig:
+        return peft_config  # target_modules=None means "everything", no per-architecture defaults needed
+
+    def _prepare_model(self, peft_config: RSTConfig, model: nn.Module) -> None:
+        owners = resolve_parameter_owners(peft_config, model)
+        if not owners:
+            raise ValueError(
+                f"RSTConfig(target_modules={peft_config.target_modules!r}, exclude_modules="
+                f"{peft_config.exclude_modules!r}, modules_to_save={peft_config.modules_to_save!r}) matches no module "
+                "that owns parameters in this model. Check the names with `[n for n, _ in model.named_modules()]`."
+            )
+        self._owner_keys = set(owners)
+
+    def _check_target_module_exists(self, peft_config: RSTConfig, key: str) -> bool:
+        return key in self._owner_keys
+
+    def _create_and_replace(
+        self, peft_config, adapter_name, target, target_name, parent, current_key, parameter_name=None
+    ) -> None:
+        if isinstance(target, RSTLayer):
+            target.update_layer(adapter_name, peft_config)
+            # nested wrappers below this one are skipped by peft's injection loop: add the adapter to them here
+            for name, module in target.base_layer.named_modules(prefix=f"{current_key}.base_layer"):
+                if isinstance(module, RSTLayer) and name in self._owner_keys:
+                    module.update_layer(adapter_name, peft_config)
+            return
+        new_module = RSTLayer(target, adapter_name, peft_config)
+        if adapter_name not in self.active_adapters:
+            new_module.set_adapter(self.active_adapters)  # a freshly added adapter is not trainable until set
+        real_parent = parent.get_base_layer() if isinstance(parent, RSTLayer) else parent
+        setattr(real_parent, target_name, new_module)
+
+    def _post_injection_hook(self, model: nn.Module, config: RSTConfig, adapter_name: str) -> None:
+        self._register_reset(adapter_name)
+
+    def inject_adapter(
+        self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False, state_dict=None
+    ):
+        super().inject_adapter(
+            model,
+            adapter_name,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            state_dict=state_dict,
+        )
+        if adapter_name in self._reset_groups:  # add_adapter after construction: hooks are not re-run by peft
+            self._register_reset(adapter_name)
+
+    def _register_reset(self, adapter_name: str) -> None:
+        old = self._reset_groups.pop(adapter_name, None)
+        if old is not None:
+            unregister(old)
+        group = ResetGroup(self.peft_config[adapter_name], adapter_name)
+        group.layers = [m for m in self.model.modules() if isinstance(m, RSTLayer) and adapter_name in m.rst_weight]
+        self._reset_groups[adapter_name] = group
+        register(group)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        # integer parameters (rare, e.g. quantisation metadata) cannot require grad
+        for module in model.modules():
+            if isinstance(module, RSTLayer):
+                for weights in module.rst_weight.values():
+                    for w in weights.values():
+                        if not w.dtype.is_floating_point:
+                            w.requires_grad_(False)
+
+    # ------------------------------------------------------------------ adapters
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        group = self._reset_groups.pop(adapter_name, None)
+        if group is not None:
+            unregister(group)
+        for group in self._reset_groups.values():
+            group.layers = [layer for layer in group.layers if group.adapter_name in layer.rst_weight]
+
+    def reset_step(self, adapter_name: str | None = None) -> int:
+        """Optimizer steps seen by the reset schedule of `adapter_name` (default: the active adapter)."""
+        return self._reset_groups[adapter_name or self.active_adapters[0]].step
+
+    def set_reset_step(self, step: int, adapter_name: str | None = None) -> None:
+        """Restore the schedule position when resuming training from a checkpoint."""
+        self._reset_groups[adapter_name or self.active_adapters[0]].step = int(step)
+
+    # ------------------------------------------------------------------ unloading
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge:
+            self._check_merge_allowed()
+        layers = [(key, m) for key, m in self.model.named_modules() if isinstance(m, RSTLayer)]
+        for key, layer in reversed(layers):  # innermost first, so that outer keys stay valid
+            if merge:
+                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            parent, _, target_name = _get_submodules(self.model, key)
+            real_parent = parent.get_base_layer() if isinstance(parent, RSTLayer) else parent
+            setattr(real_parent, target_name, layer.get_base_layer())
+        for group in self._reset_groups.values():
+            unregister(group)
+        self._reset_groups.clear()
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+    # ------------------------------------------------------------------ saving and loading
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        marker = f".{_CONTAINER}.{adapter_name}."
+        if marker in key:
+            head, _, tail = key.rpartition(marker)
+            return f"{head}.{_CONTAINER}.{tail}"
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    @staticmethod
+    def _rst_parameters(model: nn.Module, adapter_name: str):
+        """(state-dict key of W, W, w0) for every RST parameter of `adapter_name` in `model`."""
+        for module_name, module in model.named_modules():
+            if not isinstance(module, RSTLayer) or adapter_name not in module.rst_weight:
+                continue
+            module_name = module_name.removeprefix("_fsdp_wrapped_module.")
+            bases = dict(module.get_base_layer().named_parameters(recurse=False))
+            for param_name, weight in module.rst_weight[adapter_name].items():
+                key = f"{module_name}.{_CONTAINER}.{adapter_name}.{param_name}"
+                yield key, weight, bases[param_name]
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """Replace every dense W by its changed entries (sparse, see `peft_rst.format`)."""
+        result = {}
+        for key, weight, base in cls._rst_parameters(model, adapter_name):
+            dense = state_dict.get(key, weight).detach()
+            flat = dense.reshape(-1)
+            flat_base = base.detach().reshape(-1).to(flat.dtype)
+            indices = torch.nonzero(flat != flat_base, as_tuple=True)[0]
+            parts = rst_format.encode_sparse(
+                indices.cpu(), flat[indices].cpu(), flat.numel(), rst_format.tensor_fingerprint(base.detach())
+            )
+            for suffix, tensor in parts.items():
+                result[f"{key}.{suffix}"] = tensor
+        return result
+
+    @staticmethod
+    def _pop_parts(state_dict: dict, checkpoint_key: str) -> dict:
+        """Take the encoded parts of one parameter out of a checkpoint (keys with or without peft's prefix)."""
+        for key in (
+            checkpoint_key,
+            "base_model.model." + checkpoint_key,
+            checkpoint_key.removeprefix("base_model.model."),
+        ):
+            parts = {s: state_dict.pop(f"{key}.{s}") for s in rst_format.SUFFIXES if f"{key}.{s}" in state_dict}
+            if parts:
+                return parts
+        return {}
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Rebuild dense W = w0 patched with the saved entries; check the base weights are the trained-from ones."""
+        result = dict(state_dict)
+        found_any = False
+        for model_key, weight, base in cls._rst_parameters(model, adapter_name):
+            checkpoint_key = cls._remove_adapter_name_from_key(model_key, adapter_name)
+            parts = cls._pop_parts(result, checkpoint_key)
+            if not parts:
+                raise ValueError(
+                    f"The adapter checkpoint has no entry for '{checkpoint_key}'. It was saved from another model or "
+                    "another PEFT method, or with different target_modules; load it onto the base model it was "
+                    "trained on, with its own adapter_config.json."
+                )
+            found_any = True
+            data = rst_format.decode_sparse(parts, base.numel(), checkpoint_key)
+            if config.check_base_fingerprint and data.base_fingerprint != rst_format.tensor_fingerprint(base.detach()):
+                raise BaseWeightsMismatchError(
+                    f"The adapter entry '{checkpoint_key}' was trained from different base weights than the model's "
+                    f"(shape {tuple(base.shape)}, {base.dtype}). Load it onto the checkpoint it was trained from, or "
+                    "pass `config=RSTConfig.from_pretrained(path, check_base_fingerprint=False)` to "
+                    "`PeftModel.from_pretrained` to load it anyway."
+                )
+            dense = base.detach().to(dtype=weight.dtype, copy=True).reshape(-1)
+            dense[data.indices.to(dense.device)] = data.values.to(device=dense.device, dtype=dense.dtype)
+            result[model_key] = dense.view(base.shape)
+        if not found_any:
+            raise ValueError(f"Adapter '{adapter_name}' has no RST layers in this model; nothing to load.")
+        return result

@@ -168,7 +168,7 @@ class RSTLayer(nn.Module, BaseTunerLayer):
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         bases = self._base_parameters()
         while self.merged_adapters:

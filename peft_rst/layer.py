@@ -17,19 +17,58 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.func import functional_call
 
+from . import format as rst_format
 from .reset import ResetTarget
+
+
+class SparsePatch(nn.Module):
+    """The encoded changed entries of one inference adapter for one layer, exactly as stored on disk.
+
+    Buffers are named `<parameter>__<part>` (parts from `peft_rst.format.SUFFIXES`). Their sizes are only known once
+    a checkpoint is loaded, so loading replaces the buffers instead of copying into fixed shapes.
+    """
+
+    def entries(self, bases: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Decode (flat indices, values) for each base parameter in `bases`."""
+        out = {}
+        for name, base in bases.items():
+            parts = self.parts(name)
+            if not parts:
+                raise RuntimeError(
+                    f"No sparse entries were loaded for parameter '{name}' of this inference adapter; load it "
+                    "with PeftModel.from_pretrained / load_adapter before using it."
+                )
+            data = rst_format.decode_sparse(parts, base.numel(), name)
+            out[name] = (data.indices.to(base.device), data.values.to(base.device))
+        return out
+
+    @property
+    def is_loaded(self) -> bool:
+        return bool(self._buffers)
+
+    def parts(self, name: str) -> dict[str, torch.Tensor]:
+        return {s: self._buffers[f"{name}__{s}"] for s in rst_format.SUFFIXES if f"{name}__{s}" in self._buffers}
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        for key in list(state_dict):
+            if key.startswith(prefix) and "." not in key[len(prefix) :]:
+                self.register_buffer(key[len(prefix) :], state_dict[key].clone())
 
 
 class RSTLayer(nn.Module, BaseTunerLayer):
     """Wraps `base_layer`; adapter `a` replaces each owned parameter p by `rst_weight[a][p]` in the forward pass."""
 
     adapter_layer_names = ("rst_weight",)
-    other_param_names = ()
+    other_param_names = ("rst_sparse",)
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs: Any) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.rst_weight = nn.ModuleDict({})
+        self.rst_weight = nn.ModuleDict({})  # trainable adapters: dense W per owned parameter
+        self.rst_sparse = nn.ModuleDict({})  # inference adapters: the encoded sparse patch, as saved
+        # inference adapter currently written into the base parameters, and the base values it replaced
+        self._patched: str | None = None
+        self._patch_backup: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         # adapter name -> list of (flat indices, previous values) per merged parameter, to unmerge bit-exactly
         self._merge_backup: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.merged_adapters: list[str] = []
@@ -57,7 +96,18 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         return dict(self.get_base_layer().named_parameters(recurse=False))
 
     def update_layer(self, adapter_name: str, config) -> None:
-        """Create adapter `adapter_name`: W = w0 (identity), or a perturbed copy with init_weights=False."""
+        """Create adapter `adapter_name`.
+
+        Trainable adapters get W = w0 (identity; a perturbed copy with init_weights=False). Adapters created in
+        inference mode (`PeftModel.from_pretrained` without `is_trainable=True`) keep only their encoded sparse
+        patch: memory per extra adapter is its file size, and activating one writes its entries into the base
+        parameters in O(changed entries).
+        """
+        self.restore_base_weights()
+        if config.inference_mode:
+            self.rst_sparse[adapter_name] = SparsePatch()
+            self.set_adapter(self.active_adapters)
+            return
         weights = nn.ParameterDict()
         for name, base in self._base_parameters().items():
             if base.device.type == "meta":
@@ -82,6 +132,78 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         ]
 
     # ------------------------------------------------------------------ forward
+    def _wanted_patch(self) -> str | None:
+        """The inference adapter that should be written into the base parameters right now, if any."""
+        if self.disable_adapters or self.merged:
+            return None
+        # an inference adapter is patched in once its entries are loaded (peft creates it empty, then loads)
+        sparse = [a for a in self.active_adapters if a in self.rst_sparse and self.rst_sparse[a].is_loaded]
+        if not sparse:
+            return None
+        if len(self.active_adapters) > 1:
+            raise ValueError(
+                f"Adapters {self.active_adapters} are active together, which RST supports only for trainable "
+                "adapters. Activate one inference adapter at a time, or load them with is_trainable=True."
+            )
+        return sparse[0]
+
+    @torch.no_grad()
+    def sync_patch(self) -> None:
+        """Make the base parameters hold w0 patched by the wanted inference adapter (O(changed entries))."""
+        wanted = self._wanted_patch()
+        if wanted == self._patched:
+            return
+        self.restore_base_weights()
+        if wanted is None:
+            return
+        bases = self._base_parameters()
+        backup = {}
+        for name, (idx, values) in self.rst_sparse[wanted].entries(bases).items():
+            flat = bases[name].data.view(-1)
+            backup[name] = (idx, flat[idx].clone())
+            flat[idx] = values.to(flat.dtype)
+        self._patch_backup = backup
+        self._patched = wanted
+
+    @torch.no_grad()
+    def restore_base_weights(self) -> None:
+        """Undo the patch of an inference adapter, bit-exactly (base values were kept at the patched positions)."""
+        if self._patched is None:
+            return
+        bases = self._base_parameters()
+        for name, (idx, previous) in self._patch_backup.items():
+            bases[name].data.view(-1)[idx] = previous
+        self._patch_backup = {}
+        self._patched = None
+
+    def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        if self._modules.get("rst_sparse") is not None and len(self.rst_sparse):
+            self.sync_patch()
+
+    def enable_adapters(self, enabled: bool) -> None:
+        super().enable_adapters(enabled)
+        if len(self.rst_sparse):
+            self.sync_patch()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if self._patched == adapter_name:
+            self.restore_base_weights()
+        super().delete_adapter(adapter_name)
+
+    def adapter_entries(self, adapter_name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(flat indices, new values) of the entries adapter `adapter_name` changes, per owned parameter."""
+        self.restore_base_weights()
+        bases = self._base_parameters()
+        if adapter_name in self.rst_sparse:
+            return self.rst_sparse[adapter_name].entries(bases)
+        entries = {}
+        for name, w in self.rst_weight[adapter_name].items():
+            flat = w.detach().reshape(-1)
+            idx = torch.nonzero(flat != bases[name].detach().reshape(-1).to(flat.dtype), as_tuple=True)[0]
+            entries[name] = (idx, flat[idx])
+        return entries
+
     def _effective_parameters(self, adapter_names: list[str]) -> dict[str, torch.Tensor]:
         """Parameters to run the base layer with: W of the active adapter (w0 + sum of deltas if several)."""
         bases = self._base_parameters()
@@ -103,7 +225,10 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
+            self.restore_base_weights()
             return self.base_layer(*args, **kwargs)
+        if len(self.rst_sparse):
+            self.sync_patch()  # cheap when nothing changed; covers adapters toggled behind peft's back
         if self.merged or not any(a in self.rst_weight for a in self.active_adapters):
             return self.base_layer(*args, **kwargs)
         return functional_call(
@@ -120,31 +245,31 @@ class RSTLayer(nn.Module, BaseTunerLayer):
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Write W into the base parameters; only changed entries are touched and remembered for `unmerge`.
+        """Write the adapter's changed entries into the base parameters, remembering what they replaced.
 
         A single merged adapter gives bitwise the adapted weights. Merging several adds their deltas (w0 + sum).
+        Cost is O(changed entries) for inference adapters, plus one comparison pass for trainable ones.
         """
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
-        bases = self._base_parameters()
+        self.restore_base_weights()
         for adapter in adapter_names:
-            if adapter not in self.rst_weight:
+            if adapter not in self.rst_weight and adapter not in self.rst_sparse:
                 continue
-            backup = {}
-            updates = {}
-            for name, w in self.rst_weight[adapter].items():
-                base = bases[name]
+            entries = self.adapter_entries(adapter) if not self.merged_adapters else None
+            bases = self._base_parameters()
+            backup, updates = {}, {}
+            for name, base in bases.items():
                 flat_base = base.data.view(-1)
-                flat_w = w.detach().view(-1).to(base.dtype)
-                if self.merged_adapters:
+                if entries is not None:
+                    idx, new = entries[name]
+                    new = new.to(base.dtype)
+                else:
                     # another adapter is merged already: add this adapter's delta against the original w0
                     original = self._original_base(name)
-                    idx = torch.nonzero(flat_w != original, as_tuple=True)[0]
-                    new = flat_base[idx] + (flat_w[idx] - original[idx])
-                else:
-                    idx = torch.nonzero(flat_w != flat_base, as_tuple=True)[0]
-                    new = flat_w[idx]
+                    idx, values = self._entries_against(adapter, name, original)
+                    new = flat_base[idx] + (values.to(base.dtype) - original[idx])
                 if safe_merge and not torch.isfinite(new).all():
                     raise ValueError(
                         f"NaNs or infs detected in the merged weights of adapter '{adapter}' ({name}); "
@@ -156,6 +281,13 @@ class RSTLayer(nn.Module, BaseTunerLayer):
                 bases[name].data.view(-1)[idx] = new
             self._merge_backup[adapter] = backup
             self.merged_adapters.append(adapter)
+
+    def _entries_against(self, adapter: str, name: str, original: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if adapter in self.rst_sparse:
+            return self.rst_sparse[adapter].entries({name: original})[name]
+        flat = self.rst_weight[adapter][name].detach().reshape(-1)
+        idx = torch.nonzero(flat != original.to(flat.dtype), as_tuple=True)[0]
+        return idx, flat[idx]
 
     def _original_base(self, name: str) -> torch.Tensor:
         """w0 of parameter `name` reconstructed from the merge backups (the base currently holds merged values)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import weakref
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, _get_submodules
@@ -207,29 +208,38 @@ class RSTModel(BaseTuner):
         return super()._remove_adapter_name_from_key(key, adapter_name)
 
     @staticmethod
-    def _rst_parameters(model: nn.Module, adapter_name: str):
-        """(state-dict key of W, W, w0) for every RST parameter of `adapter_name` in `model`."""
+    def _rst_entries(model: nn.Module, adapter_name: str):
+        """(layer, state-dict key of W, parameter name, w0) for every parameter adapter `adapter_name` covers.
+
+        The key is the one a trainable adapter's W has; inference adapters are saved under the same key so that a
+        checkpoint does not depend on how the adapter was held in memory.
+        """
         for module_name, module in model.named_modules():
-            if not isinstance(module, RSTLayer) or adapter_name not in module.rst_weight:
+            if not isinstance(module, RSTLayer):
                 continue
+            if adapter_name not in module.rst_weight and adapter_name not in module.rst_sparse:
+                continue
+            module.restore_base_weights()
             module_name = module_name.removeprefix("_fsdp_wrapped_module.")
-            bases = dict(module.get_base_layer().named_parameters(recurse=False))
-            for param_name, weight in module.rst_weight[adapter_name].items():
+            for param_name, base in module.get_base_layer().named_parameters(recurse=False):
                 key = f"{module_name}.{_CONTAINER}.{adapter_name}.{param_name}"
-                yield key, weight, bases[param_name]
+                yield module, key, param_name, base
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         """Replace every dense W by its changed entries (sparse, see `peft_rst.format`)."""
         result = {}
-        for key, weight, base in cls._rst_parameters(model, adapter_name):
-            dense = state_dict.get(key, weight).detach()
-            flat = dense.reshape(-1)
-            flat_base = base.detach().reshape(-1).to(flat.dtype)
-            indices = torch.nonzero(flat != flat_base, as_tuple=True)[0]
-            parts = rst_format.encode_sparse(
-                indices.cpu(), flat[indices].cpu(), flat.numel(), rst_format.tensor_fingerprint(base.detach())
-            )
+        for layer, key, param_name, base in cls._rst_entries(model, adapter_name):
+            if adapter_name in layer.rst_sparse:
+                parts = layer.rst_sparse[adapter_name].parts(param_name)
+            else:
+                # prefer the state_dict's tensor: under FSDP / DeepSpeed it is the gathered full weight
+                dense = state_dict.get(key, layer.rst_weight[adapter_name][param_name]).detach()
+                flat = dense.reshape(-1)
+                indices = torch.nonzero(flat != base.detach().reshape(-1).to(flat.dtype), as_tuple=True)[0]
+                parts = rst_format.encode_sparse(
+                    indices.cpu(), flat[indices].cpu(), flat.numel(), base_fingerprint(base)
+                )
             for suffix, tensor in parts.items():
                 result[f"{key}.{suffix}"] = tensor
         return result
@@ -237,11 +247,8 @@ class RSTModel(BaseTuner):
     @staticmethod
     def _pop_parts(state_dict: dict, checkpoint_key: str) -> dict:
         """Take the encoded parts of one parameter out of a checkpoint (keys with or without peft's prefix)."""
-        for key in (
-            checkpoint_key,
-            "base_model.model." + checkpoint_key,
-            checkpoint_key.removeprefix("base_model.model."),
-        ):
+        unprefixed = checkpoint_key.removeprefix(_PEFT_PREFIX)
+        for key in (checkpoint_key, _PEFT_PREFIX + unprefixed, unprefixed):
             parts = {s: state_dict.pop(f"{key}.{s}") for s in rst_format.SUFFIXES if f"{key}.{s}" in state_dict}
             if parts:
                 return parts
@@ -249,10 +256,14 @@ class RSTModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Rebuild dense W = w0 patched with the saved entries; check the base weights are the trained-from ones."""
+        """Map saved sparse entries onto the adapter's storage, after checking they fit these base weights.
+
+        Trainable adapters get dense W = w0 patched with the entries (so training resumes measuring distance from
+        the pretrained weights); inference adapters keep the encoded parts as they are.
+        """
         result = dict(state_dict)
         found_any = False
-        for model_key, weight, base in cls._rst_parameters(model, adapter_name):
+        for layer, model_key, param_name, base in cls._rst_entries(model, adapter_name):
             checkpoint_key = cls._remove_adapter_name_from_key(model_key, adapter_name)
             parts = cls._pop_parts(result, checkpoint_key)
             if not parts:
@@ -263,16 +274,38 @@ class RSTModel(BaseTuner):
                 )
             found_any = True
             data = rst_format.decode_sparse(parts, base.numel(), checkpoint_key)
-            if config.check_base_fingerprint and data.base_fingerprint != rst_format.tensor_fingerprint(base.detach()):
+            if config.check_base_fingerprint and data.base_fingerprint != base_fingerprint(base):
                 raise BaseWeightsMismatchError(
                     f"The adapter entry '{checkpoint_key}' was trained from different base weights than the model's "
                     f"(shape {tuple(base.shape)}, {base.dtype}). Load it onto the checkpoint it was trained from, or "
                     "pass `config=RSTConfig.from_pretrained(path, check_base_fingerprint=False)` to "
                     "`PeftModel.from_pretrained` to load it anyway."
                 )
+            if adapter_name in layer.rst_sparse:
+                module_key = model_key.rpartition(f".{_CONTAINER}.")[0]
+                for suffix, tensor in parts.items():
+                    result[f"{module_key}.rst_sparse.{adapter_name}.{param_name}__{suffix}"] = tensor
+                continue
+            weight = layer.rst_weight[adapter_name][param_name]
             dense = base.detach().to(dtype=weight.dtype, copy=True).reshape(-1)
             dense[data.indices.to(dense.device)] = data.values.to(device=dense.device, dtype=dense.dtype)
             result[model_key] = dense.view(base.shape)
         if not found_any:
             raise ValueError(f"Adapter '{adapter_name}' has no RST layers in this model; nothing to load.")
         return result
+
+
+_PEFT_PREFIX = "base_model.model."
+# id(tensor) -> (weakref, version, fingerprint): loading N adapters onto one base fingerprints each tensor once
+_fingerprints: dict[int, tuple[weakref.ref, int, int]] = {}
+
+
+def base_fingerprint(base: torch.Tensor) -> int:
+    """`format.tensor_fingerprint` of a base parameter, cached until the tensor is modified in place."""
+    data = base.detach()
+    cached = _fingerprints.get(id(base))
+    if cached is not None and cached[0]() is base and cached[1] == data._version:
+        return cached[2]
+    value = rst_format.tensor_fingerprint(data)
+    _fingerprints[id(base)] = (weakref.ref(base), data._version, value)
+    return value

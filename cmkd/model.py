@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import nn
@@ -371,21 +372,39 @@ class CLIPAdaptationModel(CLIPAdaptationPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
-        features_only: bool = False,
+        segment_sizes: Sequence[int] | None = None,
+        gather_global_batch: bool = False,
         interpolate_pos_encoding: bool = False,
         return_dict: bool | None = None,
         **kwargs,
     ) -> CLIPAdaptationOutput | tuple:
-        """Student and teacher logits; ``loss`` = plain CE of the student if ``labels`` are given.
+        """Student and teacher logits from one pass of the tower; ``loss`` = plain CE of the student with ``labels``.
 
-        ``features_only=True`` returns just ``image_embeds`` (the trainer applies the heads itself, after gathering
-        features across processes, so that head BatchNorm and batch-level losses see the global batch).
+        Training extras (used by `CMKDTrainer`):
+
+        - ``segment_sizes``: ``pixel_values`` is several independent batches concatenated (e.g. source + target); the
+          tower runs once on all of them but the head (its BatchNorm) sees each segment on its own, as the release's
+          separate forward passes do.
+        - ``gather_global_batch``: in distributed runs, gather each segment's features from every process
+          (differentiably) before the heads, so the head BatchNorm and the logits cover the *global* batch. The
+          logits are then those of the global segments, in segment order, identical on every process.
         """
         image_embeds = self.get_image_features(pixel_values, interpolate_pos_encoding)
-        if features_only:
-            return CLIPAdaptationOutput(image_embeds=image_embeds)
-        logits = self.head(image_embeds)
-        teacher = self.teacher_logits(image_embeds) if self.config.has_text_features else None
+        if segment_sizes is None:
+            segments = [image_embeds]
+        else:
+            sizes = [int(s) for s in segment_sizes]
+            if any(s <= 0 for s in sizes) or sum(sizes) != image_embeds.shape[0]:
+                raise ValueError(
+                    f"segment_sizes {sizes} must be positive and sum to the batch size {image_embeds.shape[0]}."
+                )
+            segments = list(image_embeds.split(sizes))
+        if gather_global_batch:
+            segments = [_all_gather(s) for s in segments]
+        logits = torch.cat([self.head(s) for s in segments]) if len(segments) > 1 else self.head(segments[0])
+        teacher = None
+        if self.config.has_text_features:
+            teacher = self.teacher_logits(torch.cat(segments) if len(segments) > 1 else segments[0])
         loss = None
         if labels is not None:
             if labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
@@ -393,6 +412,20 @@ class CLIPAdaptationModel(CLIPAdaptationPreTrainedModel):
             loss = F.cross_entropy(logits.float(), labels.long())
         out = CLIPAdaptationOutput(loss=loss, logits=logits, teacher_logits=teacher, image_embeds=image_embeds)
         return out if return_dict is not False else out.to_tuple()
+
+
+def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from all processes in rank order; differentiable.
+
+    Every process then computes the same global-batch loss; the backward of the gather sums each sample's gradient
+    from all processes (world_size x the true gradient) and DDP's averaging divides it back, so the parameter
+    gradients equal those of one process running the whole global batch.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor.contiguous()), dim=0)
 
 
 AutoConfig.register(CLIPAdaptationConfig.model_type, CLIPAdaptationConfig, exist_ok=True)

@@ -1,0 +1,503 @@
+"""`CMKDTrainer`: a `transformers.Trainer` for UDA with CMKD (paper Sec. III.B, IV.A, App. B/K; release settings).
+
+Only the hooks that differ from supervised training are overridden:
+
+- `get_train_dataloader`: an endless stream of paired batches (one labeled source + one unlabeled target batch per
+  step, each stream reshuffled on exhaustion), sharded so N processes see exactly the global batches of one.
+- `compute_loss`: one pass of the vision tower over source + target (+ strong view); the model gathers the
+  features across processes (differentiably) and the heads and the batch-level CMKD loss run on the *global*
+  batch, so multi-process training computes the same loss and gradients as one process.
+- `create_optimizer` / `create_scheduler`: SGD (nesterov, momentum 0.9, wd 5e-4) with a backbone and a head
+  group (head lr x multiplier), and the release's per-iteration decay ``lr * (1 + 0.0003 t) ** -0.75``.
+- `get_eval_dataloader` / `prediction_step` / metrics: accuracy, mean per-class accuracy and the per-class list
+  of both heads on the whole (labeled) target set, computed with the local `evaluate` module.
+- `training_step` (partial-set DA): re-estimate the target label set before each epoch but the first.
+- `log`: per-term losses and alpha statistics averaged over the logging window.
+
+Everything else (mixed precision, device placement, DDP/DeepSpeed/FSDP, gradient accumulation, checkpointing,
+best-model tracking, progress bar) is the stock Trainer, configured by `CMKDTrainingArguments`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import EvalPrediction
+
+from .config import CMKDConfig
+from .data import check_class_lists, collate_images, dataset_class_names, make_paired_dataloader
+from .fixmatch import fixmatch_terms
+from .loss import CMKDLoss
+from .model import CLIPAdaptationModel
+from .partial import estimate_label_set
+
+__all__ = ["MODES", "CMKDTrainer", "CMKDTrainingArguments", "inverse_decay_lambda"]
+
+logger = logging.getLogger(__name__)
+
+MODES = ("source_only", "cmkd", "cmkd_fixmatch", "zero_shot")
+
+
+def inverse_decay_lambda(gamma: float = 0.0003, power: float = 0.75):
+    """The release's LR multiplier ``t -> (1 + gamma * t) ** -power`` (t = optimizer steps taken)."""
+
+    def factor(step: int) -> float:
+        return (1.0 + gamma * step) ** (-power)
+
+    return factor
+
+
+@dataclass
+class CMKDTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the release's defaults and the few CMKD run settings.
+
+    Release defaults: SGD lr 3e-6 (ViT-B/16; ResNet 3e-7 with multiplier 1e4), weight decay 5e-4, 10k iterations,
+    evaluation on the target set every "epoch" of 500 iterations, best checkpoint by target accuracy.
+    ``per_device_train_batch_size`` is the source batch; ``target_batch_size`` the target one (default: same).
+    """
+
+    mode: str = field(
+        default="cmkd", metadata={"help": "source_only | cmkd | cmkd_fixmatch | zero_shot (evaluation only)."}
+    )
+    head_lr_multiplier: float = field(default=1000.0, metadata={"help": "Task-head lr = learning_rate x this."})
+    sgd_momentum: float = field(default=0.9, metadata={"help": "SGD momentum (nesterov)."})
+    sgd_nesterov: bool = field(default=True, metadata={"help": "Use Nesterov momentum."})
+    lr_decay_gamma: float = field(default=0.0003, metadata={"help": "lr_t = lr * (1 + gamma t) ** -power."})
+    lr_decay_power: float = field(default=0.75, metadata={"help": "lr_t = lr * (1 + gamma t) ** -power."})
+    target_batch_size: int | None = field(
+        default=None, metadata={"help": "Per-device target batch size (default: per_device_train_batch_size)."}
+    )
+    iterations_per_epoch: int = field(
+        default=500,
+        metadata={"help": "An 'epoch' of the iteration-based schedule: default eval_steps and partial-set period."},
+    )
+    partial_set: bool = field(
+        default=False,
+        metadata={"help": "Partial-set DA: re-estimate the target label set before each epoch but the first."},
+    )
+
+    learning_rate: float = field(default=3e-6, metadata={"help": "Backbone learning rate (release ViT-B/16)."})
+    weight_decay: float = field(default=5e-4, metadata={"help": "Weight decay on every parameter group."})
+    max_steps: int = field(default=10000, metadata={"help": "Training iterations."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Per-device source batch size."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Per-device evaluation batch size."})
+    eval_strategy: str = field(default="steps", metadata={"help": "Evaluate on the target set every eval_steps."})
+    save_strategy: str = field(default="steps", metadata={"help": "Checkpoint every save_steps."})
+    save_steps: float = field(default=500, metadata={"help": "Checkpoint period (a multiple of eval_steps)."})
+    save_total_limit: int | None = field(default=1, metadata={"help": "Checkpoints kept (the best is always kept)."})
+    load_best_model_at_end: bool = field(default=True, metadata={"help": "Reload the best checkpoint at the end."})
+    metric_for_best_model: str | None = field(default="accuracy", metadata={"help": "Target accuracy."})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "The release does not clip gradients."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Datasets are transformed lazily."})
+    logging_steps: float = field(default=50, metadata={"help": "Log losses every this many steps."})
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {list(MODES)}, got {self.mode!r}.")
+        if self.head_lr_multiplier <= 0:
+            raise ValueError(f"head_lr_multiplier must be > 0, got {self.head_lr_multiplier}.")
+        if self.iterations_per_epoch < 1:
+            raise ValueError(f"iterations_per_epoch must be >= 1, got {self.iterations_per_epoch}.")
+        if self.target_batch_size is not None and self.target_batch_size < 1:
+            raise ValueError(f"target_batch_size must be >= 1, got {self.target_batch_size}.")
+        if self.eval_steps is None:
+            self.eval_steps = self.iterations_per_epoch
+        super().__post_init__()
+
+
+class CMKDTrainer(Trainer):
+    """Trainer for `CLIPAdaptationModel` (or a PEFT model wrapping it, e.g. RST) on a source/target pair.
+
+    Args:
+        model: `CLIPAdaptationModel`, or a `peft.PeftModel` around one (``modules_to_save=["head"]``).
+        args: `CMKDTrainingArguments`.
+        source_dataset: labeled source items ``{"pixel_values", "labels"}`` (`cmkd.data.with_image_transform`).
+        target_dataset: target items ``{"pixel_values"}`` (+ ``"pixel_values_strong"`` for FixMatch); labels, if
+            present, are never used for training.
+        eval_dataset: labeled target set to evaluate on (default: ``target_dataset``, as in the paper).
+        cmkd_config: loss weights and variants (`CMKDConfig`; default: release settings).
+        **kwargs: passed to `transformers.Trainer` (callbacks, compute_metrics, optimizers, ...).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: CMKDTrainingArguments,
+        source_dataset=None,
+        target_dataset=None,
+        eval_dataset=None,
+        cmkd_config: CMKDConfig | None = None,
+        **kwargs,
+    ):
+        if not isinstance(args, CMKDTrainingArguments):
+            raise TypeError(f"args must be CMKDTrainingArguments, got {type(args).__name__}.")
+        if "train_dataset" in kwargs:
+            raise TypeError("pass source_dataset= and target_dataset= instead of train_dataset=.")
+        self.cmkd_config = CMKDConfig() if cmkd_config is None else cmkd_config
+        if not isinstance(self.cmkd_config, CMKDConfig):
+            raise TypeError(f"cmkd_config must be a CMKDConfig, got {type(self.cmkd_config).__name__}.")
+        core = _adaptation_model(model)
+        self.mode = args.mode
+        if self.mode != "zero_shot" and source_dataset is None:
+            raise ValueError(f"mode {self.mode!r} trains on labeled source data: pass source_dataset=.")
+        if self.mode in ("cmkd", "cmkd_fixmatch") and target_dataset is None:
+            raise ValueError(f"mode {self.mode!r} needs the unlabeled target set: pass target_dataset=.")
+        if self.mode != "source_only" and not core.config.has_text_features:
+            raise ValueError(
+                f"mode {self.mode!r} needs the zero-shot teacher, but the model has no cached text features; "
+                "build it with CLIPAdaptationModel.from_clip(clip, class_names, prompt_templates, tokenizer)."
+            )
+        class_names = core.config.class_names
+        check_class_lists(
+            class_names,
+            dataset_class_names(source_dataset) if source_dataset is not None else None,
+            dataset_class_names(target_dataset) if target_dataset is not None else None,
+            partial=args.partial_set,
+        )
+        if self.mode == "cmkd_fixmatch" and "pixel_values_strong" not in _first_item(target_dataset):
+            raise ValueError(
+                "mode 'cmkd_fixmatch' needs target items with a strong view ('pixel_values_strong'): build the target "
+                "set with with_image_transform(target, weak, strong_transform=cmkd.fixmatch.strong_transform(size))."
+            )
+        if eval_dataset is None:
+            eval_dataset = target_dataset
+        if eval_dataset is not None and eval_dataset is not target_dataset:
+            check_class_lists(class_names, None, dataset_class_names(eval_dataset), partial=args.partial_set)
+        if eval_dataset is None and args.eval_strategy != "no":
+            raise ValueError("periodic evaluation needs a labeled target set: pass eval_dataset= or target_dataset=.")
+
+        user_metrics = kwargs.pop("compute_metrics", None)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=source_dataset,
+            eval_dataset=eval_dataset,
+            compute_metrics=user_metrics if user_metrics is not None else self._compute_uda_metrics,
+            **kwargs,
+        )
+        self.target_dataset = target_dataset
+        self.loss_fn = CMKDLoss(self.cmkd_config)
+        self.loss_is_scaled_for_ga = False  # per-batch losses: the Trainer divides by the accumulation steps
+        self.num_classes = len(class_names)
+        self.label_set: torch.Tensor | None = None  # partial-set DA: estimated target classes
+        self._label_set_step = 0
+        self._metric = None
+        self._reset_term_logs()
+
+    # ------------------------------------------------------------------ data
+    def get_train_dataloader(self) -> DataLoader:
+        if self.mode == "zero_shot":
+            raise ValueError("mode 'zero_shot' only evaluates the CLIP teacher; call trainer.evaluate().")
+        if self.train_dataset is None:
+            raise ValueError("training needs source_dataset=.")
+        args = self.args
+        target = None if self.mode == "source_only" else self.target_dataset
+        return make_paired_dataloader(
+            self.train_dataset,
+            target,
+            source_batch_size=self._train_batch_size,
+            target_batch_size=args.target_batch_size,
+            seed=args.data_seed if args.data_seed is not None else args.seed,
+            num_replicas=args.world_size,
+            rank=args.process_index,
+            num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers and args.dataloader_num_workers > 0,
+            prefetch_factor=args.dataloader_prefetch_factor if args.dataloader_num_workers > 0 else None,
+        )
+
+    def _image_dataloader(self, dataset, need_labels: bool, what: str) -> DataLoader:
+        if dataset is None or len(dataset) == 0:
+            raise ValueError(f"{what} needs a non-empty dataset.")
+        if need_labels:
+            first = dataset[0]
+            if not isinstance(first, dict) or first.get("labels", first.get("label")) is None:
+                raise ValueError(
+                    f"{what} needs labels on the target set, but its items have no 'labels' "
+                    "(UDA training never needs them; evaluation does). Pass a labeled eval_dataset=, or set "
+                    "eval_strategy='no' to train without periodic evaluation."
+                )
+
+        def collate(examples):
+            batch = collate_images(examples)
+            batch.pop("pixel_values_strong", None)
+            if not need_labels:
+                batch.pop("labels", None)
+            return batch
+
+        loader = DataLoader(
+            dataset,
+            batch_size=self.args.eval_batch_size,
+            shuffle=False,
+            collate_fn=collate,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)
+
+    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        if isinstance(eval_dataset, str):
+            eval_dataset = self.eval_dataset[eval_dataset]
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        return self._image_dataloader(dataset, need_labels=True, what="evaluation")
+
+    def get_test_dataloader(self, test_dataset) -> DataLoader:
+        return self._image_dataloader(test_dataset, need_labels=False, what="prediction")
+
+    # ------------------------------------------------------------------ optimisation
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """SGD with two groups: backbone (lr) and task head (lr x head_lr_multiplier); wd on every group."""
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        head_ids = {id(p) for p in _adaptation_model(opt_model).head.parameters()}
+        head, backbone = [], []
+        for p in opt_model.parameters():
+            if p.requires_grad:
+                (head if id(p) in head_ids else backbone).append(p)
+        if not head and not backbone:
+            raise ValueError("the model has no trainable parameters.")
+        args = self.args
+        groups = [
+            {"params": backbone, "lr": args.learning_rate, "name": "backbone"},
+            {"params": head, "lr": args.learning_rate * args.head_lr_multiplier, "name": "head"},
+        ]
+        groups = [g for g in groups if g["params"]]
+        self.optimizer = torch.optim.SGD(
+            groups,
+            lr=args.learning_rate,
+            momentum=args.sgd_momentum,
+            nesterov=args.sgd_nesterov,
+            weight_decay=args.weight_decay,
+        )
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """Release schedule ``lr_t = lr * (1 + gamma t) ** -power`` per iteration, on every group."""
+        if self.lr_scheduler is None:
+            optimizer = self.optimizer if optimizer is None else optimizer
+            factor = inverse_decay_lambda(self.args.lr_decay_gamma, self.args.lr_decay_power)
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    # ------------------------------------------------------------------ training
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        return 0  # paired batches have no main input; FLOPs are not estimated
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        step = self.state.global_step
+        if (
+            self.args.partial_set
+            and step > 0
+            and step % self.args.iterations_per_epoch == 0
+            and self._label_set_step != step
+        ):
+            self._label_set_step = step
+            self.estimate_label_set()
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        source, labels, target, strong = self._unpack(inputs)
+        parts = [source] + [t for t in (target, strong) if t is not None]
+        sizes = [p.shape[0] for p in parts]
+        # One pass of the tower over all segments; heads and loss on the global batch (identical on every process,
+        # gradients flow back to each process's own samples), so N processes compute what one process would.
+        out = model(
+            pixel_values=torch.cat(parts) if len(parts) > 1 else source,
+            segment_sizes=sizes,
+            gather_global_batch=True,
+        )
+        world = self.accelerator.num_processes
+        global_sizes = [n * world for n in sizes]
+        labels = self.accelerator.gather(labels) if world > 1 else labels
+        student = out.logits.split(global_sizes)
+        outputs = {"student_logits_source": student[0]}
+
+        if self.mode == "source_only":
+            cfg = self.cmkd_config
+            ce = F.cross_entropy(student[0].float(), labels, label_smoothing=cfg.label_smoothing)
+            loss = cfg.cls_weight * ce
+            self._accumulate_terms({"source_ce": loss.detach()})
+            return (loss, outputs) if return_outputs else loss
+
+        teacher = out.teacher_logits.split(global_sizes)
+        result = self.loss_fn(
+            student[0],
+            teacher[0],
+            labels,
+            student[1],
+            teacher[1],
+            step=self.state.global_step,
+            active_classes=self.label_set,
+        )
+        loss, terms = result.loss, dict(result.terms)
+        if self.mode == "cmkd_fixmatch":
+            cfg = self.cmkd_config
+            fm_loss, fm_logs = fixmatch_terms(
+                student[1], student[2], teacher[1], teacher[2], cfg.fixmatch_threshold, cfg.fixmatch_factor
+            )
+            loss = loss + fm_loss
+            terms.update(fm_logs)
+        self._accumulate_terms(terms, result.alpha, result.lam)
+        outputs.update(
+            teacher_logits_source=teacher[0], student_logits_target=student[1], teacher_logits_target=teacher[1]
+        )
+        return (loss, outputs) if return_outputs else loss
+
+    def _unpack(self, inputs: dict[str, Any]):
+        if "source_pixel_values" not in inputs or "source_labels" not in inputs:
+            raise ValueError(
+                f"training batches must hold 'source_pixel_values' and 'source_labels', got keys {sorted(inputs)}; "
+                "use the trainer's own dataloader (source_dataset=/target_dataset=)."
+            )
+        source, labels = inputs["source_pixel_values"], inputs["source_labels"]
+        if source.dim() != 4:
+            raise ValueError(f"source_pixel_values must be (batch, channels, H, W), got {tuple(source.shape)}.")
+        if labels.dim() != 1 or labels.shape[0] != source.shape[0]:
+            raise ValueError(
+                f"source_labels must have shape ({source.shape[0]},) to match the source images, "
+                f"got {tuple(labels.shape)}."
+            )
+        target = strong = None
+        if self.mode != "source_only":
+            target = inputs.get("target_pixel_values")
+            if target is None:
+                raise ValueError(f"mode {self.mode!r} needs target images in every batch ('target_pixel_values').")
+            if target.dim() != 4 or target.shape[1:] != source.shape[1:]:
+                raise ValueError(
+                    f"target images {tuple(target.shape)} must match the source images' shape "
+                    f"(batch, {', '.join(map(str, source.shape[1:]))})."
+                )
+        if self.mode == "cmkd_fixmatch":
+            strong = inputs.get("target_strong_pixel_values")
+            if strong is None:
+                raise ValueError(
+                    "mode 'cmkd_fixmatch' needs strong target views: build the target set with cmkd.data."
+                    "with_image_transform(target, weak, strong_transform=cmkd.fixmatch.strong_transform(size))."
+                )
+            if strong.shape != target.shape:
+                raise ValueError(f"strong views {tuple(strong.shape)} must match weak views {tuple(target.shape)}.")
+        return source, labels.long(), target, strong
+
+    # ------------------------------------------------------------------ partial-set DA
+    @torch.no_grad()
+    def estimate_label_set(self) -> torch.Tensor:
+        """Predict the whole target set with the task head; keep classes predicted >= threshold times (App. K)."""
+        if self.target_dataset is None:
+            raise ValueError("partial-set label estimation needs target_dataset=.")
+        loader = self.get_test_dataloader(self.target_dataset)
+        output = self.evaluation_loop(loader, description="Label-set estimation", metric_key_prefix="label_set")
+        predictions = output.predictions[:, 0]
+        self.label_set = estimate_label_set(
+            predictions, self.num_classes, self.cmkd_config.partial_class_threshold
+        ).to(self.args.device)
+        logger.info("partial-set: %d target classes kept: %s", self.label_set.numel(), self.label_set.tolist())
+        self.log({"label_set_size": float(self.label_set.numel())})
+        return self.label_set
+
+    # ------------------------------------------------------------------ evaluation
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Predicted class ids of both heads: ``(None, preds (N, 2) = [student, teacher], labels)``."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            out = model(pixel_values=inputs["pixel_values"])
+        student = out.logits.argmax(dim=-1)
+        teacher = out.teacher_logits.argmax(dim=-1) if out.teacher_logits is not None else torch.full_like(student, -1)
+        return None, torch.stack([student, teacher], dim=1), inputs.get("labels")
+
+    def _compute_uda_metrics(self, eval_pred: EvalPrediction) -> dict[str, Any]:
+        labels = eval_pred.label_ids
+        if labels is None:
+            raise ValueError("evaluation needs labels on the target set.")
+        if (labels < 0).any():
+            raise ValueError(
+                f"{int((labels < 0).sum())} target examples have missing labels (negative ids); evaluation needs "
+                "every example labeled."
+            )
+        if self._metric is None:
+            from .metrics import load_uda_accuracy
+
+            self._metric = load_uda_accuracy()
+        preds = eval_pred.predictions
+        student = self._metric.compute(predictions=preds[:, 0], references=labels, num_classes=self.num_classes)
+        metrics = {f"student_{k}": v for k, v in student.items() if k != "num_examples"}
+        if (preds[:, 1] >= 0).all():
+            teacher = self._metric.compute(predictions=preds[:, 1], references=labels, num_classes=self.num_classes)
+            metrics.update({f"teacher_{k}": v for k, v in teacher.items() if k != "num_examples"})
+        primary = "teacher" if self.mode == "zero_shot" else "student"
+        for key in ("accuracy", "mean_class_accuracy", "per_class_accuracy"):
+            metrics[key] = metrics[f"{primary}_{key}"]
+        return metrics
+
+    # ------------------------------------------------------------------ logging
+    def _reset_term_logs(self) -> None:
+        self._term_sums: dict[str, torch.Tensor] = {}
+        self._term_count = 0
+        self._alpha_stats: list[torch.Tensor] | None = None
+        self._last_lam: float | None = None
+
+    def _accumulate_terms(self, terms: dict[str, torch.Tensor], alpha=None, lam=None) -> None:
+        for key, value in terms.items():
+            value = value.detach().float()
+            self._term_sums[key] = self._term_sums[key] + value if key in self._term_sums else value
+        self._term_count += 1
+        if alpha is not None and alpha.numel():
+            stats = torch.stack([alpha.mean(), alpha.min(), alpha.max()]).float()
+            if self._alpha_stats is None:
+                self._alpha_stats = [stats[0], stats[1], stats[2]]
+            else:
+                total, low, high = self._alpha_stats
+                self._alpha_stats = [total + stats[0], torch.minimum(low, stats[1]), torch.maximum(high, stats[2])]
+        if lam is not None:
+            self._last_lam = float(lam)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add per-term losses (window means) and alpha mean/min/max to the training logs."""
+        if "loss" in logs and self._term_count:
+            n = self._term_count
+            for key, total in self._term_sums.items():
+                logs[key] = (total / n).item()
+            if self._alpha_stats is not None:
+                total, low, high = self._alpha_stats
+                logs.update(alpha_mean=(total / n).item(), alpha_min=low.item(), alpha_max=high.item())
+            if self._last_lam is not None:
+                logs["lam"] = self._last_lam
+            if len(self.optimizer.param_groups) > 1:
+                logs["head_learning_rate"] = self.optimizer.param_groups[-1]["lr"]
+            self._reset_term_logs()
+        super().log(logs, start_time)
+
+
+def _first_item(dataset) -> dict:
+    if len(dataset) == 0:
+        raise ValueError("the target dataset is empty.")
+    item = dataset[0]
+    if not isinstance(item, dict):
+        raise ValueError(f"dataset items must be dicts with 'pixel_values', got {type(item).__name__}.")
+    return item
+
+
+def _adaptation_model(model: nn.Module) -> CLIPAdaptationModel:
+    """The `CLIPAdaptationModel` inside DDP/DeepSpeed wrappers and PEFT models."""
+    seen = model
+    for _ in range(6):
+        if isinstance(seen, CLIPAdaptationModel):
+            return seen
+        if hasattr(seen, "get_base_model"):
+            seen = seen.get_base_model()
+        elif hasattr(seen, "module"):
+            seen = seen.module
+        else:
+            break
+    raise TypeError(
+        f"CMKDTrainer trains a cmkd.CLIPAdaptationModel (optionally wrapped by peft), got {type(model).__name__}; "
+        "build one with CLIPAdaptationModel.from_clip(...)."
+    )

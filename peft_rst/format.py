@@ -1,0 +1,463 @@
+"""Compact, exact, versioned sparse encoding of RST adapter tensors.
+
+One RST parameter (the entries training moved away from w0) is stored as up to three plain tensors inside
+`adapter_model.safetensors`, so the file needs no pickle, no JSON side file and no safetensors metadata:
+
+- `hdr` (uint8, 28 bytes): version, encoding, dtype, sizes, the base weights' fingerprint and a CRC-32 over everything;
+- `pos` (uint8 or uint16): the changed positions, in whichever encoding is smallest for this tensor;
+- `val` (the parameter's float dtype): the new values, bit for bit.
+
+The byte-level specification (enough to read the file without this package) is `docs/adapter-format.md`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = [
+    "FORMAT_VERSION",
+    "SUFFIXES",
+    "ENCODINGS",
+    "RSTFormatError",
+    "SparseTensorData",
+    "tensor_fingerprint",
+    "encode_sparse",
+    "decode_sparse",
+    "encoded_nbytes",
+]
+
+FORMAT_VERSION: int = 1
+SUFFIXES: tuple[str, ...] = ("hdr", "pos", "val")
+
+HEADER_NBYTES = 28
+_MAX_NUMEL = 1 << 48  # numel and count are stored as 6-byte unsigned integers
+_MAX_FINGERPRINT = 1 << 63
+
+# Encoding ids (header byte 1). The name is what `encode_sparse(..., encoding=...)` accepts.
+_EMPTY, _FULL, _BITMASK, _ELIAS_FANO, _GAP = 0, 1, 2, 3, 4
+ENCODINGS: dict[str, int] = {"empty": _EMPTY, "full": _FULL, "bitmask": _BITMASK, "elias_fano": _ELIAS_FANO}
+ENCODINGS.update({"gap8": _GAP, "gap16": _GAP})
+_ENCODING_NAMES = {_EMPTY: "empty", _FULL: "full", _BITMASK: "bitmask", _ELIAS_FANO: "elias_fano", _GAP: "gap"}
+
+# Value dtype codes (header byte 2), with the integer type of the same width (for bit-level checks).
+_DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4}
+_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+_INT_VIEWS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+_INT_VIEWS[torch.float64] = torch.int64
+_NP_FLOATS = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+
+
+class RSTFormatError(ValueError):
+    """An RST adapter tensor could not be encoded or decoded; the message names the tensor and the fix."""
+
+
+@dataclass(frozen=True)
+class SparseTensorData:
+    """The changed entries of one flattened parameter: new values at strictly increasing flat positions."""
+
+    indices: torch.Tensor  # 1-D int64, strictly increasing, in [0, numel)
+    values: torch.Tensor  # 1-D, same length as indices, the new weight values in the original float dtype
+    numel: int
+    base_fingerprint: int  # `tensor_fingerprint` of the base weights the adapter was trained from
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fingerprint
+
+_FP_COLS = 256  # int64 words per row of the 2-D view whose row and column sums are fingerprinted
+_FP_ROW_MULT = 0x9E3779B97F4A7C15  # odd 64-bit constants: row r weighs (r + 1) * ROW, column c weighs (c + 1) * COL
+_FP_COL_MULT = 0xC2B2AE3D27D4EB4F
+_U64 = (1 << 64) - 1
+
+
+def _weighted_sum(sums: torch.Tensor, mult: int) -> int:
+    """sum_i sums[i] * (i + 1) * mult modulo 2**64, exactly (numpy uint64 arithmetic wraps by definition)."""
+    s = sums.cpu().numpy().astype(np.uint64)
+    weights = np.arange(1, s.size + 1, dtype=np.uint64) * np.uint64(mult)
+    return int((s * weights).sum(dtype=np.uint64))
+
+
+def tensor_fingerprint(t: torch.Tensor) -> int:
+    """A deterministic 63-bit fingerprint of a tensor's exact bits, shape and dtype, computed where the tensor lives.
+
+    The data is read as 64-bit words laid out in rows of 256 words; the fingerprint hashes the plain word sum
+    (modulo 2**64, which changes whenever any single entry changes), a row-weighted sum of the row sums and a
+    column-weighted sum of the column sums (which catch swapped or transposed entries), shape and dtype. Two
+    passes over the data with integer arithmetic: identical on every run, process and device.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise RSTFormatError(f"tensor_fingerprint expects a torch.Tensor, got {type(t).__name__}.")
+    t = t.detach()
+    raw = t.contiguous().reshape(-1).view(torch.uint8)
+    if raw.storage_offset() % 8:
+        raw = raw.clone()
+    nwords = raw.numel() // 8
+    words = raw[: nwords * 8].view(torch.int64)
+    nrows = nwords // _FP_COLS
+    body = words[: nrows * _FP_COLS].view(nrows, _FP_COLS)
+    rest = words[nrows * _FP_COLS :]
+    row_sums = torch.cat([body.sum(1), rest.sum().reshape(1)])
+    col_sums = body.sum(0)
+    col_sums[: rest.numel()] += rest
+    summary = (
+        int(col_sums.sum().item()) & _U64,
+        _weighted_sum(row_sums, _FP_ROW_MULT),
+        _weighted_sum(col_sums, _FP_COL_MULT),
+    )
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(f"{tuple(t.shape)}|{t.dtype}|{summary}|".encode())
+    digest.update(raw[nwords * 8 :].cpu().numpy().tobytes())
+    return int.from_bytes(digest.digest(), "little") & (_MAX_FINGERPRINT - 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# position encodings (numpy, on int64 arrays of strictly increasing positions)
+
+
+def _escape_nbytes(numel: int) -> int:
+    """Bytes of one escaped gap: gaps are at most numel, so u32 unless the tensor has 2**32 entries or more."""
+    return 4 if numel < (1 << 32) else 8
+
+
+def _ef_nbytes(numel: int, count: int, low_bits: int) -> tuple[int, int]:
+    """(low part, high part) byte sizes of the Elias-Fano encoding with `low_bits` low bits per position."""
+    return (count * low_bits + 7) // 8, (count + ((numel - 1) >> low_bits) + 1 + 7) // 8
+
+
+def _ef_best_low_bits(numel: int, count: int) -> int:
+    return min(range(numel.bit_length() + 1), key=lambda b: sum(_ef_nbytes(numel, count, b)))
+
+
+def _uint_dtype(nbytes: int) -> str:
+    return {1: "<u1", 2: "<u2", 4: "<u4", 8: "<u8"}[nbytes]
+
+
+def _pack_low_bits(low: np.ndarray, low_bits: int) -> np.ndarray:
+    """Pack each value's `low_bits` least significant bits back to back, LSB first."""
+    if low_bits == 0:
+        return np.zeros(0, np.uint8)
+    width = 1 << max(0, (low_bits - 1).bit_length() - 3)  # 1, 2, 4 or 8 bytes per value
+    as_bytes = low.astype(_uint_dtype(width)).view(np.uint8).reshape(-1, width)
+    bits = np.unpackbits(as_bytes, axis=1, bitorder="little")[:, :low_bits]
+    return np.packbits(bits.reshape(-1), bitorder="little")
+
+
+def _unpack_low_bits(packed: np.ndarray, count: int, low_bits: int) -> np.ndarray:
+    bits = np.unpackbits(packed, count=count * low_bits, bitorder="little").reshape(count, low_bits)
+    itype = np.int32 if low_bits < 31 else np.int64  # the integer matmul is faster in 32 bits
+    return (bits.astype(itype) @ (1 << np.arange(low_bits, dtype=itype))).astype(np.int64, copy=False)
+
+
+def _ef_encode(pos: np.ndarray, numel: int, low_bits: int) -> np.ndarray:
+    count = pos.size
+    high = np.zeros(_ef_nbytes(numel, count, low_bits)[1] * 8, np.uint8)
+    high[(pos >> low_bits) + np.arange(count)] = 1
+    low = _pack_low_bits(pos & ((1 << low_bits) - 1), low_bits)
+    return np.concatenate([low, np.packbits(high, bitorder="little")])
+
+
+def _gap_encode(pos: np.ndarray, numel: int, word_bits: int) -> np.ndarray:
+    gaps = np.diff(pos, prepend=-1)
+    big = gaps >= (1 << word_bits)
+    word = np.dtype(_uint_dtype(word_bits // 8))
+    escapes = gaps[big].astype(_uint_dtype(_escape_nbytes(numel))).view(word)
+    words = np.where(big, 0, gaps).astype(word)
+    return np.concatenate([words, escapes])
+
+
+def _gap_escape_count(pos: np.ndarray, word_bits: int) -> int:
+    if pos.size == 0:
+        return 0
+    return int(pos[0] + 1 >= (1 << word_bits)) + int(np.count_nonzero(np.diff(pos) >= (1 << word_bits)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# encode
+
+
+def _as_int(x, what: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+        raise RSTFormatError(f"encode_sparse: {what} must be an int, got {type(x).__name__}.")
+    return int(x)
+
+
+def _choose(pos: np.ndarray, numel: int, encoding: str | None) -> tuple[int, int]:
+    """(encoding id, parameter) of the requested encoding, or of the smallest one (ties: earliest listed)."""
+    count = pos.size
+    if encoding is None:
+        if count == 0:
+            return _EMPTY, 0
+        if count == numel:
+            return _FULL, 0
+        low_bits = _ef_best_low_bits(numel, count)
+        esc = _escape_nbytes(numel)
+        candidates = [
+            ((numel + 7) // 8, _BITMASK, 0),
+            (sum(_ef_nbytes(numel, count, low_bits)), _ELIAS_FANO, low_bits),
+            (count + _gap_escape_count(pos, 8) * esc, _GAP, 8),
+            (2 * count + _gap_escape_count(pos, 16) * esc, _GAP, 16),
+        ]
+        return min(candidates, key=lambda c: c[0])[1:]
+    if encoding not in ENCODINGS:
+        raise RSTFormatError(f"encode_sparse: unknown encoding {encoding!r}; use one of {sorted(ENCODINGS)} or None.")
+    if encoding == "empty" and count != 0:
+        raise RSTFormatError(f"encode_sparse: encoding 'empty' needs 0 entries, got {count}.")
+    if encoding == "full" and count != numel:
+        raise RSTFormatError(f"encode_sparse: encoding 'full' needs all {numel} entries, got {count}.")
+    if encoding == "elias_fano":
+        return _ELIAS_FANO, _ef_best_low_bits(numel, count)
+    if encoding in ("gap8", "gap16"):
+        return _GAP, int(encoding[3:])
+    return ENCODINGS[encoding], 0
+
+
+def _crc(header_fields: bytes, *arrays: np.ndarray | None) -> int:
+    """CRC-32 of the 24 header bytes, then the raw (little-endian) bytes of `pos` and `val`."""
+    crc = zlib.crc32(header_fields)
+    for a in arrays:
+        if a is not None:
+            crc = zlib.crc32(a, crc)
+    return crc
+
+
+def _header(enc: int, dtype_code: int, param: int, numel: int, count: int, fingerprint: int) -> bytes:
+    return (
+        bytes([FORMAT_VERSION, enc, dtype_code, param])
+        + numel.to_bytes(6, "little")
+        + count.to_bytes(6, "little")
+        + fingerprint.to_bytes(8, "little")
+    )
+
+
+def encode_sparse(
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    numel: int,
+    base_fingerprint: int,
+    *,
+    encoding: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Encode the changed entries of one parameter as `{suffix: tensor}` (suffixes from `SUFFIXES`).
+
+    `indices` are strictly increasing flat positions in [0, numel); `values` the new (finite) weight values there.
+    The position encoding is the smallest for this tensor unless `encoding` forces one (see `ENCODINGS`).
+    """
+    numel = _as_int(numel, "numel")
+    base_fingerprint = _as_int(base_fingerprint, "base_fingerprint")
+    if not 0 <= numel < _MAX_NUMEL:
+        raise RSTFormatError(f"encode_sparse: numel must be in [0, 2**48), got {numel}.")
+    if not 0 <= base_fingerprint < _MAX_FINGERPRINT:
+        raise RSTFormatError(
+            f"encode_sparse: base_fingerprint must be in [0, 2**63) (from `tensor_fingerprint`), "
+            f"got {base_fingerprint}."
+        )
+    if not isinstance(indices, torch.Tensor) or not isinstance(values, torch.Tensor):
+        raise RSTFormatError("encode_sparse: indices and values must be torch tensors.")
+    if indices.dim() != 1 or values.dim() != 1:
+        raise RSTFormatError(
+            f"encode_sparse: indices and values must be 1-D, got shapes {tuple(indices.shape)} and "
+            f"{tuple(values.shape)}; flatten the parameter first."
+        )
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise RSTFormatError(f"encode_sparse: indices must be an integer tensor (int64), got {indices.dtype}.")
+    if values.dtype not in _DTYPE_CODES:
+        raise RSTFormatError(
+            f"encode_sparse: values dtype {values.dtype} is not supported; use one of "
+            f"{[str(d) for d in _DTYPE_CODES]} (the parameter's own dtype)."
+        )
+    count = indices.numel()
+    if values.numel() != count:
+        raise RSTFormatError(f"encode_sparse: {count} indices but {values.numel()} values; they must pair up.")
+    pos = indices.detach().cpu().numpy().astype(np.int64, copy=False)
+    if count:
+        if pos[0] < 0 or pos[-1] >= numel:
+            raise RSTFormatError(
+                f"encode_sparse: indices must lie in [0, {numel}), got min {pos.min()} and max {pos.max()}."
+            )
+        steps = np.diff(pos)
+        if steps.size and not (steps > 0).all():
+            i = int(np.argmax(steps <= 0))
+            raise RSTFormatError(
+                f"encode_sparse: indices must be strictly increasing (sorted, no duplicates); "
+                f"indices[{i}] = {pos[i]} is followed by {pos[i + 1]}."
+            )
+    val = values.detach().cpu().contiguous()
+    if val.untyped_storage().nbytes() != val.nbytes:  # a view into a larger buffer: store only our entries
+        val = val.clone()
+    if count and not bool(torch.isfinite(val).all()):
+        raise RSTFormatError(
+            f"encode_sparse: values contain {int((~torch.isfinite(val)).sum())} NaN/inf entries; the weights "
+            "diverged, so there is nothing valid to save (lower the learning rate or resume from a checkpoint)."
+        )
+
+    enc, param = _choose(pos, numel, encoding)
+    if enc == _BITMASK:
+        bits = np.zeros((numel + 7) // 8 * 8, np.uint8)
+        bits[pos] = 1
+        packed = np.packbits(bits, bitorder="little")
+    elif enc == _ELIAS_FANO:
+        packed = _ef_encode(pos, numel, param)
+    elif enc == _GAP:
+        packed = _gap_encode(pos, numel, param)
+    else:
+        packed = None
+
+    parts: dict[str, torch.Tensor] = {}
+    fields = _header(enc, _DTYPE_CODES[val.dtype], param, numel, count, base_fingerprint)
+    pos_t = None if packed is None else torch.from_numpy(packed)
+    val_t = val if count else None
+    crc = _crc(fields, packed, None if val_t is None else val_t.view(_INT_VIEWS[val.dtype]).numpy())
+    parts["hdr"] = torch.frombuffer(bytearray(fields + crc.to_bytes(4, "little")), dtype=torch.uint8)
+    if pos_t is not None:
+        parts["pos"] = pos_t
+    if val_t is not None:
+        parts["val"] = val_t
+    return parts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# decode
+
+_REDO = "re-save the adapter from the trained model, or re-download the file if it was copied"
+
+
+def _decode_positions(enc: int, param: int, packed: np.ndarray | None, numel: int, count: int, where) -> np.ndarray:
+    """Positions as int64, checked to be strictly increasing within [0, numel) (by construction or explicitly)."""
+    if enc == _EMPTY:
+        return np.zeros(0, np.int64)
+    if enc == _FULL:
+        return np.arange(numel, dtype=np.int64)
+    if enc == _BITMASK:  # increasing by construction
+        pos = np.nonzero(np.unpackbits(packed, bitorder="little"))[0]
+        if pos.size != count or (count and pos[-1] >= numel):
+            raise where("pos", f"the bitmask marks {pos.size} positions, not {count} below {numel}")
+        return pos
+    if enc == _ELIAS_FANO:  # non-decreasing by construction
+        low_nbytes = _ef_nbytes(numel, count, param)[0]
+        ones = np.nonzero(np.unpackbits(packed[low_nbytes:], bitorder="little"))[0]
+        if ones.size != count:
+            raise where("pos", f"the Elias-Fano upper part has {ones.size} set bits, expected {count}")
+        pos = ((ones - np.arange(count)) << param) | _unpack_low_bits(packed[:low_nbytes], count, param)
+        if count and (pos[-1] >= numel or not (pos[1:] > pos[:-1]).all()):
+            raise where("pos", f"positions are not strictly increasing within [0, {numel})")
+        return pos
+    gaps = packed[:count].astype(np.int64)  # every gap >= 1, so increasing unless the int64 sum could overflow
+    escapes = packed[count:].view(_uint_dtype(_escape_nbytes(numel)))
+    if escapes.size:
+        if escapes.max() > numel or escapes.min() < (1 << param):
+            raise where("pos", f"an escaped gap is outside [2**{param}, {numel}]")
+        gaps[gaps == 0] = escapes
+    pos = np.cumsum(gaps) - 1
+    overflow_possible = count * max(numel, 1 << param) >= 1 << 63
+    if count and (pos[-1] >= numel or (overflow_possible and not (pos[1:] > pos[:-1]).all())):
+        raise where("pos", f"positions run past the tensor's {numel} entries")
+    return pos
+
+
+def _expected_pos_nbytes(enc: int, param: int, packed: np.ndarray, numel: int, count: int, where) -> int:
+    if enc == _BITMASK:
+        return (numel + 7) // 8
+    if enc == _ELIAS_FANO:
+        return sum(_ef_nbytes(numel, count, param))
+    word = param // 8
+    if packed.size < count:
+        raise where("pos", f"holds {packed.size} gaps, fewer than the {count} entries: the tensor is truncated")
+    return word * count + int(np.count_nonzero(packed[:count] == 0)) * _escape_nbytes(numel)
+
+
+def decode_sparse(parts: dict[str, torch.Tensor], numel: int, name: str) -> SparseTensorData:
+    """Decode and fully validate what `encode_sparse` produced for the parameter `name` with `numel` entries."""
+
+    def where(suffix: str, problem: str) -> RSTFormatError:
+        return RSTFormatError(f"RST adapter tensor '{name}.{suffix}': {problem}; {_REDO}.")
+
+    unknown = sorted(set(parts) - set(SUFFIXES))
+    if unknown:
+        raise where(unknown[0], f"unknown part (known: {list(SUFFIXES)}); upgrade peft_rst if a newer one wrote it")
+    hdr = parts.get("hdr")
+    if hdr is None:
+        raise where("hdr", "missing (every RST parameter has a header tensor)")
+    if hdr.dtype != torch.uint8 or hdr.dim() != 1 or hdr.numel() == 0:
+        raise where("hdr", f"expected a 1-D uint8 tensor, got {hdr.dtype} of shape {tuple(hdr.shape)}")
+    raw = hdr.cpu().numpy().tobytes()
+    if raw[0] > FORMAT_VERSION:
+        raise RSTFormatError(
+            f"RST adapter tensor '{name}.hdr' uses format version {raw[0]}, but this peft_rst reads versions up to "
+            f"{FORMAT_VERSION}: upgrade peft_rst (pip install -U rst-cmkd) to load this adapter."
+        )
+    if raw[0] == 0:
+        raise where("hdr", "format version 0 does not exist: the header is corrupted")
+    if len(raw) != HEADER_NBYTES:
+        raise where("hdr", f"has {len(raw)} bytes, version {FORMAT_VERSION} headers have {HEADER_NBYTES}")
+    enc, dtype_code, param = raw[1], raw[2], raw[3]
+    saved_numel = int.from_bytes(raw[4:10], "little")
+    count = int.from_bytes(raw[10:16], "little")
+    fingerprint = int.from_bytes(raw[16:24], "little")
+    if saved_numel != numel:
+        raise RSTFormatError(
+            f"RST adapter tensor '{name}' was saved for a parameter with {saved_numel} entries, but the model's has "
+            f"{numel}: load the adapter onto the base model architecture it was trained on."
+        )
+    if count > numel:
+        raise where("hdr", f"claims {count} changed entries in a tensor of {numel}: the header is corrupted")
+    if enc not in _ENCODING_NAMES:
+        raise where("hdr", f"unknown position encoding id {enc}: the header is corrupted")
+    if dtype_code not in _CODE_DTYPES:
+        raise where("hdr", f"unknown value dtype code {dtype_code}: the header is corrupted")
+    ok_param = {_ELIAS_FANO: param <= 48, _GAP: param in (8, 16)}.get(enc, param == 0)
+    ok_count = {_EMPTY: count == 0, _FULL: count == numel}.get(enc, True)
+    if not (ok_param and ok_count and fingerprint < _MAX_FINGERPRINT):
+        raise where("hdr", f"inconsistent fields ({_ENCODING_NAMES[enc]}, parameter {param}, count {count})")
+    dtype = _CODE_DTYPES[dtype_code]
+
+    val = parts.get("val")
+    if count == 0:
+        if val is not None:
+            raise where("val", "present although the header records no changed entries")
+    elif val is None:
+        raise where("val", f"missing (the header records {count} changed entries)")
+    elif val.dtype != dtype or val.dim() != 1 or val.numel() != count:
+        raise where(
+            "val", f"expected {count} {dtype} values, got {val.dtype} of shape {tuple(val.shape)} (truncated?)"
+        )
+    pos = parts.get("pos")
+    packed = None
+    if enc in (_EMPTY, _FULL):
+        if pos is not None:
+            raise where("pos", f"present although encoding '{_ENCODING_NAMES[enc]}' stores no positions")
+    else:
+        want = torch.uint16 if enc == _GAP and param == 16 else torch.uint8
+        if pos is None:
+            raise where("pos", "missing")
+        if pos.dtype != want or pos.dim() != 1:
+            raise where("pos", f"expected a 1-D {want} tensor, got {pos.dtype} of shape {tuple(pos.shape)}")
+        packed = pos.cpu().contiguous().numpy()
+        expected = _expected_pos_nbytes(enc, param, packed, numel, count, where)
+        if packed.nbytes != expected:
+            raise where("pos", f"has {packed.nbytes} bytes, expected {expected}: the tensor is truncated or corrupted")
+    bits = None
+    if val is not None:
+        val = val.cpu().contiguous()
+        bits = val.view(_INT_VIEWS[dtype]).numpy()
+    if _crc(raw[:24], packed, bits) != int.from_bytes(raw[24:28], "little"):
+        raise where("hdr", "checksum mismatch: the header, positions or values were corrupted")
+
+    indices = _decode_positions(enc, param, packed, numel, count, where)
+    if bits is None:
+        val = torch.empty(0, dtype=dtype)
+    elif dtype == torch.bfloat16:  # numpy has no bfloat16: inf/NaN are the values with all exponent bits set
+        if ((bits & 0x7F80) == 0x7F80).any():
+            raise where("val", "contains NaN or inf values")
+    elif not np.isfinite(bits.view(_NP_FLOATS[dtype])).all():
+        raise where("val", "contains NaN or inf values")
+    return SparseTensorData(torch.from_numpy(indices), val, numel, fingerprint)
+
+
+def encoded_nbytes(parts: dict[str, torch.Tensor]) -> int:
+    """Bytes of tensor data in an encoded parameter (excluding the safetensors per-key JSON header)."""
+    return sum(t.numel() * t.element_size() for t in parts.values())

@@ -1,0 +1,662 @@
+"""Benchmark YAML -> typed config, the shared recipe CLI, and run-level validation.
+
+Every benchmark recipe (``recipes/office_home.py`` ...) builds its parser with :func:`build_parser`, then calls
+:func:`resolve_run_config` (or :func:`parse_args`, which does both and turns a :class:`ConfigError` into an argparse
+error). Defaults come from ``recipes/configs/<benchmark>.yaml``; CLI flags override them; conflicting or impossible
+requests fail before anything is downloaded, trained or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+RESULTS_FILENAME = "results.json"  # written last by a finished run; its presence marks the folder as finished
+TASK_SEPARATOR = "->"
+
+METHODS = ("cmkd", "baseline", "zero_shot")
+METRICS = ("accuracy", "mean_class_accuracy")
+TABLE_LAYOUTS = ("tasks", "per_class", "matrix")
+
+
+class ConfigError(ValueError):
+    """A benchmark YAML or a combination of recipe flags that cannot run; the message says how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Typed benchmark config
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    key: str  # short name used in task names and on the CLI, e.g. "Ar"
+    name: str  # human name, e.g. "Art"
+    folder: str  # directory under --data_dir as the dataset ships, e.g. "Art" or "amazon/images"
+    alt_folders: tuple[str, ...] = ()  # other shipped spellings, tried in order after `folder`
+    list_files: Mapping[str, str] = field(default_factory=dict)  # split -> image-list file name
+    aliases: tuple[str, ...] = ()
+
+    def matches(self, text: str) -> bool:
+        wanted = text.strip().lower()
+        return wanted in {n.lower() for n in (self.key, self.name, self.folder, *self.alt_folders, *self.aliases)}
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    key: str
+    model: str | None  # Hub id / local path; None = no transformers checkpoint exists, --model is required
+    lr: float
+    head_lr_multiplier: float
+    tau: float
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    lr_gamma: float
+    lr_power: float
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    iterations: int
+    eval_interval: int
+    batch_size: int
+    eval_batch_size: int
+    seed: int
+    mixed_precision: bool
+
+
+@dataclass(frozen=True)
+class CMKDSpec:
+    lambda1: float
+    lambda2: float
+    lambda3: float
+    gamma: float
+    lambda_max_iter: int
+    label_smoothing: float
+    prompt_template: str
+
+
+@dataclass(frozen=True)
+class AugmentationSpec:
+    image_size: int
+    train: str
+    test: str
+    source_train_overrides: Mapping[str, str] = field(default_factory=dict)  # domain key -> preset when source
+
+    def train_preset(self, domain_key: str, role: str) -> str:
+        """Preset for a training view of ``domain_key`` used as ``role`` ("source" or "target")."""
+        if role == "source":
+            return self.source_train_overrides.get(domain_key, self.train)
+        return self.train
+
+
+@dataclass(frozen=True)
+class FixMatchSpec:
+    threshold: float
+    factor: float
+    strong: str
+
+
+@dataclass(frozen=True)
+class PartialSpec:
+    available: bool
+    num_target_classes: int | None = None
+    class_count_threshold: int | None = None
+    cls_weight: float | None = None
+    transfer_weight: float | None = None
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    name: str
+    display_name: str
+    num_classes: int
+    domains: Mapping[str, DomainSpec]
+    tasks: tuple[tuple[str, str], ...]
+    metric: str
+    eval_split: str
+    backbone: str
+    backbones: Mapping[str, BackboneSpec]
+    optim: OptimSpec
+    training: TrainingSpec
+    cmkd: CMKDSpec
+    augmentation: AugmentationSpec
+    fixmatch: FixMatchSpec
+    partial: PartialSpec
+    homepage: str = ""
+    license: str = ""
+    classes: tuple[str, ...] | None = None  # label order when the data cannot name classes (flat folders, digits)
+    requires_image_lists: bool = False
+    loader: str = "files"  # "files" (ImageFolder / image lists / Hub) or "torchvision" (digits)
+    table_layout: str = "tasks"
+    source_path: str = ""
+
+    def domain(self, text: str) -> DomainSpec:
+        """Look a domain up by key, name, folder or alias (case-insensitive)."""
+        for spec in self.domains.values():
+            if spec.matches(text):
+                return spec
+        valid = ", ".join(f"{d.key} ({d.name})" for d in self.domains.values())
+        raise ConfigError(f"unknown {self.display_name} domain {text!r}; valid domains: {valid}")
+
+    def task_names(self) -> list[str]:
+        return [task_name(s, t) for s, t in self.tasks]
+
+
+def task_name(source: str, target: str) -> str:
+    return f"{source}{TASK_SEPARATOR}{target}"
+
+
+def _require(mapping: Mapping[str, Any], key: str, where: str) -> Any:
+    if key not in mapping:
+        raise ConfigError(f"{where}: missing required key {key!r}")
+    return mapping[key]
+
+
+def _section(cls, raw: Mapping[str, Any], where: str):
+    """Build a frozen dataclass from a YAML mapping, rejecting unknown and missing keys."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; allowed: {sorted(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in raw:
+            kwargs[f.name] = raw[f.name]
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}: missing required key {f.name!r}")
+    return cls(**kwargs)
+
+
+def _parse_domains(raw: Mapping[str, Any], where: str) -> dict[str, DomainSpec]:
+    domains = {}
+    for key, spec in raw.items():
+        spec = dict(spec)
+        list_files = spec.pop("list_files", None)
+        list_file = spec.pop("list_file", None)
+        if list_files is None:
+            list_files = {"train": list_file, "test": list_file} if list_file else {}
+        domains[str(key)] = DomainSpec(
+            key=str(key),
+            name=str(_require(spec, "name", f"{where}.domains.{key}")),
+            folder=str(_require(spec, "folder", f"{where}.domains.{key}")),
+            alt_folders=tuple(spec.get("alt_folders", ())),
+            list_files=dict(list_files),
+            aliases=tuple(str(a) for a in spec.get("aliases", ())),
+        )
+        extra = set(spec) - {"name", "folder", "alt_folders", "aliases"}
+        if extra:
+            raise ConfigError(f"{where}.domains.{key}: unknown keys {sorted(extra)}")
+    return domains
+
+
+def available_benchmarks() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_benchmark_config(name_or_path: str | os.PathLike) -> BenchmarkConfig:
+    """Load ``recipes/configs/<name>.yaml`` (or any YAML path) into a validated :class:`BenchmarkConfig`."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no benchmark config {str(name_or_path)!r}; available: {', '.join(available_benchmarks())}")
+    with open(path, encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh)
+    where = path.name
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a YAML mapping at the top level")
+
+    domains = _parse_domains(_require(raw, "domains", where), where)
+    tasks = []
+    for text in _require(raw, "tasks", where):
+        if TASK_SEPARATOR not in str(text):
+            raise ConfigError(f"{where}: task {text!r} must look like 'SRC{TASK_SEPARATOR}TGT'")
+        src, tgt = (s.strip() for s in str(text).split(TASK_SEPARATOR, 1))
+        for key in (src, tgt):
+            if key not in domains:
+                raise ConfigError(f"{where}: task {text!r} names unknown domain key {key!r}; keys: {list(domains)}")
+        tasks.append((src, tgt))
+
+    backbones = {}
+    for key, spec in _require(raw, "backbones", where).items():
+        backbones[str(key)] = _section(BackboneSpec, {"key": str(key), **spec}, f"{where}.backbones.{key}")
+
+    aug_raw = dict(_require(raw, "augmentation", where))
+    cfg = BenchmarkConfig(
+        name=str(_require(raw, "name", where)),
+        display_name=str(raw.get("display_name", raw["name"])),
+        num_classes=int(_require(raw, "num_classes", where)),
+        domains=domains,
+        tasks=tuple(tasks),
+        metric=str(raw.get("metric", "accuracy")),
+        eval_split=str(raw.get("eval_split", "train")),
+        backbone=str(_require(raw, "backbone", where)),
+        backbones=backbones,
+        optim=_section(OptimSpec, _require(raw, "optim", where), f"{where}.optim"),
+        training=_section(TrainingSpec, _require(raw, "training", where), f"{where}.training"),
+        cmkd=_section(CMKDSpec, _require(raw, "cmkd", where), f"{where}.cmkd"),
+        augmentation=_section(AugmentationSpec, aug_raw, f"{where}.augmentation"),
+        fixmatch=_section(FixMatchSpec, _require(raw, "fixmatch", where), f"{where}.fixmatch"),
+        partial=_section(PartialSpec, _require(raw, "partial", where), f"{where}.partial"),
+        homepage=str(raw.get("homepage", "")),
+        license=str(raw.get("license", "")),
+        classes=tuple(str(c) for c in raw["classes"]) if raw.get("classes") else None,
+        requires_image_lists=bool(raw.get("requires_image_lists", False)),
+        loader=str(raw.get("loader", "files")),
+        table_layout=str(raw.get("table_layout", "tasks")),
+        source_path=str(path),
+    )
+    _validate_benchmark(cfg, where)
+    return cfg
+
+
+def _validate_benchmark(cfg: BenchmarkConfig, where: str) -> None:
+    if cfg.metric not in METRICS:
+        raise ConfigError(f"{where}: metric {cfg.metric!r} not in {METRICS}")
+    if cfg.table_layout not in TABLE_LAYOUTS:
+        raise ConfigError(f"{where}: table_layout {cfg.table_layout!r} not in {TABLE_LAYOUTS}")
+    if cfg.eval_split not in ("train", "test"):
+        raise ConfigError(f"{where}: eval_split must be 'train' or 'test'")
+    if cfg.loader not in ("files", "torchvision"):
+        raise ConfigError(f"{where}: loader must be 'files' or 'torchvision'")
+    if cfg.backbone not in cfg.backbones:
+        raise ConfigError(f"{where}: default backbone {cfg.backbone!r} not among backbones {list(cfg.backbones)}")
+    if cfg.classes is not None and len(cfg.classes) != cfg.num_classes:
+        raise ConfigError(f"{where}: {len(cfg.classes)} class names listed but num_classes is {cfg.num_classes}")
+    if cfg.partial.available and not cfg.partial.num_target_classes:
+        raise ConfigError(f"{where}: partial.available needs partial.num_target_classes")
+    for key in cfg.augmentation.source_train_overrides:
+        if key not in cfg.domains:
+            raise ConfigError(f"{where}: augmentation override for unknown domain {key!r}")
+    try:
+        cfg.cmkd.prompt_template.format("x")
+    except (IndexError, KeyError) as exc:
+        raise ConfigError(f"{where}: prompt_template must contain one '{{}}' placeholder") from exc
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def build_parser(
+    benchmark: str | BenchmarkConfig | None = None, description: str | None = None
+) -> argparse.ArgumentParser:
+    """The flags every benchmark recipe shares. Recipes may add their own arguments to the returned parser."""
+    cfg = load_benchmark_config(benchmark) if isinstance(benchmark, str) else benchmark
+    title = cfg.display_name if cfg else "a benchmark"
+    parser = argparse.ArgumentParser(
+        description=description or f"CMKD / RST unsupervised domain adaptation on {title}.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    domains_help = ", ".join(f"{d.key}={d.name}" for d in cfg.domains.values()) if cfg else "see the YAML"
+
+    task = parser.add_argument_group("task")
+    task.add_argument("-s", "--source", help=f"source domain ({domains_help})")
+    task.add_argument("-t", "--target", help="target domain")
+    task.add_argument("--all", action="store_true", help="run every transfer task of the benchmark (paper's list)")
+    task.add_argument("--config", help="YAML overriding the benchmark defaults (same schema as recipes/configs/)")
+
+    method = parser.add_argument_group("method")
+    method.add_argument("--rst", action="store_true", help="Residual Sparse Training: ship a sparse patch per task")
+    method.add_argument("--tau", type=float, help="RST reset threshold (default: the backbone's value in the YAML)")
+    method.add_argument("--fixmatch", action="store_true", help="add FixMatch consistency on strong target views")
+    method.add_argument("--partial", action="store_true", help="partial-set protocol (Office-Home 65 -> 25 classes)")
+    method.add_argument("--baseline", action="store_true", help="source-only fine-tuning, no CMKD")
+    method.add_argument(
+        "--zero-shot",
+        "--zero_shot",
+        dest="zero_shot",
+        action="store_true",
+        help="evaluate CLIP zero-shot on the target, no training",
+    )
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", help="any CLIP on the Hub or a local path (default: the backbone's Hub id)")
+    model.add_argument("--backbone", help="hyper-parameter family from the YAML (lr, multiplier, tau), e.g. vit_b16")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data_dir", help="root folder of the benchmark as it ships (see docs/datasets.md)")
+    data.add_argument("--image_list_dir", help="folder with per-domain image-list files ('relative/path label')")
+    data.add_argument(
+        "--image_list",
+        action="append",
+        default=[],
+        metavar="DOMAIN=FILE",
+        help="image-list file for one domain (repeatable); paths inside are relative to --data_dir",
+    )
+    data.add_argument("--dataset_id", help="Hub dataset id or local path for datasets.load_dataset")
+    data.add_argument("--domain_column", help="with --dataset_id: column naming each row's domain")
+    data.add_argument(
+        "--dataset_config",
+        help="with --dataset_id: config name; {domain}, {key}, {name} are filled "
+        "in per domain (default: {domain}, or none with --domain_column)",
+    )
+    data.add_argument("--download", action="store_true", help="digits only: let torchvision download into --data_dir")
+    data.add_argument(
+        "--verify_images",
+        choices=("none", "header", "full"),
+        default="none",
+        help="check every image before training (header = fast PIL open, full = decode)",
+    )
+    data.add_argument("--num_workers", type=int, help="DataLoader workers (default: CPUs available, at most 8)")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--iterations", type=int, help="training iterations")
+    train.add_argument("--eval_interval", type=int, help="iterations between target evaluations")
+    train.add_argument("--batch_size", type=int, help="per-domain batch size (source and target each)")
+    train.add_argument("--lr", type=float, help="visual encoder learning rate (head uses lr x multiplier)")
+    train.add_argument("--seed", type=int, help="random seed")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--output_dir", required=False, help="where checkpoints, results and tables go")
+    out.add_argument("--overwrite", action="store_true", help="allow writing into a folder holding a finished run")
+    out.add_argument("--push_to_hub", action="store_true", help="push the adapted model / RST patch to the Hub")
+    out.add_argument("--hub_model_id", help="Hub repo id for --push_to_hub (default: the output folder's name)")
+    out.add_argument("--hub_token", help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`)")
+    return parser
+
+
+@dataclass
+class RunConfig:
+    """Everything one recipe invocation needs, after YAML defaults, --config and CLI flags are merged."""
+
+    benchmark: BenchmarkConfig
+    tasks: list[tuple[str, str]]  # domain keys
+    method: str  # "cmkd" | "baseline" | "zero_shot"
+    rst: bool
+    tau: float | None  # None unless rst
+    fixmatch: bool
+    partial: bool
+    backbone: BackboneSpec
+    model: str
+    lr: float
+    head_lr: float
+    iterations: int
+    eval_interval: int
+    batch_size: int
+    seed: int
+    output_dir: Path
+    overwrite: bool
+    data_dir: Path | None
+    image_list_dir: Path | None
+    image_lists: dict[str, Path]  # domain key -> list file
+    dataset_id: str | None
+    domain_column: str | None
+    dataset_config: str | None
+    download: bool
+    verify_images: str
+    num_workers: int | None
+    push_to_hub: bool
+    hub_model_id: str | None
+    hub_token: str | None
+    extra: dict[str, Any] = field(default_factory=dict)  # recipe-specific arguments added to the parser
+
+    @property
+    def task_names(self) -> list[str]:
+        return [task_name(s, t) for s, t in self.tasks]
+
+    @property
+    def method_label(self) -> str:
+        """Row label in the results table, following the paper (CLIP, Baseline, CMKD, CMKD+RST, CMKD+FixMatch)."""
+        if self.method == "zero_shot":
+            return "CLIP"
+        label = "Baseline" if self.method == "baseline" else "CMKD"
+        if self.fixmatch:
+            label += "+FixMatch"
+        if self.rst:
+            label += "+RST"
+        return label
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly summary for results metadata; the Hub token is never included."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name in ("benchmark", "hub_token"):
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif f.name == "backbone":
+                value = dataclasses.asdict(value)
+            elif f.name == "image_lists":
+                value = {k: str(v) for k, v in value.items()}
+            elif f.name == "tasks":
+                value = [task_name(s, t) for s, t in value]
+            out[f.name] = value
+        out["benchmark"] = self.benchmark.name
+        out["method_label"] = self.method_label
+        return out
+
+
+def _merge_yaml_override(cfg: BenchmarkConfig, override_path: str) -> BenchmarkConfig:
+    """Deep-merge a user YAML over the benchmark's own YAML and reload through the same validation."""
+    import tempfile
+
+    with open(cfg.source_path, encoding="utf-8") as fh:
+        base = yaml.safe_load(fh)
+    try:
+        with open(override_path, encoding="utf-8") as fh:
+            override = yaml.safe_load(fh) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"--config file {override_path!r} does not exist") from exc
+
+    def merge(a, b):
+        if isinstance(a, dict) and isinstance(b, dict):
+            return {k: merge(a.get(k), v) if k in a else v for k, v in {**a, **b}.items()}
+        return b
+
+    merged = merge(base, override)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{cfg.name}.yaml"
+        path.write_text(yaml.safe_dump(merged), encoding="utf-8")
+        new = load_benchmark_config(path)
+    return dataclasses.replace(new, source_path=f"{cfg.source_path} + {override_path}")
+
+
+def hub_token_available(explicit: str | None = None) -> str | None:
+    """The token --push_to_hub would use: --hub_token, else HF_TOKEN / the saved login (huggingface_hub.get_token)."""
+    if explicit:
+        return explicit
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse a folder that already holds a finished run (its results.json) unless ``overwrite``."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--output_dir {str(path)!r} exists and is not a folder")
+    marker = path / RESULTS_FILENAME
+    if marker.exists() and not overwrite:
+        raise ConfigError(
+            f"--output_dir {str(path)!r} already holds a finished run ({marker.name}); "
+            "choose another folder or pass --overwrite to replace it"
+        )
+    return path
+
+
+def _positive(value, flag: str, allow_zero: bool = False):
+    if value is None:
+        return value
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{flag} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return value
+
+
+def resolve_run_config(args: argparse.Namespace, benchmark: str | BenchmarkConfig) -> RunConfig:
+    """Merge YAML defaults with CLI flags and validate the combination. Raises :class:`ConfigError`."""
+    cfg = load_benchmark_config(benchmark) if isinstance(benchmark, str) else benchmark
+    if getattr(args, "config", None):
+        cfg = _merge_yaml_override(cfg, args.config)
+
+    # --- method flags -------------------------------------------------------------------------------------------
+    if args.baseline and args.zero_shot:
+        raise ConfigError("--baseline and --zero-shot are different methods; pass only one of them")
+    method = "baseline" if args.baseline else "zero_shot" if args.zero_shot else "cmkd"
+    if args.fixmatch and method != "cmkd":
+        raise ConfigError(f"--fixmatch extends CMKD and cannot be combined with --{method.replace('_', '-')}")
+    if args.rst and method == "zero_shot":
+        raise ConfigError("--rst trains a sparse patch, but --zero-shot trains nothing; drop one of them")
+    if args.tau is not None and not args.rst:
+        raise ConfigError("--tau is the RST threshold; add --rst or drop --tau")
+    if args.partial and not cfg.partial.available:
+        with_partial = [
+            b for b in available_benchmarks() if b != cfg.name and load_benchmark_config(b).partial.available
+        ]
+        raise ConfigError(
+            f"{cfg.display_name} has no partial-set protocol in the paper; --partial is available for: "
+            f"{', '.join(with_partial) or 'none'}"
+        )
+    if args.push_to_hub and method == "zero_shot":
+        raise ConfigError("--zero-shot trains nothing, so there is nothing to --push_to_hub")
+
+    # --- tasks --------------------------------------------------------------------------------------------------
+    if args.all and (args.source or args.target):
+        raise ConfigError("--all runs every task of the benchmark; drop --source/--target (or drop --all)")
+    if args.all:
+        tasks = list(cfg.tasks)
+    else:
+        if not args.source or not args.target:
+            raise ConfigError(
+                f"give --source and --target (tasks: {', '.join(cfg.task_names())}) or --all for every task"
+            )
+        src, tgt = cfg.domain(args.source), cfg.domain(args.target)
+        if src.key == tgt.key:
+            raise ConfigError(f"source and target are the same domain ({src.key}={src.name}); pick two different ones")
+        tasks = [(src.key, tgt.key)]
+
+    # --- model / hyper-parameters -------------------------------------------------------------------------------
+    backbone_key = args.backbone or cfg.backbone
+    if backbone_key not in cfg.backbones:
+        raise ConfigError(
+            f"--backbone {backbone_key!r} unknown for {cfg.display_name}; choose from {list(cfg.backbones)}"
+        )
+    backbone = cfg.backbones[backbone_key]
+    model = args.model or backbone.model
+    if not model:
+        raise ConfigError(
+            f"backbone {backbone_key!r} has no transformers checkpoint on the Hub; pass --model with a Hub id or a "
+            "local path of a CLIPModel checkpoint"
+        )
+    lr = _positive(args.lr, "--lr") or backbone.lr
+    tau = _positive(args.tau, "--tau") if args.tau is not None else (backbone.tau if args.rst else None)
+    iterations = _positive(args.iterations, "--iterations") or cfg.training.iterations
+    eval_interval = _positive(args.eval_interval, "--eval_interval") or cfg.training.eval_interval
+    batch_size = _positive(args.batch_size, "--batch_size") or cfg.training.batch_size
+    _positive(args.num_workers, "--num_workers", allow_zero=True)
+    seed = cfg.training.seed if args.seed is None else args.seed
+
+    # --- data sources -------------------------------------------------------------------------------------------
+    image_lists = {}
+    for item in args.image_list:
+        if "=" not in item:
+            raise ConfigError(f"--image_list expects DOMAIN=FILE, got {item!r}")
+        dom, file = item.split("=", 1)
+        image_lists[cfg.domain(dom).key] = Path(file)
+    if args.dataset_id and (args.image_list_dir or image_lists):
+        raise ConfigError(
+            "--dataset_id reads images from the Hub; drop --image_list_dir/--image_list (or --dataset_id)"
+        )
+    if args.download and cfg.loader != "torchvision":
+        raise ConfigError(
+            f"--download only applies to torchvision datasets (digits); {cfg.display_name} must be "
+            "downloaded by hand, see docs/datasets.md"
+        )
+    if (args.domain_column or args.dataset_config) and not args.dataset_id:
+        raise ConfigError("--domain_column/--dataset_config only apply with --dataset_id")
+    if cfg.loader == "torchvision" and (args.image_list_dir or image_lists):
+        raise ConfigError(f"{cfg.display_name} is read with torchvision loaders; --image_list(_dir) does not apply")
+    if not args.dataset_id and not args.data_dir and not image_lists:
+        raise ConfigError(
+            f"no data given: pass --data_dir (the {cfg.display_name} folder as it ships) or --dataset_id; "
+            "see docs/datasets.md"
+        )
+
+    # --- output / Hub -------------------------------------------------------------------------------------------
+    if not args.output_dir:
+        raise ConfigError("--output_dir is required (results, tables and checkpoints are written there)")
+    output_dir = check_output_dir(args.output_dir, args.overwrite)
+    token = None
+    if args.push_to_hub:
+        token = hub_token_available(args.hub_token)
+        if not token:
+            raise ConfigError(
+                "--push_to_hub needs a Hub token: set HF_TOKEN, run `hf auth login`, or pass --hub_token"
+            )
+
+    known = {f.name for f in dataclasses.fields(RunConfig)} | {
+        "source",
+        "target",
+        "all",
+        "config",
+        "baseline",
+        "zero_shot",
+        "backbone",
+        "image_list",
+        "hub_token",
+    }
+    extra = {k: v for k, v in vars(args).items() if k not in known}
+    return RunConfig(
+        benchmark=cfg,
+        tasks=tasks,
+        method=method,
+        rst=bool(args.rst),
+        tau=tau,
+        fixmatch=bool(args.fixmatch),
+        partial=bool(args.partial),
+        backbone=backbone,
+        model=model,
+        lr=lr,
+        head_lr=lr * backbone.head_lr_multiplier,
+        iterations=iterations,
+        eval_interval=eval_interval,
+        batch_size=batch_size,
+        seed=seed,
+        output_dir=output_dir,
+        overwrite=bool(args.overwrite),
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        image_list_dir=Path(args.image_list_dir) if args.image_list_dir else None,
+        image_lists=image_lists,
+        dataset_id=args.dataset_id,
+        domain_column=args.domain_column,
+        dataset_config=args.dataset_config,
+        download=bool(args.download),
+        verify_images=args.verify_images,
+        num_workers=args.num_workers,
+        push_to_hub=bool(args.push_to_hub),
+        hub_model_id=args.hub_model_id,
+        hub_token=token,
+        extra=extra,
+    )
+
+
+def parse_args(
+    benchmark: str | BenchmarkConfig,
+    argv: Sequence[str] | None = None,
+    parser: argparse.ArgumentParser | None = None,
+) -> RunConfig:
+    """Parse ``argv`` with the shared parser and resolve it; a ConfigError becomes ``parser.error`` (exit 2)."""
+    parser = parser or build_parser(benchmark)
+    args = parser.parse_args(argv)
+    try:
+        return resolve_run_config(args, benchmark)
+    except ConfigError as exc:
+        parser.error(str(exc))

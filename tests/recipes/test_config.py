@@ -1,0 +1,270 @@
+"""Benchmark YAMLs (numbers checked against the release / paper by hand) and the shared recipe CLI."""
+
+import itertools
+import json
+
+import pytest
+
+from recipes.core import config as config_mod
+from recipes.core.config import (
+    RESULTS_FILENAME,
+    ConfigError,
+    available_benchmarks,
+    build_parser,
+    check_output_dir,
+    load_benchmark_config,
+    parse_args,
+    resolve_run_config,
+)
+
+# ------------------------------------------------------------------------------------------------------------------
+# YAML values, typed from shared/reference/official-implementation.md and the paper (not read from the code)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_all_six_benchmarks_ship():
+    assert available_benchmarks() == ["digits", "domainnet", "image_clef", "office31", "office_home", "visda"]
+
+
+def test_office_home_values():
+    cfg = load_benchmark_config("office_home")
+    vit = cfg.backbones["vit_b16"]
+    assert cfg.backbone == "vit_b16" and vit.model == "openai/clip-vit-base-patch16"
+    assert (vit.lr, vit.head_lr_multiplier, vit.tau) == (3e-6, 1000, 1e-6)
+    rn = cfg.backbones["rn50"]
+    assert (rn.lr, rn.head_lr_multiplier, rn.tau) == (3e-7, 10000, 1e-5)
+    assert cfg.training.iterations == 10000 and cfg.training.batch_size == 32 and cfg.training.seed == 42
+    assert (cfg.cmkd.lambda1, cfg.cmkd.lambda2, cfg.cmkd.lambda3) == (0.25, 0.1, 0.025)
+    assert cfg.cmkd.label_smoothing == 0.1 and cfg.cmkd.gamma == 1.0 and cfg.cmkd.lambda_max_iter == 10000
+    assert cfg.cmkd.prompt_template == "an image of a {}"
+    assert (cfg.fixmatch.threshold, cfg.fixmatch.factor) == (0.95, 0.5)
+    assert (cfg.optim.momentum, cfg.optim.nesterov, cfg.optim.weight_decay) == (0.9, True, 5e-4)
+    assert (cfg.optim.lr_gamma, cfg.optim.lr_power) == (0.0003, 0.75)
+    assert cfg.num_classes == 65 and cfg.metric == "accuracy"
+    assert (cfg.augmentation.train, cfg.augmentation.test, cfg.augmentation.image_size) == (
+        "office_train",
+        "office_test",
+        224,
+    )
+    p = cfg.partial
+    assert (p.available, p.num_target_classes, p.class_count_threshold, p.cls_weight, p.transfer_weight) == (
+        True,
+        25,
+        14,
+        0.5,
+        0.1,
+    )
+    assert [cfg.domains[k].folder for k in ("Ar", "Cl", "Pr", "Re")] == ["Art", "Clipart", "Product", "Real_World"]
+
+
+def test_office_home_has_the_papers_twelve_tasks_in_table_order():
+    cfg = load_benchmark_config("office_home")
+    expected = "Ar->Cl Ar->Pr Ar->Re Cl->Ar Cl->Pr Cl->Re Pr->Ar Pr->Cl Pr->Re Re->Ar Re->Cl Re->Pr".split()
+    assert cfg.task_names() == expected
+    assert set(cfg.tasks) == set(itertools.permutations(["Ar", "Cl", "Pr", "Re"], 2))
+
+
+def test_visda_values():
+    cfg = load_benchmark_config("visda")
+    vit = cfg.backbones["vit_b16"]
+    assert (vit.lr, vit.head_lr_multiplier, vit.tau) == (3e-7, 1000, 1e-7)
+    rn = cfg.backbones["rn101"]
+    assert (rn.lr, rn.head_lr_multiplier, rn.tau) == (3e-9, 10000, 1e-8)
+    assert (cfg.fixmatch.threshold, cfg.fixmatch.factor) == (0.80, 2.0)
+    assert cfg.training.iterations == 20000
+    assert cfg.metric == "mean_class_accuracy" and cfg.table_layout == "per_class"
+    assert cfg.task_names() == ["Syn->Real"]
+    assert (cfg.domains["Syn"].folder, cfg.domains["Real"].folder) == ("train", "validation")
+    assert (cfg.augmentation.train, cfg.augmentation.test) == ("visda_train", "visda_test")
+    assert cfg.cmkd.prompt_template == "a photo of a {}"
+
+
+def test_domainnet_values():
+    cfg = load_benchmark_config("domainnet")
+    assert (cfg.cmkd.lambda1, cfg.cmkd.lambda2, cfg.cmkd.lambda3) == (0.025, 0.1, 0.0025)
+    assert (cfg.fixmatch.threshold, cfg.fixmatch.factor) == (0.95, 0.1)
+    assert cfg.training.iterations == 40000 and cfg.num_classes == 345
+    keys = ["clp", "inf", "pnt", "qdr", "rel", "skt"]
+    assert len(cfg.tasks) == 30 and set(cfg.tasks) == set(itertools.permutations(keys, 2))
+    assert cfg.task_names()[:5] == ["clp->inf", "clp->pnt", "clp->qdr", "clp->rel", "clp->skt"]
+    assert cfg.requires_image_lists and cfg.eval_split == "test"
+    assert cfg.domains["clp"].list_files == {"train": "clipart_train.txt", "test": "clipart_test.txt"}
+
+
+def test_digits_values():
+    cfg = load_benchmark_config("digits")
+    assert cfg.task_names() == ["S->M", "U->M", "M->U"]
+    assert cfg.training.batch_size == 64 and cfg.training.iterations == 20000 and cfg.training.mixed_precision
+    assert cfg.cmkd.prompt_template == 'a photo of the number: "{}"'
+    assert cfg.classes == tuple(str(i) for i in range(10))
+    assert cfg.augmentation.train_preset("U", "source") == "digits_usps_source"
+    assert cfg.augmentation.train_preset("U", "target") == "digits_train"
+    assert cfg.augmentation.train_preset("S", "source") == "digits_train"
+    assert cfg.loader == "torchvision" and cfg.eval_split == "test"
+
+
+def test_office31_and_image_clef_tasks():
+    o31 = load_benchmark_config("office31")
+    assert o31.task_names() == ["A->D", "A->W", "D->A", "D->W", "W->A", "W->D"] and o31.num_classes == 31
+    assert o31.domains["A"].folder == "amazon/images" and o31.training.iterations == 10000
+    clef = load_benchmark_config("image_clef")
+    assert clef.task_names() == ["I->P", "I->C", "P->I", "P->C", "C->I", "C->P"] and clef.num_classes == 12
+    assert clef.requires_image_lists and len(clef.classes) == 12 and clef.training.iterations == 10000
+
+
+@pytest.mark.parametrize("name", ["office_home", "office31", "image_clef", "visda", "domainnet", "digits"])
+def test_common_values(name):
+    cfg = load_benchmark_config(name)
+    assert cfg.training.seed == 42 and cfg.cmkd.label_smoothing == 0.1 and cfg.cmkd.lambda2 == 0.1
+    assert cfg.optim.weight_decay == 5e-4 and cfg.optim.momentum == 0.9
+    assert cfg.partial.available == (name == "office_home")
+    assert cfg.backbones["vit_b16"].head_lr_multiplier == 1000
+
+
+def test_unknown_benchmark_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="available: digits"):
+        load_benchmark_config("office_garden")
+    src = (config_mod.CONFIG_DIR / "office31.yaml").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(src.replace("  iterations: 10000", "  iterations: 10000\n  iteratons: 5"))
+    with pytest.raises(ConfigError, match="unknown keys \\['iteratons'\\]"):
+        load_benchmark_config(bad)
+    bad.write_text(src.replace("  - W->D", "  - W->X"))
+    with pytest.raises(ConfigError, match="unknown domain key 'X'"):
+        load_benchmark_config(bad)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _resolve(benchmark, argv):
+    return resolve_run_config(build_parser(benchmark).parse_args(argv), benchmark)
+
+
+@pytest.fixture
+def base(tmp_path):
+    return ["--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")]
+
+
+def test_defaults_come_from_yaml_and_flags_override(base):
+    run = _resolve("office_home", ["-s", "art", "-t", "Cl", *base])
+    assert run.tasks == [("Ar", "Cl")] and run.method == "cmkd" and run.method_label == "CMKD"
+    assert run.lr == 3e-6 and run.head_lr == pytest.approx(3e-3) and run.tau is None
+    assert run.iterations == 10000 and run.batch_size == 32 and run.seed == 42
+    run = _resolve(
+        "office_home",
+        ["-s", "Ar", "-t", "Rw", "--rst", "--fixmatch", "--lr", "1e-5", "--iterations", "7", "--seed", "0", *base],
+    )
+    assert run.tasks == [("Ar", "Re")] and run.tau == 1e-6 and run.lr == 1e-5 and run.head_lr == pytest.approx(1e-2)
+    assert run.iterations == 7 and run.seed == 0 and run.method_label == "CMKD+FixMatch+RST"
+    run = _resolve("visda", ["-s", "Syn", "-t", "Real", "--rst", "--tau", "3e-7", *base])
+    assert run.tau == 3e-7 and run.lr == 3e-7
+
+
+def test_all_runs_every_task(base):
+    run = _resolve("office_home", ["--all", *base])
+    assert len(run.tasks) == 12 and run.task_names[0] == "Ar->Cl"
+
+
+def test_backbone_without_transformers_checkpoint_needs_model(base):
+    with pytest.raises(ConfigError, match="pass --model"):
+        _resolve("office_home", ["--all", "--backbone", "rn50", *base])
+    run = _resolve("office_home", ["--all", "--backbone", "rn50", "--model", "/ckpt/rn50", "--rst", *base])
+    assert (run.model, run.lr, run.head_lr, run.tau) == ("/ckpt/rn50", 3e-7, pytest.approx(3e-3), 1e-5)
+    with pytest.raises(ConfigError, match="choose from \\['vit_b16', 'rn50'\\]"):
+        _resolve("office_home", ["--all", "--backbone", "vit_l14", *base])
+
+
+@pytest.mark.parametrize(
+    "benchmark, argv, message",
+    [
+        ("office31", ["--all", "--partial"], "no partial-set protocol.*office_home"),
+        ("office_home", ["--all", "--baseline", "--zero-shot"], "pass only one"),
+        ("office_home", ["--all", "--fixmatch", "--baseline"], "--fixmatch extends CMKD"),
+        ("office_home", ["--all", "--fixmatch", "--zero_shot"], "--fixmatch extends CMKD"),
+        ("office_home", ["--all", "--rst", "--zero-shot"], "trains nothing"),
+        ("office_home", ["--all", "--tau", "1e-6"], "add --rst"),
+        ("office_home", ["--all", "-s", "Ar"], "drop --source"),
+        ("office_home", ["-s", "Ar"], "give --source and --target"),
+        ("office_home", ["-s", "Ar", "-t", "Kitchen"], "valid domains: Ar \\(Art\\), Cl \\(Clipart\\)"),
+        ("office_home", ["-s", "Art", "-t", "ar"], "same domain"),
+        ("office_home", ["--all", "--lr", "-1"], "--lr must be > 0"),
+        ("office_home", ["--all", "--rst", "--tau", "0"], "--tau must be > 0"),
+        ("office_home", ["--all", "--num_workers", "-2"], "--num_workers must be >= 0"),
+        ("office_home", ["--all", "--download"], "--download only applies"),
+        ("office_home", ["--all", "--dataset_id", "u/oh", "--image_list_dir", "x"], "drop --image_list_dir"),
+        ("office_home", ["--all", "--domain_column", "domain"], "only apply with --dataset_id"),
+        ("office_home", ["--all", "--image_list", "Ar"], "DOMAIN=FILE"),
+        ("office_home", ["--all", "--push_to_hub", "--zero-shot"], "nothing to --push_to_hub"),
+        ("digits", ["--all", "--image_list_dir", "x"], "torchvision loaders"),
+    ],
+)
+def test_invalid_combinations(base, benchmark, argv, message):
+    with pytest.raises(ConfigError, match=message):
+        _resolve(benchmark, [*argv, *base])
+
+
+def test_missing_data_and_output(tmp_path):
+    with pytest.raises(ConfigError, match="no data given"):
+        _resolve("office_home", ["--all", "--output_dir", str(tmp_path)])
+    with pytest.raises(ConfigError, match="--output_dir is required"):
+        _resolve("office_home", ["--all", "--data_dir", str(tmp_path)])
+
+
+def test_finished_output_dir_is_refused_unless_overwrite(tmp_path, base):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint.bin").write_bytes(b"x")  # an unfinished run may be continued
+    assert _resolve("office_home", ["--all", *base]).output_dir == out
+    (out / RESULTS_FILENAME).write_text(json.dumps({"tasks": [], "methods": {}}))
+    with pytest.raises(ConfigError, match="already holds a finished run.*--overwrite"):
+        _resolve("office_home", ["--all", *base])
+    assert _resolve("office_home", ["--all", "--overwrite", *base]).overwrite
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="not a folder"):
+        check_output_dir(tmp_path / "file", overwrite=True)
+
+
+def test_push_to_hub_needs_a_token(monkeypatch, base):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(ConfigError, match="needs a Hub token: set HF_TOKEN"):
+        _resolve("office_home", ["--all", "--push_to_hub", *base])
+    run = _resolve("office_home", ["--all", "--push_to_hub", "--hub_token", "hf_explicit", *base])
+    assert run.hub_token == "hf_explicit" and "hub_token" not in run.to_dict()
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_from_env")
+    assert _resolve("office_home", ["--all", "--push_to_hub", *base]).hub_token == "hf_from_env"
+
+
+def test_push_to_hub_reads_hf_token_env(monkeypatch, base):
+    monkeypatch.setenv("HF_TOKEN", "hf_env_value")
+    assert _resolve("office_home", ["--all", "--push_to_hub", *base]).hub_token == "hf_env_value"
+
+
+def test_parse_args_turns_config_errors_into_usage_errors(capsys, base):
+    with pytest.raises(SystemExit) as exc:
+        parse_args("office31", ["--all", "--partial", *base])
+    assert exc.value.code == 2
+    assert "no partial-set protocol" in capsys.readouterr().err
+
+
+def test_recipe_specific_arguments_land_in_extra(base):
+    parser = build_parser("office_home")
+    parser.add_argument("--embedded_default", action="store_true")
+    run = parse_args("office_home", ["--all", "--embedded_default", *base], parser=parser)
+    assert run.extra == {"embedded_default": True}
+
+
+def test_config_override_yaml(tmp_path, base):
+    override = tmp_path / "over.yaml"
+    override.write_text("training:\n  iterations: 123\ncmkd:\n  lambda1: 0.5\n")
+    run = _resolve("office_home", ["--all", "--config", str(override), *base])
+    assert run.iterations == 123 and run.benchmark.cmkd.lambda1 == 0.5 and run.benchmark.cmkd.lambda3 == 0.025
+    override.write_text("training:\n  iters: 1\n")
+    with pytest.raises(ConfigError, match="unknown keys \\['iters'\\]"):
+        _resolve("office_home", ["--all", "--config", str(override), *base])
+    with pytest.raises(ConfigError, match="does not exist"):
+        _resolve("office_home", ["--all", "--config", str(tmp_path / "nope.yaml"), *base])

@@ -1,0 +1,423 @@
+"""Domain loading (ImageFolder, image lists, Hub datasets, torchvision digits), its error paths, transforms and
+DataLoader settings, on tiny data generated with PIL in tmp_path."""
+
+import bz2
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from recipes.core.config import load_benchmark_config
+from recipes.core.data import (
+    ClassMismatchError,
+    CorruptImageError,
+    DataError,
+    DataNotFoundError,
+    build_dataloader,
+    check_same_classes,
+    class_names_for_prompts,
+    filter_classes,
+    load_domain,
+    partial_target,
+    partial_target_classes,
+    read_image_list,
+    verify_images,
+)
+from recipes.core.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    FixMatchViews,
+    RandAugmentMstd,
+    build_transform,
+    eval_transform,
+    image_size_from_processor,
+    normalization_from_processor,
+    train_transform,
+)
+
+CLASSES = ["Alarm_Clock", "Backpack", "Bed"]
+
+
+def _img(path, size=(20, 16), color=None, fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(abs(hash(str(path))) % 2**32)
+    arr = np.full((size[1], size[0], 3), color, np.uint8) if color else rng.integers(0, 255, (size[1], size[0], 3))
+    Image.fromarray(arr.astype(np.uint8)).save(path, format=fmt)
+    return path
+
+
+def _tree(root, domains=("Art", "Clipart"), classes=CLASSES, per_class=2):
+    for dom in domains:
+        for c in classes:
+            for i in range(per_class):
+                _img(root / dom / c / f"{i:05d}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+@pytest.fixture
+def office_home_3():
+    """Office-Home's config with 3 classes, so tiny trees pass the class-count check."""
+    return dataclasses.replace(load_benchmark_config("office_home"), num_classes=3)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# ImageFolder
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_image_folder_domain(tmp_path, office_home_3):
+    _tree(tmp_path)
+    ds = load_domain(office_home_3, "Ar", data_dir=tmp_path, transform=build_transform("office_test", 32))
+    assert ds.classes == CLASSES and len(ds) == 6 and ds.targets == [0, 0, 1, 1, 2, 2]
+    x, y = ds[2]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 1
+    same = load_domain(office_home_3, "clipart", data_dir=tmp_path)  # by name, case-insensitive
+    check_same_classes(ds, same)
+    assert isinstance(same[0][0], Image.Image)
+
+
+def test_normalisation_matches_hand_computation(tmp_path, office_home_3):
+    for c in CLASSES:
+        _img(tmp_path / "Art" / c / "a.png", color=(200, 100, 50))
+    ds = load_domain(office_home_3, "Ar", data_dir=tmp_path, transform=build_transform("office_test", 8))
+    x, _ = ds[0]
+    expected = [(v / 255 - m) / s for v, m, s in zip((200, 100, 50), CLIP_MEAN, CLIP_STD)]
+    assert torch.allclose(x.mean(dim=(1, 2)), torch.tensor(expected), atol=1e-5)
+
+
+def test_alternative_shipped_folder_name(tmp_path, office_home_3):
+    _tree(tmp_path, domains=("Real World",))
+    assert len(load_domain(office_home_3, "Re", data_dir=tmp_path)) == 6
+
+
+def test_missing_data_dir_and_domain_explain_where_to_get_data(tmp_path, office_home_3):
+    with pytest.raises(DataNotFoundError) as exc:
+        load_domain(office_home_3, "Ar", data_dir=tmp_path / "nope")
+    msg = str(exc.value)
+    assert "does not exist" in msg and "hemanthdv.org" in msg and "Art/<class name>/<image files>" in msg
+    assert "docs/datasets.md#office-home" in msg and "non-commercial" in msg
+    _tree(tmp_path, domains=("Art",))
+    with pytest.raises(DataNotFoundError, match="domain Pr \\(Product\\) not found: looked for .*Product"):
+        load_domain(office_home_3, "Pr", data_dir=tmp_path)
+
+
+def test_unknown_domain_lists_valid_ones(tmp_path, office_home_3):
+    with pytest.raises(DataError, match="unknown Office-Home domain 'Kitchen'; valid domains: Ar \\(Art\\)"):
+        load_domain(office_home_3, "Kitchen", data_dir=tmp_path)
+
+
+def test_class_count_must_match_benchmark(tmp_path):
+    _tree(tmp_path)
+    with pytest.raises(ClassMismatchError, match="has 3 classes but Office-Home has 65"):
+        load_domain("office_home", "Ar", data_dir=tmp_path)
+
+
+def test_classes_differing_between_domains_are_listed(tmp_path, office_home_3):
+    _tree(tmp_path, domains=("Art",))
+    _tree(tmp_path, domains=("Clipart",), classes=["Alarm_Clock", "Backpack", "Couch"])
+    src = load_domain(office_home_3, "Ar", data_dir=tmp_path)
+    tgt = load_domain(office_home_3, "Cl", data_dir=tmp_path)
+    with pytest.raises(ClassMismatchError, match="only in Ar: \\['Bed'\\]; only in Cl: \\['Couch'\\]"):
+        check_same_classes(src, tgt)
+    reordered = src.with_transform(None)  # same names, other label order
+    reordered.classes = ["Backpack", "Alarm_Clock", "Bed"]
+    with pytest.raises(ClassMismatchError, match="different label order, e.g. #0: Alarm_Clock vs Backpack"):
+        check_same_classes(src, reordered)
+
+
+def test_empty_class_folder_is_an_error(tmp_path, office_home_3):
+    _tree(tmp_path, domains=("Art",), classes=["Alarm_Clock", "Backpack"])
+    (tmp_path / "Art" / "Bed").mkdir()
+    (tmp_path / "Art" / "Bed" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match="1 class folder\\(s\\) under .*Art hold no images \\(Bed"):
+        load_domain(office_home_3, "Ar", data_dir=tmp_path)
+
+
+def test_unreadable_images_lazy_and_eager(tmp_path, office_home_3):
+    _tree(tmp_path, domains=("Art",))
+    garbage = tmp_path / "Art" / "Bed" / "zz_garbage.jpg"
+    garbage.write_bytes(b"this is not a jpeg")
+    good = tmp_path / "Art" / "Bed" / "zz_truncated.jpg"
+    data = _img(tmp_path / "tmp.jpg", size=(64, 64)).read_bytes()
+    good.write_bytes(data[: len(data) // 2])  # valid header, truncated body
+    ds = load_domain(office_home_3, "Ar", data_dir=tmp_path)  # verify="none": scanning does not open images
+    idx = ds.paths.index(str(garbage))
+    with pytest.raises(CorruptImageError, match=f"cannot read image {garbage}"):
+        ds[idx]
+    with pytest.raises(CorruptImageError) as exc:
+        load_domain(office_home_3, "Ar", data_dir=tmp_path, verify="header")
+    assert "1 of 8 images" in str(exc.value) and str(garbage) in str(exc.value) and str(good) not in str(exc.value)
+    with pytest.raises(CorruptImageError) as exc:
+        verify_images(ds, "full")
+    assert "2 of 8 images" in str(exc.value) and str(good) in str(exc.value)
+
+
+def test_with_transform_shares_samples(tmp_path, office_home_3):
+    _tree(tmp_path, domains=("Art",))
+    ds = load_domain(office_home_3, "Ar", data_dir=tmp_path)
+    t = ds.with_transform(build_transform("office_test", 16))
+    assert t.samples is ds.samples and ds.transform is None and t[0][0].shape == (3, 16, 16)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Image lists
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_image_list_with_spaces_comments_and_derived_classes(tmp_path, office_home_3):
+    _tree(tmp_path, domains=("Real World",))
+    lines = ["# Office-Home Real World", ""]
+    for label, c in [(2, "Alarm_Clock"), (0, "Backpack"), (1, "Bed")]:  # non-alphabetical label order
+        lines += [f"Real World/{c}/00000.jpg {label}", f"Real World/{c}/00001.png {label}"]
+    lst = tmp_path / "lists" / "Real_World.txt"
+    lst.parent.mkdir()
+    lst.write_text("\n".join(lines) + "\n")
+    ds = load_domain(office_home_3, "Re", data_dir=tmp_path, image_list=lst)
+    assert ds.classes == ["Backpack", "Bed", "Alarm_Clock"] and len(ds) == 6
+    assert ds.targets == [2, 2, 0, 0, 1, 1]
+    via_dir = load_domain(office_home_3, "Re", data_dir=tmp_path, image_list_dir=tmp_path / "lists")
+    assert via_dir.samples == ds.samples
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("Art/Bed/00000.jpg\n", "Art.txt:1: expected 'relative/path label'"),
+        ("Art/Bed/00000.jpg 0\nArt/Bed/00001.png x\n", "Art.txt:2: expected"),
+        ("Art/Bed/00000.jpg 0\nArt/Bed/missing.jpg 0\n", "1 of 2 images listed in .*Art.txt do not exist"),
+        ("Art/Bed/00000.jpg 0\nArt/Backpack/00000.jpg 0\n", "cannot name the classes.*add 'classes:'"),
+        ("Art/Bed/00000.jpg 1\n", "labels \\[0\\] never appear"),
+        ("# only a comment\n", "lists no images"),
+    ],
+)
+def test_image_list_errors(tmp_path, content, message):
+    _tree(tmp_path, domains=("Art",))
+    lst = tmp_path / "Art.txt"
+    lst.write_text(content)
+    with pytest.raises(DataError, match=message):
+        read_image_list(lst, tmp_path)
+
+
+def test_flat_folders_use_yaml_class_names(tmp_path):
+    """ImageCLEF ships flat per-domain folders; labels and names come from the list + YAML."""
+    clef = load_benchmark_config("image_clef")
+    lines = []
+    for label in range(12):
+        lines.append(f"c/{label}_a.jpg {label}")
+        _img(tmp_path / "c" / f"{label}_a.jpg")
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "c_list.txt").write_text("\n".join(lines))
+    ds = load_domain(clef, "C", data_dir=tmp_path)  # list found under <data_dir>/list
+    assert ds.classes[:3] == ["aeroplane", "bike", "bird"] and ds.targets == list(range(12))
+
+
+def test_required_image_list_missing(tmp_path):
+    dn = dataclasses.replace(load_benchmark_config("domainnet"), num_classes=3)
+    _tree(tmp_path, domains=("clipart",))
+    with pytest.raises(DataNotFoundError, match="needs the image list clipart_test.txt.*ai.bu.edu/M3SDA"):
+        load_domain(dn, "clp", data_dir=tmp_path, split="test")
+    lines = [f"clipart/{c}/00000.jpg {i}" for i, c in enumerate(CLASSES)]
+    (tmp_path / "clipart_test.txt").write_text("\n".join(lines))
+    ds = load_domain(dn, "clipart", data_dir=tmp_path, split="test")
+    assert len(ds) == 3 and ds.classes == CLASSES
+    with pytest.raises(DataNotFoundError, match="not found in --image_list_dir"):
+        load_domain(dn, "clp", data_dir=tmp_path, image_list_dir=tmp_path / "elsewhere")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Hub datasets (through the real datasets.load_dataset, on local files / offline)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _hub_dir(tmp_path):
+    import datasets
+
+    rows = {"image": [], "label": [], "domain": []}
+    for dom in ("Art", "Clipart"):
+        for label in range(3):
+            rows["image"].append(Image.fromarray(np.full((12, 12, 3), 40 * label + 10, np.uint8)))
+            rows["label"].append(label)
+            rows["domain"].append(dom)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES), "domain": datasets.Value("string")}
+    )
+    out = tmp_path / "hub_ds"
+    (out / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(out / "data" / "train-00000-of-00001.parquet"))
+    return out
+
+
+def test_hub_dataset_with_domain_column(tmp_path, office_home_3):
+    path = _hub_dir(tmp_path)
+    ds = load_domain(
+        office_home_3,
+        "Cl",
+        dataset_id=str(path),
+        domain_column="domain",
+        cache_dir=str(tmp_path / "cache"),
+        transform=build_transform("office_test", 8),
+    )
+    assert ds.classes == CLASSES and len(ds) == 3 and ds.targets == [0, 1, 2]
+    x, y = ds[1]
+    assert x.shape == (3, 8, 8) and y == 1
+    expected = (50 / 255 - CLIP_MEAN[0]) / CLIP_STD[0]
+    assert torch.allclose(x[0], torch.full((8, 8), expected), atol=1e-5)
+    with pytest.raises(DataError, match="--domain_column 'dom' not in"):
+        load_domain(office_home_3, "Cl", dataset_id=str(path), domain_column="dom", cache_dir=str(tmp_path / "c"))
+
+
+def test_hub_dataset_offline_error(tmp_path, monkeypatch, office_home_3):
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataNotFoundError) as exc:
+        load_domain(office_home_3, "Ar", dataset_id="someone/office-home", cache_dir=str(tmp_path / "cache"))
+    msg = str(exc.value)
+    assert "could not reach the Hub for dataset 'someone/office-home'" in msg
+    assert "HF_HUB_OFFLINE=1" in msg and "--data_dir" in msg
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# torchvision digits
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _fake_usps(root, name, labels):
+    lines = []
+    rng = np.random.default_rng(0)
+    for label in labels:  # LIBSVM format, labels 1..10, 256 values in [-1, 1]
+        values = rng.uniform(-1, 1, 256)
+        lines.append(f"{label + 1} " + " ".join(f"{i + 1}:{v:.4f}" for i, v in enumerate(values)))
+    with bz2.open(root / name, "wt") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def test_torchvision_usps_and_missing_mnist(tmp_path):
+    digits = load_benchmark_config("digits")
+    _fake_usps(tmp_path, "usps.bz2", [3, 0, 9])
+    tf = train_transform(digits, "U", "source", image_size=32)
+    ds = load_domain(digits, "U", data_dir=tmp_path, transform=tf)
+    assert ds.classes == [str(i) for i in range(10)] and ds.targets == [3, 0, 9]
+    x, y = ds[0]
+    assert x.shape == (3, 32, 32) and y == 3
+    with pytest.raises(DataNotFoundError, match="USPS \\(test\\) not found.*usps.t.bz2.*pass --download"):
+        load_domain(digits, "usps", data_dir=tmp_path, split="test")
+    with pytest.raises(DataNotFoundError, match="MNIST \\(train\\) not found.*MNIST/raw.*--download"):
+        load_domain(digits, "M", data_dir=tmp_path)
+    with pytest.raises(DataNotFoundError, match="SVHN \\(test\\) not found.*test_32x32.mat"):
+        load_domain(digits, "S", data_dir=tmp_path, split="test")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Classes, partial set
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_class_names_for_prompts():
+    names = ["Alarm_Clock", "TV", "The_Eiffel_Tower", "teddy-bear", "0", "back_pack"]
+    assert class_names_for_prompts(names) == ["alarm clock", "tv", "the eiffel tower", "teddy-bear", "0", "back pack"]
+
+
+def test_partial_set_keeps_first_classes_alphabetically(tmp_path):
+    classes = ["Drill", "Exit_Sign", "Bottle", "Alarm_Clock", "Couch"]  # list order is not alphabetical
+    assert partial_target_classes(classes, 3) == [2, 3, 4]  # Alarm_Clock, Bottle, Couch
+    with pytest.raises(ValueError):
+        partial_target_classes(classes, 6)
+    oh = dataclasses.replace(load_benchmark_config("office_home"), num_classes=5)
+    oh = dataclasses.replace(oh, partial=dataclasses.replace(oh.partial, num_target_classes=2))
+    _tree(tmp_path, domains=("Product",), classes=sorted(classes), per_class=1)
+    ds = load_domain(oh, "Pr", data_dir=tmp_path)
+    part = partial_target(ds, oh)
+    assert part.classes == ds.classes and part.active_classes == [0, 1]
+    assert part.targets == [0, 1] and len(part) == 2
+    again = filter_classes(part, [1])
+    assert again.targets == [1] and again.paths == [ds.paths[1]]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Transforms
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_presets_scale_with_image_size():
+    t = build_transform("office_train", 32)
+    resize = next(s for s in t.transforms if type(s).__name__ == "Resize")
+    assert resize.size == (37, 37)  # 256 * 32 / 224 = 36.6
+    full = build_transform("office_train", 224)
+    assert next(s for s in full.transforms if type(s).__name__ == "Resize").size == (256, 256)
+    img = Image.fromarray(np.zeros((50, 70, 3), np.uint8))
+    for preset in ("office_train", "office_test", "visda_train", "visda_test", "digits_train", "fixmatch_strong"):
+        assert build_transform(preset, 24)(img).shape == (3, 24, 24), preset
+    gray = Image.fromarray(np.zeros((16, 16), np.uint8), mode="L")  # USPS-like
+    for preset in ("digits_usps_source", "digits_test", "digits_train"):
+        assert build_transform(preset, 24)(gray).shape == (3, 24, 24), preset
+    with pytest.raises(ValueError, match="unknown augmentation preset 'office'"):
+        build_transform("office")
+
+
+def test_train_transform_roles_and_fixmatch_views():
+    torch.manual_seed(0)
+    oh = load_benchmark_config("office_home")
+    views = train_transform(oh, "Cl", "target", fixmatch=True, image_size=16)
+    assert isinstance(views, FixMatchViews)
+    weak, strong = views(Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 30, 3), dtype=np.uint8)))
+    assert weak.shape == strong.shape == (3, 16, 16) and not torch.equal(weak, strong)
+    assert not isinstance(train_transform(oh, "Ar", "source", fixmatch=True), FixMatchViews)
+    digits = load_benchmark_config("digits")
+    usps_src = train_transform(digits, "U", "source")
+    assert any(type(s).__name__ == "RandomRotation" for s in usps_src.transforms)
+    assert not any(type(s).__name__ == "RandomRotation" for s in train_transform(digits, "U", "target").transforms)
+
+
+def test_normalisation_and_size_from_hf_processor():
+    from transformers import CLIPImageProcessor
+
+    proc = CLIPImageProcessor(image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25], crop_size=32, size=32)
+    assert normalization_from_processor(proc) == ((0.5,) * 3, (0.25,) * 3)
+    assert image_size_from_processor(proc) == 32
+    assert normalization_from_processor(None) == (CLIP_MEAN, CLIP_STD)
+    tf = eval_transform(load_benchmark_config("office31"), processor=proc)
+    x = tf(Image.fromarray(np.full((40, 40, 3), 255, np.uint8)))
+    assert x.shape == (3, 32, 32) and torch.allclose(x, torch.full_like(x, 2.0))  # (1 - 0.5) / 0.25
+
+
+def test_randaugment_mstd_magnitudes():
+    torch.manual_seed(0)
+    ra = RandAugmentMstd(num_ops=2, magnitude=10, magnitude_std=0.0)
+    assert ra._draw_bin() == 100  # timm's m10 = strongest torchvision bin
+    assert RandAugmentMstd(magnitude=5, magnitude_std=0.0)._draw_bin() == 50
+    draws = [RandAugmentMstd(magnitude=10, magnitude_std=0.5)._draw_bin() for _ in range(200)]
+    assert max(draws) == 100 and 85 <= min(draws) < 100  # N(10, 0.5) clipped at 10, 0.1-step bins
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (20, 20, 3), dtype=np.uint8))
+    off = RandAugmentMstd(apply_prob=0.0)
+    assert np.array_equal(np.asarray(off(img)), np.asarray(img))
+    with pytest.raises(ValueError):
+        RandAugmentMstd(magnitude=11)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# DataLoader
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_build_dataloader_settings_and_seeded_order(tmp_path, office_home_3):
+    _tree(tmp_path, domains=("Art",))
+    ds = load_domain(office_home_3, "Ar", data_dir=tmp_path, transform=build_transform("office_test", 8))
+
+    def order(loader):
+        return [y.tolist() for _, y in loader]
+
+    a = build_dataloader(ds, 2, shuffle=True, num_workers=0, seed=3)
+    b = build_dataloader(ds, 2, shuffle=True, num_workers=0, seed=3)
+    assert order(a) == order(b) and sorted(sum(order(a), [])) == ds.targets
+    assert a.pin_memory == torch.cuda.is_available() and a.num_workers == 0
+    w = build_dataloader(ds, 4, shuffle=False, num_workers=1, drop_last=True)
+    assert w.persistent_workers and w.prefetch_factor == 2
+    batches = list(w)
+    assert len(batches) == 1 and batches[0][0].shape == (4, 3, 8, 8)
+    with pytest.raises(ValueError):
+        build_dataloader(ds, 0, shuffle=False)

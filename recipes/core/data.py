@@ -61,6 +61,7 @@ class DomainDataset(Dataset):
         self.transform = transform
         self.indices: list[int] | None = None  # None = every item of the storage
         self.active_classes: list[int] | None = None  # set by filter_classes (partial-set targets)
+        self.item_format = "tuple"  # "tuple": (pixel_values, label); "dict": see as_dicts
 
     # storage interface -------------------------------------------------------------------------------------------
     def _num_items(self) -> int:
@@ -76,10 +77,22 @@ class DomainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices) if self.indices is not None else self._num_items()
 
-    def __getitem__(self, i: int) -> tuple[Any, int]:
+    def __getitem__(self, i: int) -> tuple[Any, int] | dict[str, Any]:
         j = self.indices[i] if self.indices is not None else i
         img, label = self._load(j)
-        return (self.transform(img) if self.transform is not None else img), label
+        x = self.transform(img) if self.transform is not None else img
+        if self.item_format == "tuple":
+            return x, label
+        if isinstance(x, tuple):  # FixMatchViews: (weak, strong)
+            return {"pixel_values": x[0], "pixel_values_strong": x[1], "labels": label}
+        return {"pixel_values": x, "labels": label}
+
+    def as_dicts(self) -> DomainDataset:
+        """A view yielding ``{"pixel_values", "labels"}`` (+ ``"pixel_values_strong"`` under a FixMatch transform),
+        the example format of ``cmkd.data.collate_images`` / ``make_paired_dataloader``."""
+        new = copy.copy(self)
+        new.item_format = "dict"
+        return new
 
     @property
     def targets(self) -> list[int]:
@@ -658,6 +671,33 @@ def _seed_worker(worker_id: int) -> None:
         pass
 
 
+def dataloader_kwargs(
+    num_workers: int | None = None,
+    *,
+    pin_memory: bool | None = None,
+    persistent_workers: bool | None = None,
+    prefetch_factor: int | None = 2,
+) -> dict[str, Any]:
+    """DataLoader throughput settings for this machine, to splat into any DataLoader (e.g.
+    ``cmkd.data.make_paired_dataloader(..., **dataloader_kwargs())``): workers = available CPUs (at most 8),
+    pinned memory only when CUDA is present, persistent workers and prefetching when there are workers."""
+    if num_workers is None:
+        num_workers = default_num_workers()
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    kwargs: dict[str, Any] = {
+        "num_workers": num_workers,
+        "pin_memory": torch.cuda.is_available() if pin_memory is None else pin_memory,
+    }
+    if num_workers > 0:
+        kwargs.update(
+            persistent_workers=True if persistent_workers is None else persistent_workers,
+            prefetch_factor=prefetch_factor,
+            worker_init_fn=_seed_worker,
+        )
+    return kwargs
+
+
 def build_dataloader(
     dataset: Dataset,
     batch_size: int,
@@ -675,29 +715,18 @@ def build_dataloader(
     persist across epochs, prefetching, and seeded shuffling/augmentation when ``seed`` is given."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if num_workers is None:
-        num_workers = default_num_workers()
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if pin_memory is None:
-        pin_memory = torch.cuda.is_available()
-    if persistent_workers is None:
-        persistent_workers = num_workers > 0
+    kwargs = dataloader_kwargs(
+        num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers, prefetch_factor=prefetch_factor
+    )
     generator = None
     if seed is not None:
         generator = torch.Generator()
         generator.manual_seed(seed)
-    kwargs: dict[str, Any] = {}
-    if num_workers > 0:
-        kwargs.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
         drop_last=drop_last,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        worker_init_fn=_seed_worker if num_workers > 0 else None,
         generator=generator,
         collate_fn=collate_fn,
         **kwargs,

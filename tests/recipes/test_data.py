@@ -421,3 +421,30 @@ def test_build_dataloader_settings_and_seeded_order(tmp_path, office_home_3):
     assert len(batches) == 1 and batches[0][0].shape == (4, 3, 8, 8)
     with pytest.raises(ValueError):
         build_dataloader(ds, 0, shuffle=False)
+
+
+def test_dataloader_kwargs():
+    from recipes.core.data import dataloader_kwargs
+
+    assert dataloader_kwargs(0) == {"num_workers": 0, "pin_memory": torch.cuda.is_available()}
+    kw = dataloader_kwargs(2, pin_memory=True)
+    assert kw["num_workers"] == 2 and kw["pin_memory"] and kw["persistent_workers"] and kw["prefetch_factor"] == 2
+    with pytest.raises(ValueError):
+        dataloader_kwargs(-1)
+
+
+def test_dict_items_feed_cmkd_paired_loader(tmp_path, office_home_3):
+    """as_dicts() yields the example format cmkd's paired DataLoader collates (FixMatch strong view included)."""
+    torch.manual_seed(0)
+    _tree(tmp_path)
+    oh = office_home_3
+    src = load_domain(oh, "Ar", data_dir=tmp_path, transform=train_transform(oh, "Ar", "source", image_size=16))
+    tgt = load_domain(oh, "Cl", data_dir=tmp_path)
+    tgt = tgt.with_transform(train_transform(oh, "Cl", "target", fixmatch=True, image_size=16))
+    item = tgt.as_dicts()[0]
+    assert set(item) == {"pixel_values", "pixel_values_strong", "labels"} and item["pixel_values"].shape == (3, 16, 16)
+    cmkd_data = pytest.importorskip("cmkd.data")
+    loader = cmkd_data.make_paired_dataloader(src.as_dicts(), tgt.as_dicts(), source_batch_size=2, seed=0)
+    batch = next(iter(loader))
+    assert batch["source_pixel_values"].shape == (2, 3, 16, 16) and batch["source_labels"].dtype == torch.long
+    assert batch["target_pixel_values"].shape == batch["target_strong_pixel_values"].shape == (2, 3, 16, 16)

@@ -231,16 +231,20 @@ class CLIPAdaptationPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, CLIPAdaptationHead):
-            # Release init: Linear ~ N(0, 0.001), BN weight 1 / bias 0 (frozen), LayerNorm 1 / 0.
-            init.normal_(module.classifier.weight, mean=0.0, std=self.config.head_init_std)
-            init.ones_(module.batch_norm.weight)
-            init.zeros_(module.batch_norm.bias)
-            init.zeros_(module.batch_norm.running_mean)
-            init.ones_(module.batch_norm.running_var)
-            init.zeros_(module.batch_norm.num_batches_tracked)
-            init.ones_(module.layer_norm.weight)
-            init.zeros_(module.layer_norm.bias)
+        # transformers calls this per module that owns parameters/buffers directly, so the head is set up leaf by
+        # leaf. Release init: Linear ~ N(0, 0.001) without bias, BN weight 1 / bias 0 (frozen), LayerNorm 1 / 0.
+        head = getattr(self, "head", None)
+        if isinstance(module, nn.Linear) and head is not None and module is head.classifier:
+            init.normal_(module.weight, mean=0.0, std=self.config.head_init_std)
+        elif isinstance(module, FrozenBiasBatchNorm1d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
         elif isinstance(module, CLIPAdaptationModel):
             init.normal_(module.visual_projection.weight, mean=0.0, std=module.visual_projection.in_features**-0.5)
             init.zeros_(module.text_features)

@@ -1,0 +1,194 @@
+"""Paired source/target streams, transforms, class-list checks, partial-set estimation and the UDA metric."""
+
+import numpy as np
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, Features, Image
+from PIL import Image as PILImage
+
+from cmkd.data import (
+    CLIP_MEAN,
+    CLIP_STD,
+    PairedInfiniteBatchSampler,
+    check_class_lists,
+    collate_images,
+    dataset_class_names,
+    image_transform,
+    make_paired_dataloader,
+    with_image_transform,
+)
+from cmkd.fixmatch import RandAugmentMstd, strong_transform
+from cmkd.metrics import load_uda_accuracy
+from cmkd.partial import class_counts, estimate_label_set
+
+NAMES = ["cat", "dog", "bird"]
+
+
+def _image_dataset(n: int, seed: int = 0, size: int = 16) -> Dataset:
+    rng = np.random.default_rng(seed)
+    images = [PILImage.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+    features = Features({"image": Image(), "label": ClassLabel(names=NAMES)})
+    return Dataset.from_dict({"image": images, "label": [i % 3 for i in range(n)]}, features=features)
+
+
+def _take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------- sampler
+def test_each_stream_is_an_endless_reshuffled_pass_without_tail():
+    sampler = PairedInfiniteBatchSampler(10, 3, target_size=7, target_batch_size=2, seed=5)
+    batches = _take(iter(sampler), 9)
+    source = [[i for s, i in b if s == "source"] for b in batches]
+    target = [[i for s, i in b if s == "target"] for b in batches]
+    assert all(len(b) == 3 for b in source) and all(len(b) == 2 for b in target)
+    # 10 // 3 = 3 batches per source pass (one sample dropped), each pass a set of distinct indices
+    for p in range(3):
+        chunk = sum(source[3 * p : 3 * p + 3], [])
+        assert len(set(chunk)) == 9 and set(chunk) <= set(range(10))
+    # 7 // 2 = 3 batches per target pass
+    for p in range(3):
+        chunk = sum(target[3 * p : 3 * p + 3], [])
+        assert len(set(chunk)) == 6 and set(chunk) <= set(range(7))
+    passes = [tuple(sum(source[3 * p : 3 * p + 3], [])) for p in range(3)]
+    assert len(set(passes)) > 1, "every pass must be reshuffled"
+
+
+def test_sampler_is_deterministic_per_seed():
+    first = _take(iter(PairedInfiniteBatchSampler(20, 4, 20, 4, seed=1)), 6)
+    again = _take(iter(PairedInfiniteBatchSampler(20, 4, 20, 4, seed=1)), 6)
+    other = _take(iter(PairedInfiniteBatchSampler(20, 4, 20, 4, seed=2)), 6)
+    assert first == again and first != other
+
+
+def test_replicas_split_exactly_the_single_process_global_batches():
+    single = _take(iter(PairedInfiniteBatchSampler(23, 6, 17, 4, seed=3)), 8)
+    rank0 = _take(iter(PairedInfiniteBatchSampler(23, 3, 17, 2, seed=3, num_replicas=2, rank=0)), 8)
+    rank1 = _take(iter(PairedInfiniteBatchSampler(23, 3, 17, 2, seed=3, num_replicas=2, rank=1)), 8)
+    for whole, a, b in zip(single, rank0, rank1):
+        for stream in ("source", "target"):
+            expected = [i for s, i in whole if s == stream]
+            got = [i for s, i in a if s == stream] + [i for s, i in b if s == stream]
+            assert got == expected
+
+
+def test_sampler_rejects_datasets_smaller_than_a_global_batch():
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        PairedInfiniteBatchSampler(5, 3, num_replicas=2)
+    with pytest.raises(ValueError, match="target dataset has 3 examples"):
+        PairedInfiniteBatchSampler(10, 2, target_size=3, target_batch_size=4)
+
+
+# ----------------------------------------------------------------------------------------------- loaders
+def test_paired_dataloader_yields_labeled_source_and_unlabeled_target():
+    torch.manual_seed(0)
+    transform = image_transform(16, train=False)
+    source = with_image_transform(_image_dataset(12), transform)
+    target = with_image_transform(_image_dataset(9, seed=1), transform, strong_transform=strong_transform(16))
+    loader = make_paired_dataloader(source, target, source_batch_size=4, target_batch_size=3, seed=0)
+    batch = next(iter(loader))
+    assert set(batch) == {"source_pixel_values", "source_labels", "target_pixel_values", "target_strong_pixel_values"}
+    assert batch["source_pixel_values"].shape == (4, 3, 16, 16)
+    assert batch["target_pixel_values"].shape == (3, 3, 16, 16)
+    assert batch["target_strong_pixel_values"].shape == (3, 3, 16, 16)
+    assert batch["source_labels"].dtype == torch.long
+    # the labels are those of the sampled rows
+    indices = [i for s, i in next(iter(loader.batch_sampler)) if s == "source"]
+    assert batch["source_labels"].tolist() == [i % 3 for i in indices]
+
+
+def test_source_only_loader_has_no_target_keys():
+    source = with_image_transform(_image_dataset(8), image_transform(16, train=False))
+    batch = next(iter(make_paired_dataloader(source, None, source_batch_size=4)))
+    assert set(batch) == {"source_pixel_values", "source_labels"}
+
+
+def test_unlabeled_source_is_an_error():
+    unlabeled = with_image_transform(_image_dataset(8).remove_columns("label"), image_transform(16, train=False))
+    with pytest.raises(ValueError, match="source dataset must be labeled"):
+        next(iter(make_paired_dataloader(unlabeled, None, source_batch_size=4)))
+
+
+def test_eval_transform_matches_hand_normalisation():
+    pixels = np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)
+    out = image_transform(16, train=False)(PILImage.fromarray(pixels))
+    expected = (torch.from_numpy(pixels).permute(2, 0, 1).float() / 255 - torch.tensor(CLIP_MEAN)[:, None, None]) / (
+        torch.tensor(CLIP_STD)[:, None, None]
+    )
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_train_transform_and_strong_view_shapes():
+    torch.manual_seed(0)
+    image = PILImage.fromarray(np.full((20, 24, 3), 128, dtype=np.uint8))
+    assert image_transform(16, train=True)(image).shape == (3, 16, 16)
+    assert strong_transform(16)(image).shape == (3, 16, 16)
+
+
+def test_rand_augment_mstd_validates_and_restores_magnitude():
+    with pytest.raises(ValueError, match="magnitude"):
+        RandAugmentMstd(magnitude=11)
+    aug = RandAugmentMstd(num_ops=2, magnitude=10, magnitude_std=0.5)
+    aug(PILImage.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)))
+    assert aug.magnitude == 10 and aug.num_magnitude_bins == 11
+
+
+def test_collate_errors_are_clear():
+    with pytest.raises(ValueError, match="pixel_values"):
+        collate_images([{"image": 1}])
+    with pytest.raises(ValueError, match="no label"):
+        collate_images([{"pixel_values": torch.zeros(3, 2, 2), "labels": None}])
+
+
+# ----------------------------------------------------------------------------------------------- class lists
+def test_class_names_are_read_from_classlabel():
+    assert dataset_class_names(_image_dataset(3)) == NAMES
+    assert dataset_class_names(with_image_transform(_image_dataset(3), image_transform(16, False))) == NAMES
+
+
+def test_check_class_lists():
+    check_class_lists(NAMES, NAMES, NAMES)
+    check_class_lists(NAMES, None, None)
+    with pytest.raises(ValueError, match=r"missing \['bird'\], unexpected \['cow'\]"):
+        check_class_lists(NAMES, ["cat", "dog", "cow"], None)
+    with pytest.raises(ValueError, match="different order"):
+        check_class_lists(NAMES, ["dog", "cat", "bird"], None)
+    with pytest.raises(ValueError, match="partial_set=True"):
+        check_class_lists(NAMES, NAMES, ["cat", "dog"])
+    check_class_lists(NAMES, NAMES, ["cat", "dog"], partial=True)
+    with pytest.raises(ValueError, match="label ids differ"):
+        check_class_lists(NAMES, NAMES, ["dog", "bird"], partial=True)
+    with pytest.raises(ValueError, match="does not know"):
+        check_class_lists(NAMES, NAMES, ["cat", "cow"], partial=True)
+    with pytest.raises(ValueError, match="empty"):
+        check_class_lists(NAMES, [], None)
+    with pytest.raises(ValueError, match="empty"):
+        check_class_lists([], None, None)
+
+
+# ----------------------------------------------------------------------------------------------- partial set
+def test_label_set_keeps_classes_predicted_at_least_threshold_times():
+    predictions = [0] * 14 + [1] * 13 + [3] * 20
+    assert class_counts(predictions, 5).tolist() == [14, 13, 0, 20, 0]
+    assert estimate_label_set(predictions, 5, threshold=14).tolist() == [0, 3]
+    assert estimate_label_set(predictions, 5, threshold=13).tolist() == [0, 1, 3]
+
+
+def test_label_set_falls_back_to_all_classes_when_none_qualify():
+    assert estimate_label_set([0, 1], 4, threshold=14).tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="class ids"):
+        estimate_label_set([7], 4)
+
+
+# ----------------------------------------------------------------------------------------------- metric
+def test_uda_accuracy_metric_matches_hand_counts():
+    metric = load_uda_accuracy()
+    preds = [0, 0, 1, 2, 2, 2, 1]
+    refs = [0, 1, 1, 2, 2, 0, 1]
+    out = metric.compute(predictions=preds, references=refs, num_classes=4)
+    # class 0: 1/2, class 1: 2/3, class 2: 2/2, class 3 absent
+    assert out["accuracy"] == pytest.approx(5 / 7)
+    assert out["per_class_accuracy"] == [pytest.approx(0.5), pytest.approx(2 / 3), 1.0, None]
+    assert out["mean_class_accuracy"] == pytest.approx((0.5 + 2 / 3 + 1.0) / 3)
+    with pytest.raises(ValueError, match="missing labels"):
+        metric.compute(predictions=[0], references=[-1])

@@ -1,0 +1,468 @@
+"""Tests of `peft_rst.format` against a reference reader written from the byte-level spec (docs/adapter-format.md)."""
+
+import math
+import os
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import peft_rst.format
+from peft_rst.format import (
+    FORMAT_VERSION,
+    SUFFIXES,
+    RSTFormatError,
+    SparseTensorData,
+    decode_sparse,
+    encode_sparse,
+    encoded_nbytes,
+    tensor_fingerprint,
+)
+
+FORCED = ["bitmask", "elias_fano", "gap8", "gap16"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+ENCODING_IDS = {"empty": 0, "full": 1, "bitmask": 2, "elias_fano": 3, "gap8": 4, "gap16": 4}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers written from the spec, independent of the code under test
+
+
+def reference_decode(parts: dict[str, torch.Tensor]) -> tuple[list[int], bytes, dict]:
+    """Pure-Python reader of the documented layout: (positions, raw value bytes, header fields)."""
+    h = parts["hdr"].numpy().tobytes()
+    fields = {
+        "version": h[0],
+        "encoding": h[1],
+        "dtype": h[2],
+        "param": h[3],
+        "numel": int.from_bytes(h[4:10], "little"),
+        "count": int.from_bytes(h[10:16], "little"),
+        "fingerprint": int.from_bytes(h[16:24], "little"),
+    }
+    pos = parts["pos"].numpy().tobytes() if "pos" in parts else b""
+    val = parts["val"].view(torch.uint8).numpy().tobytes() if "val" in parts else b""
+    assert zlib.crc32(h[:24] + pos + val) == int.from_bytes(h[24:28], "little")
+    n, k, enc, param = fields["numel"], fields["count"], fields["encoding"], fields["param"]
+    if enc == 0:
+        idx = []
+    elif enc == 1:
+        idx = list(range(n))
+    elif enc == 2:
+        bits = np.unpackbits(np.frombuffer(pos, np.uint8), bitorder="little")
+        idx = [int(i) for i in np.nonzero(bits)[0]]
+    elif enc == 3:
+        low_n = (k * param + 7) // 8
+        low, high = int.from_bytes(pos[:low_n], "little"), int.from_bytes(pos[low_n:], "little")
+        idx, bit = [], 0
+        while len(idx) < k:
+            if high >> bit & 1:
+                i = len(idx)
+                idx.append(((bit - i) << param) | (low >> (i * param) & ((1 << param) - 1)))
+            bit += 1
+    else:
+        w, e = param // 8, 4 if n < 2**32 else 8
+        words = [int.from_bytes(pos[i * w : (i + 1) * w], "little") for i in range(k)]
+        escapes = iter(int.from_bytes(pos[j : j + e], "little") for j in range(k * w, len(pos), e))
+        idx, p = [], -1
+        for g in words:
+            p += g if g else next(escapes)
+            idx.append(p)
+    return idx, val, fields
+
+
+def reseal(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Recompute the CRC after tampering, so that the decoder's semantic checks are what is tested."""
+    h = bytearray(parts["hdr"].numpy().tobytes())
+    pos = parts["pos"].numpy().tobytes() if "pos" in parts else b""
+    val = parts["val"].view(torch.uint8).numpy().tobytes() if "val" in parts else b""
+    h[24:28] = zlib.crc32(bytes(h[:24]) + pos + val).to_bytes(4, "little")
+    return {**parts, "hdr": torch.tensor(list(h), dtype=torch.uint8)}
+
+
+def with_header_byte(parts, offset, value):
+    h = parts["hdr"].clone()
+    h[offset] = value
+    return {**parts, "hdr": h}
+
+
+def random_positions(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randperm(n, generator=gen)[:k].sort().values
+
+
+def assert_roundtrip(idx, val, n, fp=12345, encoding=None):
+    parts = encode_sparse(idx, val, n, fp, encoding=encoding)
+    assert set(parts) <= set(SUFFIXES)
+    data = decode_sparse(parts, n, "layer.weight")
+    assert isinstance(data, SparseTensorData)
+    assert data.indices.dtype == torch.int64 and torch.equal(data.indices, idx.to(torch.int64))
+    assert data.values.dtype == val.dtype
+    assert data.values.view(torch.uint8).numpy().tobytes() == val.view(torch.uint8).numpy().tobytes()
+    assert (data.numel, data.base_fingerprint) == (n, fp)
+    ref_idx, ref_val, fields = reference_decode(parts)
+    assert ref_idx == idx.tolist() and ref_val == val.view(torch.uint8).numpy().tobytes()
+    assert (fields["version"], fields["numel"], fields["count"], fields["fingerprint"]) == (1, n, idx.numel(), fp)
+    if encoding is not None:
+        assert fields["encoding"] == ENCODING_IDS[encoding]
+    return parts
+
+
+def bound_bits(n: int, k: int, value_bits: int) -> float:
+    log2_binom = (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
+    return log2_binom + k * value_bits
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# round trips
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("encoding", [None, *FORCED])
+def test_roundtrip_every_encoding_and_dtype(encoding, dtype):
+    gen = torch.Generator().manual_seed(0)
+    for n, k in [(3000, 1), (3000, 30), (3000, 1500), (70_000, 200), (5, 5)]:
+        idx = random_positions(n, k, gen)
+        val = torch.randn(k, generator=gen).to(dtype)
+        assert_roundtrip(idx, val, n, encoding=encoding)
+
+
+@pytest.mark.parametrize("encoding", [None, "empty", *FORCED])
+def test_zero_changed_entries(encoding):
+    parts = assert_roundtrip(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.bfloat16), 768, 7, encoding)
+    data = decode_sparse(parts, 768, "bias")
+    assert data.values.dtype == torch.bfloat16 and data.values.numel() == 0
+    if encoding in (None, "empty"):
+        assert set(parts) == {"hdr"} and encoded_nbytes(parts) == 28
+
+
+@pytest.mark.parametrize("encoding", [None, "full", *FORCED])
+def test_every_entry_changed(encoding):
+    n = 777
+    val = torch.randn(n, dtype=torch.float64)
+    parts = assert_roundtrip(torch.arange(n), val, n, encoding=encoding)
+    if encoding in (None, "full"):
+        assert set(parts) == {"hdr", "val"}
+
+
+def test_empty_tensor_and_single_entry_tensor():
+    assert_roundtrip(torch.zeros(0, dtype=torch.int64), torch.zeros(0), 0)
+    assert_roundtrip(torch.tensor([0]), torch.tensor([2.5]), 1)
+    assert_roundtrip(torch.zeros(0, dtype=torch.int64), torch.zeros(0), 1)
+
+
+@pytest.mark.parametrize("encoding", [None, *FORCED])
+def test_gaps_at_type_boundaries(encoding):
+    # gaps (position - previous position, the first counted from -1) at every word-size boundary, plus huge ones
+    gaps = [1, 254, 255, 256, 257, 1, 65534, 65535, 65536, 65537, 1, 1, 2**20, 3, 255, 65535, 256, 65536]
+    for first in (0, 254, 255, 256, 65535, 65536):
+        pos = np.cumsum([first, *gaps])
+        n = int(pos[-1]) + 1  # last entry is the tensor's last position
+        idx = torch.from_numpy(pos)
+        assert_roundtrip(idx, torch.randn(idx.numel()), n, encoding=encoding)
+        assert_roundtrip(idx, torch.randn(idx.numel()), n + 2**21, encoding=encoding)
+
+
+@pytest.mark.parametrize("encoding", [None, "elias_fano", "gap8", "gap16"])
+def test_tensor_with_more_than_2_to_the_32_entries(encoding):
+    n = 2**33 + 5  # escaped gaps take 8 bytes; nothing dense is allocated
+    idx = torch.tensor([0, 2**32 - 1, 2**32, 2**32 + 70_000, 2**33 + 4])
+    parts = assert_roundtrip(idx, torch.randn(5), n, encoding=encoding)
+    assert encoded_nbytes(parts) < 100
+
+
+@pytest.mark.parametrize("encoding", [None, *FORCED])
+def test_adversarial_patterns(encoding):
+    gen = torch.Generator().manual_seed(1)
+    n = 200_000
+    patterns = {
+        "runs": torch.cat([torch.arange(s, s + 40) for s in (0, 1000, 70_000, 199_960)]),
+        "every_256th": torch.arange(255, n, 256),
+        "every_65536th": torch.arange(65535, n, 65536),
+        "ends": torch.tensor([0, n - 1]),
+        "mixed": torch.cat([torch.arange(0, 300), torch.tensor([70_000, 140_000]), torch.arange(190_000, 190_500, 3)]),
+    }
+    for idx in patterns.values():
+        assert_roundtrip(idx, torch.randn(idx.numel(), generator=gen), n, encoding=encoding)
+
+
+def test_automatic_choice_is_the_smallest_encoding():
+    gen = torch.Generator().manual_seed(2)
+    n = 50_000
+    patterns = [random_positions(n, k, gen) for k in (3, 60, 600, 6000, 30_000)]
+    patterns.append(torch.cat([torch.arange(s, s + 50) for s in range(0, n, 5000)]))  # clustered
+    for idx in patterns:
+        val = torch.randn(idx.numel(), generator=gen)
+        chosen = encoded_nbytes(encode_sparse(idx, val, n, 1))
+        assert chosen == min(encoded_nbytes(encode_sparse(idx, val, n, 1, encoding=e)) for e in FORCED)
+
+
+def test_does_not_keep_callers_storage():
+    big = torch.randn(1000)
+    parts = encode_sparse(torch.tensor([3, 9]), big[3:5], 1000, 0)
+    assert parts["val"].untyped_storage().nbytes() == 2 * 4
+    big.zero_()
+    assert decode_sparse(parts, 1000, "w").values.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# size against the information bound
+
+
+def test_size_within_115_percent_of_information_bound():
+    gen = torch.Generator().manual_seed(3)
+    for shape in [(768, 768), (3072, 768), (768, 3, 16, 16)]:
+        n = math.prod(shape)
+        for density in (0.001, 0.01, 0.05):
+            k = round(n * density)
+            idx = random_positions(n, k, gen)
+            for dtype, bits in [(torch.float32, 32), (torch.bfloat16, 16)]:
+                nbytes = encoded_nbytes(encode_sparse(idx, torch.randn(k, generator=gen).to(dtype), n, 1))
+                assert 8 * nbytes <= 1.15 * bound_bits(n, k, bits), (shape, density, dtype, nbytes)
+
+
+def test_clustered_positions_are_cheaper_than_the_uniform_bound():
+    gen = torch.Generator().manual_seed(4)
+    n, rows = 768 * 768, torch.randperm(768, generator=gen)[:8].sort().values
+    idx = (rows[:, None] * 768 + torch.arange(0, 768, 2)).reshape(-1)  # half of 8 rows changed
+    nbytes = encoded_nbytes(encode_sparse(idx, torch.randn(idx.numel()), n, 1))
+    assert 8 * nbytes <= bound_bits(n, idx.numel(), 32)
+
+
+def test_header_is_the_only_cost_of_an_unchanged_tensor():
+    parts = encode_sparse(torch.zeros(0, dtype=torch.int64), torch.zeros(0), 3072 * 768, 1)
+    assert encoded_nbytes(parts) == 28 == parts["hdr"].numel()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# files
+
+
+def test_safetensors_file_roundtrip(tmp_path):
+    gen = torch.Generator().manual_seed(5)
+    n = 100_000
+    cases = {
+        "a": ("gap16", 30),
+        "b": ("gap8", 3000),
+        "c": ("elias_fano", 500),
+        "d": ("bitmask", 40_000),
+        "e": (None, 0),
+    }
+    state, truth = {}, {}
+    for name, (encoding, k) in cases.items():
+        idx, val = random_positions(n, k, gen), torch.randn(k, generator=gen).to(torch.bfloat16)
+        truth[name] = (idx, val)
+        for suffix, t in encode_sparse(idx, val, n, 99, encoding=encoding).items():
+            state[f"model.{name}.weight.{suffix}"] = t
+    path = tmp_path / "adapter_model.safetensors"
+    save_file(state, str(path))
+    loaded = load_file(str(path))
+    assert loaded.keys() == state.keys()
+    for name, (idx, val) in truth.items():
+        parts = {s: loaded[f"model.{name}.weight.{s}"] for s in SUFFIXES if f"model.{name}.weight.{s}" in loaded}
+        data = decode_sparse(parts, n, f"model.{name}.weight")
+        assert torch.equal(data.indices, idx) and torch.equal(data.values.view(torch.int16), val.view(torch.int16))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decoding errors
+
+
+@pytest.fixture
+def parts():
+    return encode_sparse(torch.tensor([5, 300, 70_000, 70_001]), torch.randn(4), 100_000, 42, encoding="gap8")
+
+
+def decode_error(parts, numel=100_000) -> str:
+    with pytest.raises(RSTFormatError) as info:
+        decode_sparse(parts, numel, "enc.layers.0.fc1.weight")
+    assert "enc.layers.0.fc1.weight" in str(info.value)
+    return str(info.value)
+
+
+def test_unknown_version_asks_for_an_upgrade(parts):
+    msg = decode_error(reseal(with_header_byte(parts, 0, FORMAT_VERSION + 1)))
+    assert "upgrade peft_rst" in msg and f"version {FORMAT_VERSION + 1}" in msg
+    assert "upgrade" in decode_error(with_header_byte(parts, 0, 200))  # even before the checksum is looked at
+    assert "corrupted" in decode_error(with_header_byte(parts, 0, 0))
+
+
+def test_truncated_or_extended_positions(parts):
+    assert "truncated" in decode_error({**parts, "pos": parts["pos"][:-1]})
+    assert "truncated" in decode_error(reseal({**parts, "pos": parts["pos"][:-1]}))
+    assert "expected" in decode_error({**parts, "pos": torch.cat([parts["pos"], parts["pos"][:1]])})
+    assert "truncated" in decode_error({**parts, "pos": parts["pos"][:2]})
+    ef = encode_sparse(torch.tensor([5, 300, 70_000]), torch.randn(3), 100_000, 42, encoding="elias_fano")
+    assert "truncated" in decode_error({**ef, "pos": ef["pos"][:-1]})
+
+
+def test_corrupted_header(parts):
+    assert "checksum" in decode_error(with_header_byte(parts, 17, parts["hdr"][17] ^ 1))  # fingerprint bit
+    assert "checksum" in decode_error({**parts, "val": parts["val"] * 2})  # values changed, header not
+    assert "encoding" in decode_error(reseal(with_header_byte(parts, 1, 9)))
+    assert "dtype" in decode_error(reseal(with_header_byte(parts, 2, 77)))
+    assert "inconsistent" in decode_error(reseal(with_header_byte(parts, 3, 12)))  # gap words of 12 bits
+    assert "28" in decode_error({**parts, "hdr": parts["hdr"][:20]})
+    msg = decode_error({**parts, "hdr": parts["hdr"].to(torch.int64)})
+    assert "uint8" in msg
+
+
+def test_count_larger_than_numel(parts):
+    h = parts["hdr"].clone()
+    h[10:16] = torch.tensor(list((200_000).to_bytes(6, "little")), dtype=torch.uint8)
+    assert "corrupted" in decode_error(reseal({**parts, "hdr": h}))
+
+
+def test_numel_mismatch(parts):
+    msg = decode_error(parts, numel=99_999)
+    assert "100000" in msg and "99999" in msg and "base model" in msg
+
+
+def craft_elias_fano(numel: int, values: torch.Tensor, low_bits: int, pos_bytes: list[int]) -> dict:
+    """Hand-made Elias-Fano parts (header parameter = low_bits), with a valid checksum."""
+    p = encode_sparse(torch.arange(values.numel()), values, numel, 0, encoding="elias_fano")
+    p = with_header_byte(p, 3, low_bits)
+    return reseal({**p, "pos": torch.tensor(pos_bytes, dtype=torch.uint8)})
+
+
+def test_out_of_range_positions():
+    with pytest.raises(RSTFormatError, match="lie in"):
+        encode_sparse(torch.tensor([1, 10]), torch.randn(2), 10, 0)
+    with pytest.raises(RSTFormatError, match="lie in"):
+        encode_sparse(torch.tensor([-1, 3]), torch.randn(2), 10, 0)
+    # gaps that run past the end, with a valid checksum
+    p = encode_sparse(torch.tensor([1, 8]), torch.randn(2), 10, 0, encoding="gap8")
+    p["pos"] = torch.tensor([2, 9], dtype=torch.uint8)
+    assert "past" in decode_error(reseal(p), numel=10)
+    # escaped gaps must be too big for a word (canonical) and at most numel
+    p = encode_sparse(torch.tensor([1, 300]), torch.randn(2), 1000, 0, encoding="gap8")
+    assert p["pos"].tolist() == [2, 0, 43, 1, 0, 0]  # gap 299 = 0x12B escaped as little-endian u32
+    for escaped in ([7, 0, 0, 0], [0x88, 0x13, 0, 0]):  # 7 < 256, 5000 > numel
+        p["pos"] = torch.tensor([2, 0, *escaped], dtype=torch.uint8)
+        assert "escaped gap" in decode_error(reseal(p), numel=1000)
+    # numel 10, 2 low bits: positions 1 = (upper 0, low 01) and 10 = (upper 2, low 10); upper bits 0 + 0, 2 + 1
+    assert "strictly increasing" in decode_error(craft_elias_fano(10, torch.randn(2), 2, [0b1001, 0b1001]), 10)
+
+
+def test_non_increasing_positions():
+    with pytest.raises(RSTFormatError, match="strictly increasing"):
+        encode_sparse(torch.tensor([1, 5, 5]), torch.randn(3), 10, 0)
+    with pytest.raises(RSTFormatError, match="strictly increasing"):
+        encode_sparse(torch.tensor([1, 5, 3]), torch.randn(3), 10, 0)
+    # positions 1 = (0, 01) and 1 = (0, 01) again: upper bits 0 + 0 and 0 + 1
+    assert "strictly increasing" in decode_error(craft_elias_fano(10, torch.randn(2), 2, [0b0101, 0b0011]), 10)
+    # the same layout with distinct positions decodes: 1 = (0, 01) and 3 = (0, 11)
+    assert decode_sparse(craft_elias_fano(10, torch.randn(2), 2, [0b1101, 0b0011]), 10, "w").indices.tolist() == [1, 3]
+
+
+def test_bitmask_count_mismatch():
+    p = encode_sparse(torch.tensor([1, 6]), torch.randn(2), 10, 0, encoding="bitmask")
+    p["pos"] = torch.tensor([0b01000011, 0], dtype=torch.uint8)
+    assert "bitmask" in decode_error(reseal(p), numel=10)
+
+
+def test_nan_or_inf_values(parts):
+    with pytest.raises(RSTFormatError, match="NaN"):
+        encode_sparse(torch.tensor([1, 2]), torch.tensor([1.0, float("nan")]), 10, 0)
+    with pytest.raises(RSTFormatError, match="NaN"):
+        encode_sparse(torch.tensor([1, 2]), torch.tensor([float("-inf"), 1.0], dtype=torch.bfloat16), 10, 0)
+    for dtype in DTYPES:
+        p = encode_sparse(torch.tensor([1, 2]), torch.tensor([1.0, 2.0], dtype=dtype), 10, 0)
+        for bad in (float("nan"), float("inf")):
+            p["val"] = torch.tensor([1.0, bad], dtype=dtype)
+            assert "NaN" in decode_error(reseal(p), numel=10)
+
+
+def test_missing_unexpected_and_mistyped_parts(parts):
+    assert "missing" in decode_error({k: v for k, v in parts.items() if k != "hdr"})
+    assert "missing" in decode_error({k: v for k, v in parts.items() if k != "pos"})
+    assert "missing" in decode_error({k: v for k, v in parts.items() if k != "val"})
+    assert "unknown part" in decode_error({**parts, "idx": parts["pos"]})
+    assert "uint8" in decode_error({**parts, "pos": parts["pos"].to(torch.int16)})
+    assert "float32" in decode_error({**parts, "val": parts["val"].to(torch.float16)})
+    assert "truncated" in decode_error({**parts, "val": parts["val"][:3]})
+    empty = encode_sparse(torch.zeros(0, dtype=torch.int64), torch.zeros(0), 100_000, 0)
+    assert "present" in decode_error({**empty, "val": parts["val"]})
+    assert "present" in decode_error({**empty, "pos": parts["pos"]})
+
+
+def test_encode_input_validation():
+    idx, val = torch.tensor([1, 2]), torch.randn(2)
+    for kwargs, match in [
+        (dict(values=torch.randn(3)), "pair up"),
+        (dict(indices=torch.tensor([1.0, 2.0])), "integer"),
+        (dict(indices=idx.reshape(1, 2), values=val.reshape(1, 2)), "1-D"),
+        (dict(values=val.to(torch.int32)), "not supported"),
+        (dict(numel=-1), "numel"),
+        (dict(numel=2**48), "numel"),
+        (dict(numel=10.0), "int"),
+        (dict(base_fingerprint=-1), "base_fingerprint"),
+        (dict(base_fingerprint=2**63), "base_fingerprint"),
+        (dict(encoding="zip"), "unknown encoding"),
+        (dict(encoding="full"), "full"),
+        (dict(encoding="empty"), "empty"),
+    ]:
+        args = dict(indices=idx, values=val, numel=10, base_fingerprint=0) | kwargs
+        encoding = args.pop("encoding", None)
+        with pytest.raises(RSTFormatError, match=match):
+            encode_sparse(**args, encoding=encoding)
+    assert issubclass(RSTFormatError, ValueError)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fingerprint
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.int64, torch.uint8, torch.bool])
+def test_fingerprint_detects_any_single_bit_flip(dtype):
+    gen = torch.Generator().manual_seed(6)
+    t = (torch.randn(1037, 3, generator=gen) * 10).to(dtype)  # odd size: exercises the tail past whole words
+    fp = tensor_fingerprint(t)
+    assert fp == tensor_fingerprint(t.clone()) and 0 <= fp < 2**63
+    raw = t.reshape(-1).view(torch.uint8)
+    positions = set(torch.randperm(raw.numel(), generator=gen)[:40].tolist()) | {0, raw.numel() - 1}
+    seen = {fp}
+    for byte in positions:
+        bit = int(torch.randint(0, 8, (1,), generator=gen)) if dtype != torch.bool else 0
+        flipped = raw.clone()
+        flipped[byte] ^= 1 << bit
+        seen.add(tensor_fingerprint(flipped.view(dtype).reshape(t.shape)))
+    assert len(seen) == len(positions) + 1
+
+
+def test_fingerprint_sees_position_shape_and_dtype():
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(768, 768, generator=gen)
+    fp = tensor_fingerprint(w)
+    swapped = w.clone().reshape(-1)
+    swapped[[10, 11]] = swapped[[11, 10]]
+    assert tensor_fingerprint(swapped.reshape(w.shape)) != fp
+    far = w.clone().reshape(-1)
+    far[[0, 5000]] = far[[5000, 0]]
+    assert tensor_fingerprint(far.reshape(w.shape)) != fp
+    assert tensor_fingerprint(w.t().contiguous()) != fp
+    assert tensor_fingerprint(w.t()) == tensor_fingerprint(w.t().contiguous())  # layout does not matter
+    assert tensor_fingerprint(w.reshape(-1)) != fp
+    assert tensor_fingerprint(w.view(torch.int32)) != fp
+    assert tensor_fingerprint(torch.zeros(4)) != tensor_fingerprint(torch.zeros(4, dtype=torch.float64)[:2])
+    buffer = torch.randn(1001, generator=gen)
+    assert tensor_fingerprint(buffer[1:]) == tensor_fingerprint(buffer[1:].clone())  # unaligned view
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch: a few seconds
+def test_fingerprint_is_the_same_in_another_process():
+    # load the module file alone (it needs only torch and numpy), so the child does not import peft
+    code = (
+        "import importlib.util, sys, torch; spec = importlib.util.spec_from_file_location('fmt', sys.argv[1]);"
+        "fmt = sys.modules['fmt'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(fmt);"
+        "g = torch.Generator().manual_seed(8);"
+        "print(fmt.tensor_fingerprint(torch.randn(300, 50, generator=g).to(torch.bfloat16)))"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "123"}
+    path = peft_rst.format.__file__
+    out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, check=True, env=env)
+    gen = torch.Generator().manual_seed(8)
+    assert int(out.stdout.strip()) == tensor_fingerprint(torch.randn(300, 50, generator=gen).to(torch.bfloat16))

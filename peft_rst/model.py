@@ -259,10 +259,19 @@ class RSTModel(BaseTuner):
         """Map saved sparse entries onto the adapter's storage, after checking they fit these base weights.
 
         Trainable adapters get dense W = w0 patched with the entries (so training resumes measuring distance from
-        the pretrained weights); inference adapters keep the encoded parts as they are.
+        the pretrained weights); inference adapters keep the encoded parts as they are. If the checkpoint is
+        rejected, the adapter peft injected for it is removed again, so the model is left as it was.
         """
+        try:
+            return cls._remap_checked(model, config, adapter_name, state_dict)
+        except Exception:
+            _discard_adapter(model, adapter_name)
+            raise
+
+    @classmethod
+    def _remap_checked(cls, model, config, adapter_name, state_dict):
         result = dict(state_dict)
-        found_any = False
+        decoded = []
         for layer, model_key, param_name, base in cls._rst_entries(model, adapter_name):
             checkpoint_key = cls._remove_adapter_name_from_key(model_key, adapter_name)
             parts = cls._pop_parts(result, checkpoint_key)
@@ -272,15 +281,24 @@ class RSTModel(BaseTuner):
                     "another PEFT method, or with different target_modules; load it onto the base model it was "
                     "trained on, with its own adapter_config.json."
                 )
-            found_any = True
+            # validates the encoding and that the saved tensor has this parameter's size
             data = rst_format.decode_sparse(parts, base.numel(), checkpoint_key)
-            if config.check_base_fingerprint and data.base_fingerprint != base_fingerprint(base):
+            decoded.append((layer, model_key, param_name, base, parts, data))
+        if not decoded:
+            raise ValueError(f"Adapter '{adapter_name}' has no RST layers in this model; nothing to load.")
+        if config.check_base_fingerprint:
+            mismatched = [
+                key for _, key, _, base, _, data in decoded if data.base_fingerprint != base_fingerprint(base)
+            ]
+            if mismatched:
+                names = ", ".join(cls._remove_adapter_name_from_key(k, adapter_name) for k in mismatched[:3])
                 raise BaseWeightsMismatchError(
-                    f"The adapter entry '{checkpoint_key}' was trained from different base weights than the model's "
-                    f"(shape {tuple(base.shape)}, {base.dtype}). Load it onto the checkpoint it was trained from, or "
-                    "pass `config=RSTConfig.from_pretrained(path, check_base_fingerprint=False)` to "
-                    "`PeftModel.from_pretrained` to load it anyway."
+                    f"{len(mismatched)} of {len(decoded)} adapter tensors were trained from different base weights "
+                    f"than this model's (first: {names}). Load the adapter onto the checkpoint it was trained from, "
+                    "or, to load it anyway: `cfg = PeftConfig.from_pretrained(path); cfg.check_base_fingerprint = "
+                    "False; PeftModel.from_pretrained(model, path, config=cfg)`."
                 )
+        for layer, model_key, param_name, base, parts, data in decoded:
             if adapter_name in layer.rst_sparse:
                 module_key = model_key.rpartition(f".{_CONTAINER}.")[0]
                 for suffix, tensor in parts.items():
@@ -290,9 +308,18 @@ class RSTModel(BaseTuner):
             dense = base.detach().to(dtype=weight.dtype, copy=True).reshape(-1)
             dense[data.indices.to(dense.device)] = data.values.to(device=dense.device, dtype=dense.dtype)
             result[model_key] = dense.view(base.shape)
-        if not found_any:
-            raise ValueError(f"Adapter '{adapter_name}' has no RST layers in this model; nothing to load.")
         return result
+
+
+def _discard_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove a half-loaded adapter: delete it, or unwrap the model entirely if it was the only one."""
+    tuner = getattr(model, "base_model", None)
+    if not isinstance(tuner, RSTModel):
+        return
+    if len(tuner.peft_config) > 1:
+        model.delete_adapter(adapter_name)
+    else:
+        tuner.unload()
 
 
 _PEFT_PREFIX = "base_model.model."

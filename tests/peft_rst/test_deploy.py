@@ -1,0 +1,216 @@
+"""One base model, many RST domain patches: switching, exactness, memory, and safe loading (issue 3 items 2-3)."""
+
+from __future__ import annotations
+
+import os
+
+import peft_rst  # noqa: F401  (registers RST)
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from peft_rst import BaseWeightsMismatchError, RSTConfig, RSTLayer
+from peft_rst.format import RSTFormatError
+from safetensors.torch import load_file, save_file
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+CONFIG = CLIPVisionConfig(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=16,
+    patch_size=8,
+    projection_dim=16,
+)
+
+
+def pretrained_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return CLIPVisionModelWithProjection(CONFIG).state_dict()
+
+
+def fresh_base(state) -> CLIPVisionModelWithProjection:
+    model = CLIPVisionModelWithProjection(CONFIG)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def train_domain(state, seed: int, folder, tau: float = 1e-3) -> torch.Tensor:
+    """Train one RST adapter a few steps on a domain of its own; save it; return its outputs on PIXELS."""
+    torch.manual_seed(seed)
+    model = get_peft_model(fresh_base(state), RSTConfig(tau=tau))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    domain = torch.randn(4, 3, 16, 16) * (seed + 1)
+    for _ in range(3):
+        model(pixel_values=domain).image_embeds.pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder)
+    with torch.no_grad():
+        return model(pixel_values=PIXELS).image_embeds
+
+
+PIXELS = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory):
+    state = pretrained_state()
+    folders, outputs = [], []
+    for seed in range(3):
+        folder = tmp_path_factory.mktemp(f"domain{seed}")
+        outputs.append(train_domain(state, seed, folder))
+        folders.append(folder)
+    return state, folders, outputs
+
+
+def load_all(state, folders) -> PeftModel:
+    model = PeftModel.from_pretrained(fresh_base(state), folders[0], adapter_name="d0")
+    for i, folder in enumerate(folders[1:], start=1):
+        model.load_adapter(folder, adapter_name=f"d{i}")
+    return model
+
+
+def test_switching_between_domains_is_exact_and_disable_gives_the_base(domains):
+    state, folders, outputs = domains
+    base_out = fresh_base(state)(pixel_values=PIXELS).image_embeds.detach()
+    model = load_all(state, folders)
+    with torch.no_grad():
+        for name in ("d2", "d0", "d1", "d2", "d1"):
+            model.set_adapter(name)
+            assert torch.equal(model(pixel_values=PIXELS).image_embeds, outputs[int(name[1])])
+        with model.disable_adapter():
+            assert torch.equal(model(pixel_values=PIXELS).image_embeds, base_out)
+        assert torch.equal(model(pixel_values=PIXELS).image_embeds, outputs[1])
+    # the base parameters hold w0 again once no adapter is active
+    model.base_model.disable_adapter_layers()
+    for key, value in model.get_base_model().state_dict().items():
+        if ".rst_" not in key:
+            assert torch.equal(value, state[key.replace("base_layer.", "")]), key
+
+
+def test_inference_adapters_hold_their_file_not_a_dense_copy(domains):
+    state, folders, _ = domains
+    model = load_all(state, folders)
+    dense_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    for i, folder in enumerate(folders):
+        held = 0
+        for module in model.modules():
+            if isinstance(module, RSTLayer):
+                assert f"d{i}" not in module.rst_weight  # no dense W for inference adapters
+                held += sum(b.numel() * b.element_size() for b in module.rst_sparse[f"d{i}"].buffers())
+        on_disk = os.path.getsize(folder / "adapter_model.safetensors")
+        assert held <= on_disk < dense_bytes
+
+
+def test_switch_touches_only_changed_entries(domains):
+    state, folders, _ = domains
+    model = load_all(state, folders)
+    model.set_adapter("d1")
+    layer = next(m for m in model.modules() if isinstance(m, RSTLayer) and m._patched == "d1")
+    changed = sum(idx.numel() for idx, _ in layer._patch_backup.values())
+    total = sum(p.numel() for p in layer.get_base_layer().parameters(recurse=False))
+    assert 0 < changed < total
+
+
+def test_merge_and_unload_of_an_inference_adapter(domains):
+    state, folders, outputs = domains
+    model = load_all(state, folders)
+    model.set_adapter("d2")
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, RSTLayer) for m in merged.modules())
+    assert torch.equal(merged(pixel_values=PIXELS).image_embeds, outputs[2])
+
+
+def test_resaving_an_inference_adapter_gives_the_same_file(domains, tmp_path):
+    state, folders, _ = domains
+    model = load_all(state, folders)
+    model.save_pretrained(tmp_path, selected_adapters=["d1"])
+    original = load_file(folders[1] / "adapter_model.safetensors")
+    again = load_file(tmp_path / "d1" / "adapter_model.safetensors")
+    assert original.keys() == again.keys()
+    assert all(torch.equal(original[k], again[k]) for k in original)
+
+
+def assert_model_unchanged(model, state):
+    assert not any(isinstance(m, RSTLayer) for m in model.modules())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_other_base_weights_are_refused_with_an_override(domains):
+    state, folders, outputs = domains
+    other = {k: v.clone() for k, v in state.items()}
+    other["vision_model.encoder.layers.1.mlp.fc2.weight"][0, 0] += 1.0
+    base = fresh_base(other)
+    with pytest.raises(
+        BaseWeightsMismatchError, match="1 of .* trained from different base weights.*layers.1.mlp.fc2"
+    ):
+        PeftModel.from_pretrained(base, folders[0])
+    assert_model_unchanged(base, other)
+    override = RSTConfig.from_pretrained(folders[0])
+    override.check_base_fingerprint = False
+    model = PeftModel.from_pretrained(fresh_base(other), folders[0], config=override)
+    assert model(pixel_values=PIXELS).image_embeds.shape == outputs[0].shape
+
+
+def test_other_shapes_are_refused(domains):
+    state, folders, _ = domains
+    wider = CLIPVisionConfig(**{**CONFIG.to_dict(), "intermediate_size": 48})
+    with pytest.raises((RSTFormatError, ValueError), match="fc1"):
+        PeftModel.from_pretrained(CLIPVisionModelWithProjection(wider), folders[0])
+
+
+def corrupt(folder, tmp_path, edit) -> str:
+    tensors = load_file(folder / "adapter_model.safetensors")
+    edit(tensors)
+    out = tmp_path / "corrupt"
+    out.mkdir()
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
+    return out
+
+
+def key_of(tensors, fragment: str) -> str:
+    return next(k for k in tensors if fragment in k)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda t: t.__setitem__(
+                key_of(t, "fc1.rst_weight.weight.val"), t[key_of(t, "fc1.rst_weight.weight.val")][:-1]
+            ),
+            "fc1",
+        ),
+        (
+            lambda t: t.__setitem__(
+                key_of(t, "fc1.rst_weight.weight.val"),
+                torch.full_like(t[key_of(t, "fc1.rst_weight.weight.val")], float("nan")),
+            ),
+            "fc1",
+        ),
+        (lambda t: t.pop(key_of(t, "k_proj.rst_weight.weight.hdr")), "k_proj"),
+        (
+            lambda t: t.__setitem__(
+                key_of(t, "fc2.rst_weight.bias.hdr"), torch.zeros_like(t[key_of(t, "fc2.rst_weight.bias.hdr")])
+            ),
+            "fc2",
+        ),
+    ],
+    ids=["truncated-values", "nan-values", "missing-header", "corrupt-header"],
+)
+def test_broken_files_are_clear_errors_and_leave_the_model_unchanged(domains, tmp_path, edit, message):
+    state, folders, outputs = domains
+    broken = corrupt(folders[0], tmp_path, edit)
+    base = fresh_base(state)
+    with pytest.raises((RSTFormatError, ValueError), match=message):
+        PeftModel.from_pretrained(base, broken)
+    assert_model_unchanged(base, state)
+    # a second adapter that fails to load is removed again; the first keeps working
+    model = PeftModel.from_pretrained(fresh_base(state), folders[1], adapter_name="good")
+    with pytest.raises((RSTFormatError, ValueError), match=message):
+        model.load_adapter(broken, adapter_name="bad")
+    assert list(model.peft_config) == ["good"]
+    assert torch.equal(model(pixel_values=PIXELS).image_embeds, outputs[1])

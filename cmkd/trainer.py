@@ -470,8 +470,9 @@ class CMKDTrainer(Trainer):
                 logs.update(alpha_mean=(total / n).item(), alpha_min=low.item(), alpha_max=high.item())
             if self._last_lam is not None:
                 logs["lam"] = self._last_lam
-            if len(self.optimizer.param_groups) > 1:
-                logs["head_learning_rate"] = self.optimizer.param_groups[-1]["lr"]
+            groups = self.optimizer.param_groups
+            if len(groups) > 1 and "learning_rate" in logs and groups[0].get("initial_lr"):
+                logs["head_learning_rate"] = logs["learning_rate"] * groups[-1]["initial_lr"] / groups[0]["initial_lr"]
             self._reset_term_logs()
         super().log(logs, start_time)
 

@@ -1,0 +1,514 @@
+"""CMKDTrainer: optimisation against a hand-written loop, modes, logging, checkpoints, RST, multi-process, learning."""
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import ClassLabel, Dataset, Features, Image
+from PIL import Image as PILImage
+from transformers import CLIPConfig, CLIPModel, TrainerCallback
+
+from cmkd import (
+    CLIPAdaptationModel,
+    CMKDConfig,
+    CMKDLoss,
+    CMKDTrainer,
+    CMKDTrainingArguments,
+    fixmatch_loss,
+    image_transform,
+    make_paired_dataloader,
+    with_image_transform,
+)
+
+NAMES = ["cat", "dog", "bird"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+class CharTokenizer:
+    """Offline stand-in for the CLIP tokenizer: characters -> ids, EOS (99) last, zero padding."""
+
+    def __call__(self, texts, padding=True, truncation=True, return_tensors="pt"):
+        ids = [[3 + (ord(c) % 90) for c in t][:14] + [99] for t in texts]
+        width = max(map(len, ids))
+        mask = [[1] * len(i) + [0] * (width - len(i)) for i in ids]
+        ids = [i + [0] * (width - len(i)) for i in ids]
+        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+
+
+def tiny_clip(seed: int = 0) -> CLIPModel:
+    torch.manual_seed(seed)
+    text = dict(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        eos_token_id=99,
+        pad_token_id=0,
+        bos_token_id=98,
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+
+
+def raw_dataset(n: int, seed: int, names=NAMES) -> Dataset:
+    rng = np.random.default_rng(seed)
+    images = [PILImage.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(n)]
+    features = Features({"image": Image(), "label": ClassLabel(names=names)})
+    return Dataset.from_dict({"image": images, "label": [i % len(names) for i in range(n)]}, features=features)
+
+
+def labeled(n: int, seed: int, **kwargs):
+    return with_image_transform(raw_dataset(n, seed), image_transform(32, train=False), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return tiny_clip()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return {"source": labeled(24, 0), "target": labeled(24, 1)}
+
+
+def fresh_model(clip):
+    torch.manual_seed(1)
+    return CLIPAdaptationModel.from_clip(clip, NAMES, "a photo of a {}.", tokenizer=CharTokenizer())
+
+
+def make_args(tmp_path, **overrides):
+    settings = dict(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        head_lr_multiplier=10.0,
+        eval_strategy="no",
+        save_strategy="no",
+        load_best_model_at_end=False,
+        logging_steps=1,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=7,
+    )
+    settings.update(overrides)
+    return CMKDTrainingArguments(**settings)
+
+
+def head_and_backbone(model):
+    head_ids = {id(p) for p in model.head.parameters()}
+    head = [p for p in model.parameters() if id(p) in head_ids]
+    backbone = [p for p in model.parameters() if id(p) not in head_ids]
+    return backbone, head
+
+
+def reference_training(model, source, target, steps, lr, mult, seed, cfg, bs=4):
+    """The release's loop written out by hand: two forward passes per step, SGD, inverse-decay LambdaLR."""
+    backbone, head = head_and_backbone(model)
+    opt = torch.optim.SGD(
+        [{"params": backbone, "lr": lr}, {"params": head, "lr": lr * mult}],
+        lr=lr,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-4,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: (1 + 0.0003 * t) ** -0.75)
+    loss_fn = CMKDLoss(cfg)
+    batches = iter(make_paired_dataloader(source, target, source_batch_size=bs, target_batch_size=bs, seed=seed))
+    losses = []
+    for step in range(steps):
+        batch = next(batches)
+        model.train()
+        src = model(pixel_values=batch["source_pixel_values"])
+        tgt = model(pixel_values=batch["target_pixel_values"])
+        out = loss_fn(src.logits, src.teacher_logits, batch["source_labels"], tgt.logits, tgt.teacher_logits, step)
+        out.loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        losses.append(out.loss.item())
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------- optimisation
+def test_cmkd_training_matches_hand_written_release_loop(clip, data, tmp_path):
+    cfg = CMKDConfig(warmup_max_iter=10)  # a visible warm-up within 3 steps
+    reference = fresh_model(clip)
+    trained = copy.deepcopy(reference)
+    ref_losses = reference_training(reference, data["source"], data["target"], 3, 1e-3, 10.0, 7, cfg)
+
+    trainer = CMKDTrainer(
+        trained, make_args(tmp_path), source_dataset=data["source"], target_dataset=data["target"], cmkd_config=cfg
+    )
+    trainer.train()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    np.testing.assert_allclose(logged, ref_losses, rtol=1e-5)
+    for (name, p), (_, q) in zip(trained.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p, q, atol=2e-6, rtol=1e-5, msg=name)
+    torch.testing.assert_close(trained.head.batch_norm.running_mean, reference.head.batch_norm.running_mean)
+
+
+def test_optimizer_groups_and_inverse_decay_schedule(clip, data, tmp_path):
+    model = fresh_model(clip)
+    args = make_args(tmp_path, learning_rate=3e-6, head_lr_multiplier=1000.0)
+    trainer = CMKDTrainer(model, args, source_dataset=data["source"], target_dataset=data["target"])
+    opt = trainer.create_optimizer()
+    assert isinstance(opt, torch.optim.SGD)
+    backbone, head = head_and_backbone(model)
+    assert [len(g["params"]) for g in opt.param_groups] == [len(backbone), len(head)]
+    assert {id(p) for p in opt.param_groups[1]["params"]} == {id(p) for p in head}
+    for group, lr in zip(opt.param_groups, (3e-6, 3e-3)):
+        assert group["lr"] == pytest.approx(lr)
+        assert group["momentum"] == 0.9 and group["nesterov"] and group["weight_decay"] == 5e-4
+    sched = trainer.create_scheduler(num_training_steps=100)
+    for _ in range(40):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(3e-6 * (1 + 0.0003 * 40) ** -0.75)
+    assert opt.param_groups[1]["lr"] == pytest.approx(3e-3 * (1 + 0.0003 * 40) ** -0.75)
+
+
+def test_gradient_accumulation_draws_one_pair_per_micro_batch(clip, data, tmp_path):
+    trainer = CMKDTrainer(
+        fresh_model(clip),
+        make_args(tmp_path, max_steps=2, gradient_accumulation_steps=2),
+        source_dataset=data["source"],
+        target_dataset=data["target"],
+    )
+    calls = []
+    original = trainer.compute_loss
+
+    def spy(model, inputs, *args, **kwargs):
+        calls.append(inputs["source_pixel_values"].shape[0])
+        return original(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = spy
+    trainer.train()
+    assert calls == [4, 4, 4, 4] and trainer.state.global_step == 2
+
+
+# ----------------------------------------------------------------------------------------------- modes
+def batch_inputs(seed: int, bs: int = 4, strong: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    inputs = {
+        "source_pixel_values": torch.randn(bs, 3, 32, 32, generator=g),
+        "source_labels": torch.tensor([0, 1, 2, 0][:bs]),
+        "target_pixel_values": torch.randn(bs, 3, 32, 32, generator=g),
+    }
+    if strong:
+        inputs["target_strong_pixel_values"] = torch.randn(bs, 3, 32, 32, generator=g)
+    return inputs
+
+
+def test_source_only_loss_is_label_smoothed_ce_and_needs_no_target(clip, data, tmp_path):
+    model = fresh_model(clip)
+    trainer = CMKDTrainer(model, make_args(tmp_path, mode="source_only"), source_dataset=data["source"])
+    inputs = batch_inputs(0)
+    model.train()
+    loss = trainer.compute_loss(model, inputs)
+    expected = F.cross_entropy(
+        model(pixel_values=inputs["source_pixel_values"]).logits, inputs["source_labels"], label_smoothing=0.1
+    )
+    torch.testing.assert_close(loss, expected)
+    trainer.train()
+    assert trainer.state.global_step == 3
+
+
+def test_fixmatch_adds_student_and_teacher_consistency_terms(clip, data, tmp_path):
+    model = fresh_model(clip)
+    cfg = CMKDConfig(fixmatch_threshold=0.3, fixmatch_factor=0.5)
+    strong_target = labeled(24, 1, strong_transform=image_transform(32, train=True))
+    trainer = CMKDTrainer(
+        model,
+        make_args(tmp_path, mode="cmkd_fixmatch", max_steps=2),
+        source_dataset=data["source"],
+        target_dataset=strong_target,
+        cmkd_config=cfg,
+    )
+    inputs = batch_inputs(1, strong=True)
+    model.train()
+    loss = trainer.compute_loss(model, inputs)
+    src = model(pixel_values=inputs["source_pixel_values"])
+    weak = model(pixel_values=inputs["target_pixel_values"])
+    strong = model(pixel_values=inputs["target_strong_pixel_values"])
+    cmkd = CMKDLoss(cfg)(src.logits, src.teacher_logits, inputs["source_labels"], weak.logits, weak.teacher_logits, 0)
+    student_fm, _ = fixmatch_loss(weak.logits, strong.logits, 0.3, 0.5)
+    teacher_fm, _ = fixmatch_loss(weak.teacher_logits, strong.teacher_logits, 0.3, 0.5)
+    torch.testing.assert_close(loss, cmkd.loss + student_fm + teacher_fm, atol=1e-5, rtol=1e-5)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert all("fixmatch_student" in h and "fixmatch_teacher_mask" in h for h in logs)
+
+
+def test_zero_shot_evaluation_scores_the_teacher(clip, data, tmp_path):
+    model = fresh_model(clip)
+    trainer = CMKDTrainer(model, make_args(tmp_path, mode="zero_shot"), eval_dataset=data["target"])
+    metrics = trainer.evaluate()
+    pixels = torch.stack([data["target"][i]["pixel_values"] for i in range(24)])
+    labels = torch.tensor([data["target"][i]["labels"] for i in range(24)])
+    with torch.no_grad():
+        teacher = model.eval()(pixel_values=pixels).teacher_logits.argmax(-1)
+    per_class = [(teacher[labels == c] == c).float().mean().item() for c in range(3)]
+    assert metrics["eval_accuracy"] == pytest.approx((teacher == labels).float().mean().item())
+    assert metrics["eval_mean_class_accuracy"] == pytest.approx(sum(per_class) / 3)
+    assert metrics["eval_per_class_accuracy"] == pytest.approx(per_class)
+    with pytest.raises(ValueError, match="only evaluates"):
+        trainer.train()
+
+
+def test_partial_set_estimates_label_set_before_each_later_epoch(clip, data, tmp_path):
+    model = fresh_model(clip)
+    cfg = CMKDConfig(partial_class_threshold=9)
+    trainer = CMKDTrainer(
+        model,
+        make_args(tmp_path, partial_set=True, iterations_per_epoch=2, max_steps=3),
+        source_dataset=data["source"],
+        target_dataset=data["target"],
+        cmkd_config=cfg,
+    )
+    pixels = torch.stack([data["target"][i]["pixel_values"] for i in range(24)])
+    expected = {}
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                with torch.no_grad():
+                    preds = model.eval()(pixel_values=pixels).logits.argmax(-1)
+                counts = torch.bincount(preds, minlength=3)
+                keep = [c for c in range(3) if counts[c] >= 9]
+                expected["set"] = keep or [0, 1, 2]
+
+    seen = []
+    original = trainer.loss_fn.forward
+
+    def spy(*args, active_classes=None, **kwargs):
+        seen.append(None if active_classes is None else active_classes.tolist())
+        return original(*args, active_classes=active_classes, **kwargs)
+
+    trainer.loss_fn.forward = spy
+    trainer.add_callback(Snapshot())
+    trainer.train()
+    assert seen[:2] == [None, None]
+    assert seen[2] == expected["set"] == trainer.label_set.tolist()
+
+
+# ----------------------------------------------------------------------------------------------- logs, checkpoints
+def test_logs_terms_alpha_and_never_runs_the_text_tower(clip, data, tmp_path):
+    model = fresh_model(clip)
+    calls = []
+    handle = clip.text_model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        trainer = CMKDTrainer(
+            model,
+            make_args(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=1),
+            source_dataset=data["source"],
+            target_dataset=data["target"],
+        )
+        trainer.train()
+        trainer.evaluate()
+    finally:
+        handle.remove()
+    assert calls == [], "the text tower must not run during training or evaluation"
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    for h in logs:
+        for key in ("source_ce", "task", "distill", "reg_source_ce", "reg_teacher_gini", "cmkd", "lam"):
+            assert key in h
+        assert 0 <= h["alpha_min"] <= h["alpha_mean"] <= h["alpha_max"] <= 1
+        assert h["head_learning_rate"] == pytest.approx(10 * h["learning_rate"])
+        total = h["source_ce"] + h["cmkd"]
+        assert h["loss"] == pytest.approx(total, rel=1e-5)
+    evals = [h for h in trainer.state.log_history if "eval_accuracy" in h]
+    assert len(evals) == 3 and all("eval_teacher_accuracy" in h for h in evals)  # 2 periodic + 1 final
+
+
+@pytest.mark.slow
+def test_best_checkpoint_is_kept_and_reloaded(clip, data, tmp_path):
+    model = fresh_model(clip)
+    args = make_args(
+        tmp_path,
+        max_steps=3,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        load_best_model_at_end=True,
+        save_total_limit=1,
+    )
+    trainer = CMKDTrainer(model, args, source_dataset=data["source"], target_dataset=data["target"])
+    trainer.train()
+    accs = [h["eval_accuracy"] for h in trainer.state.log_history if "eval_accuracy" in h]
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and (Path(best) / "model.safetensors").exists()
+    assert trainer.state.best_metric == max(accs)
+    assert trainer.evaluate()["eval_accuracy"] == max(accs)
+    reloaded = CLIPAdaptationModel.from_pretrained(best)
+    assert torch.equal(reloaded.text_features, model.text_features)
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def test_mismatched_class_lists_are_rejected(clip, tmp_path):
+    wrong = with_image_transform(raw_dataset(6, 0, names=["cat", "dog", "cow"]), image_transform(32, False))
+    with pytest.raises(ValueError, match=r"source dataset class list .* missing \['bird'\]"):
+        CMKDTrainer(fresh_model(clip), make_args(tmp_path), source_dataset=wrong, target_dataset=labeled(6, 1))
+    with pytest.raises(ValueError, match="partial_set=True"):
+        subset = with_image_transform(raw_dataset(6, 0, names=["cat", "dog"]), image_transform(32, False))
+        CMKDTrainer(fresh_model(clip), make_args(tmp_path), source_dataset=labeled(6, 0), target_dataset=subset)
+
+
+def test_evaluation_without_target_labels_is_a_clear_error(clip, data, tmp_path):
+    unlabeled = with_image_transform(raw_dataset(6, 1).remove_columns("label"), image_transform(32, False))
+    trainer = CMKDTrainer(
+        fresh_model(clip), make_args(tmp_path), source_dataset=data["source"], target_dataset=unlabeled
+    )
+    trainer.train()  # training never needs target labels
+    with pytest.raises(ValueError, match="needs labels on the target set"):
+        trainer.evaluate()
+    with pytest.raises(ValueError, match="labeled target set"):
+        CMKDTrainer(fresh_model(clip), make_args(tmp_path, eval_strategy="steps"), source_dataset=data["source"])
+
+
+def test_wrong_batches_and_settings_are_clear_errors(clip, data, tmp_path):
+    model = fresh_model(clip)
+    trainer = CMKDTrainer(model, make_args(tmp_path), source_dataset=data["source"], target_dataset=data["target"])
+    bad = batch_inputs(0)
+    bad["source_pixel_values"] = bad["source_pixel_values"][0]
+    with pytest.raises(ValueError, match="source_pixel_values must be"):
+        trainer.compute_loss(model, bad)
+    bad = batch_inputs(0)
+    bad["source_labels"] = bad["source_labels"][:2]
+    with pytest.raises(ValueError, match="source_labels must have shape"):
+        trainer.compute_loss(model, bad)
+    bad = batch_inputs(0)
+    bad["target_pixel_values"] = torch.randn(4, 3, 24, 24)
+    with pytest.raises(ValueError, match="must match the source images"):
+        trainer.compute_loss(model, bad)
+    with pytest.raises(ValueError, match="needs the unlabeled target set"):
+        CMKDTrainer(model, make_args(tmp_path), source_dataset=data["source"])
+    with pytest.raises(ValueError, match="strong view"):
+        CMKDTrainer(model, make_args(tmp_path, mode="cmkd_fixmatch"), data["source"], data["target"])
+    with pytest.raises(ValueError, match="mode must be one of"):
+        make_args(tmp_path, mode="fixmatch")
+    with pytest.raises(TypeError, match="CLIPAdaptationModel"):
+        CMKDTrainer(clip, make_args(tmp_path), source_dataset=data["source"], target_dataset=data["target"])
+
+
+# ----------------------------------------------------------------------------------------------- RST
+@pytest.mark.slow
+def test_cmkd_with_rst_saves_sparse_adapter_and_head(clip, data, tmp_path):
+    pytest.importorskip("peft_rst")
+    from peft import PeftModel, get_peft_model
+
+    from peft_rst import RSTConfig
+
+    base_state = {k: v.clone() for k, v in fresh_model(clip).state_dict().items()}
+    peft_model = get_peft_model(fresh_model(clip), RSTConfig(tau=1e-4, modules_to_save=["head"]))
+    args = make_args(
+        tmp_path,
+        max_steps=2,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        load_best_model_at_end=True,
+    )
+    trainer = CMKDTrainer(peft_model, args, source_dataset=data["source"], target_dataset=data["target"])
+    trainer.train()
+    best = Path(trainer.state.best_model_checkpoint)
+    assert (best / "adapter_model.safetensors").exists() and not (best / "model.safetensors").exists()
+    # RST invariant after the optimizer steps: every targeted entry within tau of w0 is exactly w0
+    layer = next(m for m in peft_model.modules() if hasattr(m, "rst_weight"))
+    for name, weight in layer.rst_weight["default"].items():
+        w0 = dict(layer.base_layer.named_parameters())[name]
+        close = (weight - w0).abs() <= 1e-4
+        assert torch.equal(weight[close], w0[close])
+    out_dir = tmp_path / "final"
+    peft_model.save_pretrained(out_dir)
+    base = fresh_model(clip)
+    base.load_state_dict(base_state)
+    reloaded = PeftModel.from_pretrained(base, out_dir).eval()
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values=pixels).logits, peft_model.eval()(pixel_values=pixels).logits)
+
+
+# ----------------------------------------------------------------------------------------------- multi-process
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import sys, json, torch
+    sys.path.insert(0, {test_dir!r})
+    from test_trainer import tiny_clip, fresh_model, labeled, make_args
+    from cmkd import CMKDTrainer, CMKDConfig
+    out, per_device = sys.argv[1], int(sys.argv[2])
+    model = fresh_model(tiny_clip())
+    args = make_args(out, per_device_train_batch_size=per_device, max_steps=3, eval_strategy="steps", eval_steps=3)
+    trainer = CMKDTrainer(model, args, source_dataset=labeled(24, 0), target_dataset=labeled(24, 1),
+                          cmkd_config=CMKDConfig(warmup_max_iter=10))
+    trainer.train()
+    if trainer.is_world_process_zero():
+        torch.save({{k: v.detach().clone() for k, v in model.state_dict().items()}}, out + "/state.pt")
+        json.dump(trainer.state.log_history, open(out + "/log.json", "w"))
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_match_one_process(tmp_path):
+    """accelerate launch --cpu --num_processes 2 (batch 4 each) == one process with batch 8."""
+    script = tmp_path / "run.py"
+    script.write_text(DDP_SCRIPT.format(test_dir=str(Path(__file__).parent)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    procs = [
+        subprocess.Popen(
+            [*launch, "--num_processes", "1", str(script), str(one), "8"],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        ),
+        subprocess.Popen(
+            [*launch, "--num_processes", "2", "--main_process_port", "29533", str(script), str(two), "4"],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        ),
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out.decode()[-3000:]
+    s1, s2 = torch.load(one / "state.pt"), torch.load(two / "state.pt")
+    for key in s1:
+        torch.testing.assert_close(s2[key], s1[key], atol=1e-5, rtol=1e-4, msg=key)
+    import json
+
+    l1, l2 = json.loads((one / "log.json").read_text()), json.loads((two / "log.json").read_text())
+    losses1 = [h["loss"] for h in l1 if "loss" in h]
+    losses2 = [h["loss"] for h in l2 if "loss" in h]
+    np.testing.assert_allclose(losses2, losses1, rtol=1e-5)
+    acc1 = [h["eval_accuracy"] for h in l1 if "eval_accuracy" in h]
+    acc2 = [h["eval_accuracy"] for h in l2 if "eval_accuracy" in h]
+    assert acc1 == acc2 and len(acc1) == 1

@@ -3,7 +3,7 @@
 One RST parameter (the entries training moved away from w0) is stored as up to three plain tensors inside
 `adapter_model.safetensors`, so the file needs no pickle, no JSON side file and no safetensors metadata:
 
-- `hdr` (uint8, 28 bytes): version, encoding, dtype, sizes, the base weights' fingerprint and a CRC-32 over everything;
+- `hdr` (uint8, 18-30 bytes): version, encoding, dtype, the base weights' fingerprint, sizes, a CRC-32 of everything;
 - `pos` (uint8 or uint16): the changed positions, in whichever encoding is smallest for this tensor;
 - `val` (the parameter's float dtype): the new values, bit for bit.
 
@@ -34,8 +34,8 @@ __all__ = [
 FORMAT_VERSION: int = 1
 SUFFIXES: tuple[str, ...] = ("hdr", "pos", "val")
 
-HEADER_NBYTES = 28
-_MAX_NUMEL = 1 << 48  # numel and count are stored as 6-byte unsigned integers
+_MAX_NUMEL = 1 << 48  # keeps every header field and position arithmetic well inside int64
+_MIN_HEADER_NBYTES = 18  # 4 single bytes, 8-byte fingerprint, two 1-byte varints, 4-byte CRC
 _MAX_FINGERPRINT = 1 << 63
 
 # Encoding ids (header byte 1). The name is what `encode_sparse(..., encoding=...)` accepts.
@@ -124,41 +124,48 @@ def _escape_nbytes(numel: int) -> int:
     return 4 if numel < (1 << 32) else 8
 
 
-def _ef_nbytes(numel: int, count: int, low_bits: int) -> tuple[int, int]:
-    """(low part, high part) byte sizes of the Elias-Fano encoding with `low_bits` low bits per position."""
-    return (count * low_bits + 7) // 8, (count + ((numel - 1) >> low_bits) + 1 + 7) // 8
+def _ef_nbits(numel: int, count: int, low_bits: int) -> tuple[int, int]:
+    """(low part, upper part) bit lengths of the Elias-Fano encoding with `low_bits` low bits per position."""
+    return count * low_bits, count + ((numel - 1) >> low_bits) + 1
+
+
+def _ef_nbytes(numel: int, count: int, low_bits: int) -> int:
+    return (sum(_ef_nbits(numel, count, low_bits)) + 7) // 8
 
 
 def _ef_best_low_bits(numel: int, count: int) -> int:
-    return min(range(numel.bit_length() + 1), key=lambda b: sum(_ef_nbytes(numel, count, b)))
+    return min(range(numel.bit_length() + 1), key=lambda b: _ef_nbytes(numel, count, b))
 
 
 def _uint_dtype(nbytes: int) -> str:
     return {1: "<u1", 2: "<u2", 4: "<u4", 8: "<u8"}[nbytes]
 
 
-def _pack_low_bits(low: np.ndarray, low_bits: int) -> np.ndarray:
-    """Pack each value's `low_bits` least significant bits back to back, LSB first."""
-    if low_bits == 0:
-        return np.zeros(0, np.uint8)
-    width = 1 << max(0, (low_bits - 1).bit_length() - 3)  # 1, 2, 4 or 8 bytes per value
-    as_bytes = low.astype(_uint_dtype(width)).view(np.uint8).reshape(-1, width)
-    bits = np.unpackbits(as_bytes, axis=1, bitorder="little")[:, :low_bits]
-    return np.packbits(bits.reshape(-1), bitorder="little")
-
-
-def _unpack_low_bits(packed: np.ndarray, count: int, low_bits: int) -> np.ndarray:
-    bits = np.unpackbits(packed, count=count * low_bits, bitorder="little").reshape(count, low_bits)
-    itype = np.int32 if low_bits < 31 else np.int64  # the integer matmul is faster in 32 bits
-    return (bits.astype(itype) @ (1 << np.arange(low_bits, dtype=itype))).astype(np.int64, copy=False)
-
-
 def _ef_encode(pos: np.ndarray, numel: int, low_bits: int) -> np.ndarray:
+    """One LSB-first bit stream: each position's low bits back to back, then the upper parts in unary."""
     count = pos.size
-    high = np.zeros(_ef_nbytes(numel, count, low_bits)[1] * 8, np.uint8)
-    high[(pos >> low_bits) + np.arange(count)] = 1
-    low = _pack_low_bits(pos & ((1 << low_bits) - 1), low_bits)
-    return np.concatenate([low, np.packbits(high, bitorder="little")])
+    low_nbits, high_nbits = _ef_nbits(numel, count, low_bits)
+    bits = np.zeros(_ef_nbytes(numel, count, low_bits) * 8, np.uint8)
+    if low_bits:
+        width = 1 << max(0, (low_bits - 1).bit_length() - 3)  # 1, 2, 4 or 8 bytes per low part
+        as_bytes = (pos & ((1 << low_bits) - 1)).astype(_uint_dtype(width)).view(np.uint8).reshape(count, width)
+        bits[:low_nbits] = np.unpackbits(as_bytes, axis=1, bitorder="little")[:, :low_bits].reshape(-1)
+    bits[low_nbits + (pos >> low_bits) + np.arange(count)] = 1
+    return np.packbits(bits, bitorder="little")
+
+
+def _ef_decode(packed: np.ndarray, numel: int, count: int, low_bits: int, where) -> np.ndarray:
+    bits = np.unpackbits(packed, bitorder="little")
+    low_nbits = count * low_bits
+    ones = np.nonzero(bits[low_nbits:])[0]
+    if ones.size != count:
+        raise where("pos", f"the Elias-Fano upper part has {ones.size} set bits, expected {count}")
+    pos = (ones - np.arange(count)) << low_bits
+    if low_bits:
+        itype = np.int32 if low_bits < 31 else np.int64  # numpy's integer matmul is faster in 32 bits
+        low = bits[:low_nbits].reshape(count, low_bits).astype(itype) @ (1 << np.arange(low_bits, dtype=itype))
+        pos |= low
+    return pos
 
 
 def _gap_encode(pos: np.ndarray, numel: int, word_bits: int) -> np.ndarray:
@@ -198,7 +205,7 @@ def _choose(pos: np.ndarray, numel: int, encoding: str | None) -> tuple[int, int
         esc = _escape_nbytes(numel)
         candidates = [
             ((numel + 7) // 8, _BITMASK, 0),
-            (sum(_ef_nbytes(numel, count, low_bits)), _ELIAS_FANO, low_bits),
+            (_ef_nbytes(numel, count, low_bits), _ELIAS_FANO, low_bits),
             (count + _gap_escape_count(pos, 8) * esc, _GAP, 8),
             (2 * count + _gap_escape_count(pos, 16) * esc, _GAP, 16),
         ]
@@ -217,7 +224,7 @@ def _choose(pos: np.ndarray, numel: int, encoding: str | None) -> tuple[int, int
 
 
 def _crc(header_fields: bytes, *arrays: np.ndarray | None) -> int:
-    """CRC-32 of the 24 header bytes, then the raw (little-endian) bytes of `pos` and `val`."""
+    """CRC-32 of the header bytes before the CRC, then the raw (little-endian) bytes of `pos` and `val`."""
     crc = zlib.crc32(header_fields)
     for a in arrays:
         if a is not None:
@@ -225,13 +232,32 @@ def _crc(header_fields: bytes, *arrays: np.ndarray | None) -> int:
     return crc
 
 
+def _uvarint(x: int) -> bytes:
+    """LEB128: 7 bits per byte, least significant group first, high bit set on every byte but the last."""
+    out = bytearray()
+    while x >= 0x80:
+        out.append(x & 0x7F | 0x80)
+        x >>= 7
+    out.append(x)
+    return bytes(out)
+
+
+def _read_uvarint(raw: bytes, i: int, end: int) -> tuple[int, int]:
+    """(value, next offset) of the LEB128 integer at raw[i:], which must end before `end`; -1 if it does not."""
+    value = shift = 0
+    while i < end and shift < 56:
+        byte = raw[i]
+        value |= (byte & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if byte < 0x80:
+            return value, i
+    return -1, i
+
+
 def _header(enc: int, dtype_code: int, param: int, numel: int, count: int, fingerprint: int) -> bytes:
-    return (
-        bytes([FORMAT_VERSION, enc, dtype_code, param])
-        + numel.to_bytes(6, "little")
-        + count.to_bytes(6, "little")
-        + fingerprint.to_bytes(8, "little")
-    )
+    """Every header byte but the trailing CRC-32."""
+    fixed = bytes([FORMAT_VERSION, enc, dtype_code, param]) + fingerprint.to_bytes(8, "little")
+    return fixed + _uvarint(numel) + _uvarint(count)
 
 
 def encode_sparse(
@@ -338,11 +364,7 @@ def _decode_positions(enc: int, param: int, packed: np.ndarray | None, numel: in
             raise where("pos", f"the bitmask marks {pos.size} positions, not {count} below {numel}")
         return pos
     if enc == _ELIAS_FANO:  # non-decreasing by construction
-        low_nbytes = _ef_nbytes(numel, count, param)[0]
-        ones = np.nonzero(np.unpackbits(packed[low_nbytes:], bitorder="little"))[0]
-        if ones.size != count:
-            raise where("pos", f"the Elias-Fano upper part has {ones.size} set bits, expected {count}")
-        pos = ((ones - np.arange(count)) << param) | _unpack_low_bits(packed[:low_nbytes], count, param)
+        pos = _ef_decode(packed, numel, count, param, where)
         if count and (pos[-1] >= numel or not (pos[1:] > pos[:-1]).all()):
             raise where("pos", f"positions are not strictly increasing within [0, {numel})")
         return pos
@@ -363,7 +385,7 @@ def _expected_pos_nbytes(enc: int, param: int, packed: np.ndarray, numel: int, c
     if enc == _BITMASK:
         return (numel + 7) // 8
     if enc == _ELIAS_FANO:
-        return sum(_ef_nbytes(numel, count, param))
+        return _ef_nbytes(numel, count, param)
     word = param // 8
     if packed.size < count:
         raise where("pos", f"holds {packed.size} gaps, fewer than the {count} entries: the tensor is truncated")
@@ -384,7 +406,7 @@ def decode_sparse(parts: dict[str, torch.Tensor], numel: int, name: str) -> Spar
         raise where("hdr", "missing (every RST parameter has a header tensor)")
     if hdr.dtype != torch.uint8 or hdr.dim() != 1 or hdr.numel() == 0:
         raise where("hdr", f"expected a 1-D uint8 tensor, got {hdr.dtype} of shape {tuple(hdr.shape)}")
-    raw = hdr.cpu().numpy().tobytes()
+    raw = hdr.cpu().contiguous().numpy().tobytes()
     if raw[0] > FORMAT_VERSION:
         raise RSTFormatError(
             f"RST adapter tensor '{name}.hdr' uses format version {raw[0]}, but this peft_rst reads versions up to "
@@ -392,12 +414,39 @@ def decode_sparse(parts: dict[str, torch.Tensor], numel: int, name: str) -> Spar
         )
     if raw[0] == 0:
         raise where("hdr", "format version 0 does not exist: the header is corrupted")
-    if len(raw) != HEADER_NBYTES:
-        raise where("hdr", f"has {len(raw)} bytes, version {FORMAT_VERSION} headers have {HEADER_NBYTES}")
+    if len(raw) < _MIN_HEADER_NBYTES:
+        raise where("hdr", f"has {len(raw)} bytes, fewer than any version-{FORMAT_VERSION} header: it is truncated")
     enc, dtype_code, param = raw[1], raw[2], raw[3]
-    saved_numel = int.from_bytes(raw[4:10], "little")
-    count = int.from_bytes(raw[10:16], "little")
-    fingerprint = int.from_bytes(raw[16:24], "little")
+    fingerprint = int.from_bytes(raw[4:12], "little")
+    saved_numel, i = _read_uvarint(raw, 12, len(raw) - 4)
+    count, i = _read_uvarint(raw, i, len(raw) - 4)
+    if min(saved_numel, count) < 0 or i != len(raw) - 4:
+        raise where("hdr", f"{len(raw)} bytes do not parse as a version-{FORMAT_VERSION} header (truncated?)")
+    # The parts' presence and types first, then the checksum: once it matches, what the header says is what the
+    # encoder wrote, so any disagreement left is a real mismatch (wrong model), not corruption.
+    pos, val = parts.get("pos"), parts.get("val")
+    if (val is None) != (count == 0):
+        raise where(
+            "val",
+            f"missing (the header records {count} changed entries)"
+            if val is None
+            else "present although the header records no changed entries",
+        )
+    if enc in _ENCODING_NAMES and (pos is None) != (enc in (_EMPTY, _FULL)):
+        raise where("pos", "missing" if pos is None else f"present although '{_ENCODING_NAMES[enc]}' stores none")
+    packed = bits = None
+    if pos is not None:
+        if pos.dtype not in (torch.uint8, torch.uint16) or pos.dim() != 1:
+            raise where("pos", f"expected a 1-D uint8 or uint16 tensor, got {pos.dtype} of shape {tuple(pos.shape)}")
+        packed = pos.cpu().contiguous().numpy()
+    if val is not None:
+        if val.dtype not in _DTYPE_CODES or val.dim() != 1:
+            raise where("val", f"expected a 1-D float tensor, got {val.dtype} of shape {tuple(val.shape)}")
+        val = val.cpu().contiguous()
+        bits = val.view(_INT_VIEWS[val.dtype]).numpy()
+    if _crc(raw[:-4], packed, bits) != int.from_bytes(raw[-4:], "little"):
+        raise where("hdr", "checksum mismatch: the header, positions or values are truncated or corrupted")
+
     if saved_numel != numel:
         raise RSTFormatError(
             f"RST adapter tensor '{name}' was saved for a parameter with {saved_numel} entries, but the model's has "
@@ -414,41 +463,18 @@ def decode_sparse(parts: dict[str, torch.Tensor], numel: int, name: str) -> Spar
     if not (ok_param and ok_count and fingerprint < _MAX_FINGERPRINT):
         raise where("hdr", f"inconsistent fields ({_ENCODING_NAMES[enc]}, parameter {param}, count {count})")
     dtype = _CODE_DTYPES[dtype_code]
-
-    val = parts.get("val")
-    if count == 0:
-        if val is not None:
-            raise where("val", "present although the header records no changed entries")
-    elif val is None:
-        raise where("val", f"missing (the header records {count} changed entries)")
-    elif val.dtype != dtype or val.dim() != 1 or val.numel() != count:
-        raise where(
-            "val", f"expected {count} {dtype} values, got {val.dtype} of shape {tuple(val.shape)} (truncated?)"
-        )
-    pos = parts.get("pos")
-    packed = None
-    if enc in (_EMPTY, _FULL):
-        if pos is not None:
-            raise where("pos", f"present although encoding '{_ENCODING_NAMES[enc]}' stores no positions")
-    else:
+    if val is not None and (val.dtype != dtype or val.numel() != count):
+        raise where("val", f"expected {count} {dtype} values, got {val.numel()} {val.dtype} values")
+    if packed is not None:
         want = torch.uint16 if enc == _GAP and param == 16 else torch.uint8
-        if pos is None:
-            raise where("pos", "missing")
-        if pos.dtype != want or pos.dim() != 1:
-            raise where("pos", f"expected a 1-D {want} tensor, got {pos.dtype} of shape {tuple(pos.shape)}")
-        packed = pos.cpu().contiguous().numpy()
+        if pos.dtype != want:
+            raise where("pos", f"expected a {want} tensor for encoding '{_ENCODING_NAMES[enc]}', got {pos.dtype}")
         expected = _expected_pos_nbytes(enc, param, packed, numel, count, where)
         if packed.nbytes != expected:
             raise where("pos", f"has {packed.nbytes} bytes, expected {expected}: the tensor is truncated or corrupted")
-    bits = None
-    if val is not None:
-        val = val.cpu().contiguous()
-        bits = val.view(_INT_VIEWS[dtype]).numpy()
-    if _crc(raw[:24], packed, bits) != int.from_bytes(raw[24:28], "little"):
-        raise where("hdr", "checksum mismatch: the header, positions or values were corrupted")
 
     indices = _decode_positions(enc, param, packed, numel, count, where)
-    if bits is None:
+    if val is None:
         val = torch.empty(0, dtype=dtype)
     elif dtype == torch.bfloat16:  # numpy has no bfloat16: inf/NaN are the values with all exponent bits set
         if ((bits & 0x7F80) == 0x7F80).any():

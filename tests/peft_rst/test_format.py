@@ -32,22 +32,44 @@ ENCODING_IDS = {"empty": 0, "full": 1, "bitmask": 2, "elias_fano": 3, "gap8": 4,
 # helpers written from the spec, independent of the code under test
 
 
+def read_uvarint(h: bytes, i: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        value |= (h[i] & 0x7F) << shift
+        shift += 7
+        i += 1
+        if h[i - 1] < 0x80:
+            return value, i
+
+
+def uvarint(x: int) -> bytes:
+    out = []
+    while True:
+        out.append((x & 0x7F) | (0x80 if x >= 0x80 else 0))
+        x >>= 7
+        if not x:
+            return bytes(out)
+
+
 def reference_decode(parts: dict[str, torch.Tensor]) -> tuple[list[int], bytes, dict]:
     """Pure-Python reader of the documented layout: (positions, raw value bytes, header fields)."""
     h = parts["hdr"].numpy().tobytes()
+    numel, i = read_uvarint(h, 12)
+    count, i = read_uvarint(h, i)
+    assert i == len(h) - 4
     fields = {
         "version": h[0],
         "encoding": h[1],
         "dtype": h[2],
         "param": h[3],
-        "numel": int.from_bytes(h[4:10], "little"),
-        "count": int.from_bytes(h[10:16], "little"),
-        "fingerprint": int.from_bytes(h[16:24], "little"),
+        "fingerprint": int.from_bytes(h[4:12], "little"),
+        "numel": numel,
+        "count": count,
     }
     pos = parts["pos"].numpy().tobytes() if "pos" in parts else b""
     val = parts["val"].view(torch.uint8).numpy().tobytes() if "val" in parts else b""
-    assert zlib.crc32(h[:24] + pos + val) == int.from_bytes(h[24:28], "little")
-    n, k, enc, param = fields["numel"], fields["count"], fields["encoding"], fields["param"]
+    assert zlib.crc32(h[:-4] + pos + val) == int.from_bytes(h[-4:], "little")
+    n, k, enc, param = numel, count, fields["encoding"], fields["param"]
     if enc == 0:
         idx = []
     elif enc == 1:
@@ -56,13 +78,14 @@ def reference_decode(parts: dict[str, torch.Tensor]) -> tuple[list[int], bytes, 
         bits = np.unpackbits(np.frombuffer(pos, np.uint8), bitorder="little")
         idx = [int(i) for i in np.nonzero(bits)[0]]
     elif enc == 3:
-        low_n = (k * param + 7) // 8
-        low, high = int.from_bytes(pos[:low_n], "little"), int.from_bytes(pos[low_n:], "little")
-        idx, bit = [], 0
+        stream = int.from_bytes(pos, "little")  # bit j of the stream = bit j % 8 of byte j // 8
+        assert len(pos) == (k * param + k + ((n - 1) >> param) + 1 + 7) // 8
+        idx, bit = [], k * param
         while len(idx) < k:
-            if high >> bit & 1:
+            if stream >> bit & 1:
                 i = len(idx)
-                idx.append(((bit - i) << param) | (low >> (i * param) & ((1 << param) - 1)))
+                upper = bit - k * param - i
+                idx.append((upper << param) | (stream >> (i * param) & ((1 << param) - 1)))
             bit += 1
     else:
         w, e = param // 8, 4 if n < 2**32 else 8
@@ -77,11 +100,17 @@ def reference_decode(parts: dict[str, torch.Tensor]) -> tuple[list[int], bytes, 
 
 def reseal(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Recompute the CRC after tampering, so that the decoder's semantic checks are what is tested."""
-    h = bytearray(parts["hdr"].numpy().tobytes())
+    h = parts["hdr"].numpy().tobytes()[:-4]
     pos = parts["pos"].numpy().tobytes() if "pos" in parts else b""
     val = parts["val"].view(torch.uint8).numpy().tobytes() if "val" in parts else b""
-    h[24:28] = zlib.crc32(bytes(h[:24]) + pos + val).to_bytes(4, "little")
+    h += zlib.crc32(h + pos + val).to_bytes(4, "little")
     return {**parts, "hdr": torch.tensor(list(h), dtype=torch.uint8)}
+
+
+def make_header(parts, *, numel: int, count: int) -> dict[str, torch.Tensor]:
+    """The same header with other numel/count fields (which are variable-length), resealed."""
+    h = parts["hdr"].numpy().tobytes()[:12] + uvarint(numel) + uvarint(count) + bytes(4)
+    return reseal({**parts, "hdr": torch.tensor(list(h), dtype=torch.uint8)})
 
 
 def with_header_byte(parts, offset, value):
@@ -136,7 +165,7 @@ def test_zero_changed_entries(encoding):
     data = decode_sparse(parts, 768, "bias")
     assert data.values.dtype == torch.bfloat16 and data.values.numel() == 0
     if encoding in (None, "empty"):
-        assert set(parts) == {"hdr"} and encoded_nbytes(parts) == 28
+        assert set(parts) == {"hdr"} and encoded_nbytes(parts) == 4 + 8 + 2 + 1 + 4  # 768 takes 2 varint bytes
 
 
 @pytest.mark.parametrize("encoding", [None, "full", *FORCED])
@@ -234,7 +263,7 @@ def test_clustered_positions_are_cheaper_than_the_uniform_bound():
 
 def test_header_is_the_only_cost_of_an_unchanged_tensor():
     parts = encode_sparse(torch.zeros(0, dtype=torch.int64), torch.zeros(0), 3072 * 768, 1)
-    assert encoded_nbytes(parts) == 28 == parts["hdr"].numel()
+    assert encoded_nbytes(parts) == 4 + 8 + 4 + 1 + 4 == parts["hdr"].numel()  # 3072 * 768 takes 4 varint bytes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -293,27 +322,34 @@ def test_unknown_version_asks_for_an_upgrade(parts):
 def test_truncated_or_extended_positions(parts):
     assert "truncated" in decode_error({**parts, "pos": parts["pos"][:-1]})
     assert "truncated" in decode_error(reseal({**parts, "pos": parts["pos"][:-1]}))
-    assert "expected" in decode_error({**parts, "pos": torch.cat([parts["pos"], parts["pos"][:1]])})
+    longer = torch.cat([parts["pos"], parts["pos"][:1]])
+    assert "checksum" in decode_error({**parts, "pos": longer})
+    assert "expected" in decode_error(reseal({**parts, "pos": longer}))
     assert "truncated" in decode_error({**parts, "pos": parts["pos"][:2]})
+    assert "fewer than" in decode_error(reseal({**parts, "pos": parts["pos"][:2]}))
     ef = encode_sparse(torch.tensor([5, 300, 70_000]), torch.randn(3), 100_000, 42, encoding="elias_fano")
     assert "truncated" in decode_error({**ef, "pos": ef["pos"][:-1]})
 
 
 def test_corrupted_header(parts):
-    assert "checksum" in decode_error(with_header_byte(parts, 17, parts["hdr"][17] ^ 1))  # fingerprint bit
+    assert "checksum" in decode_error(with_header_byte(parts, 7, parts["hdr"][7] ^ 1))  # fingerprint bit
+    assert "checksum" in decode_error(with_header_byte(parts, 12, parts["hdr"][12] ^ 1))  # numel: corruption
     assert "checksum" in decode_error({**parts, "val": parts["val"] * 2})  # values changed, header not
     assert "encoding" in decode_error(reseal(with_header_byte(parts, 1, 9)))
     assert "dtype" in decode_error(reseal(with_header_byte(parts, 2, 77)))
     assert "inconsistent" in decode_error(reseal(with_header_byte(parts, 3, 12)))  # gap words of 12 bits
-    assert "28" in decode_error({**parts, "hdr": parts["hdr"][:20]})
+    assert "truncated" in decode_error({**parts, "hdr": parts["hdr"][:10]})
+    assert "truncated" in decode_error({**parts, "hdr": parts["hdr"][:-1]})
+    assert "truncated" in decode_error(reseal({**parts, "hdr": torch.cat([parts["hdr"][:14], parts["hdr"][-4:]])}))
+    never_ends = torch.cat([parts["hdr"][:12], torch.full((10,), 0x80, dtype=torch.uint8), parts["hdr"][-4:]])
+    assert "truncated" in decode_error(reseal({**parts, "hdr": never_ends}))
     msg = decode_error({**parts, "hdr": parts["hdr"].to(torch.int64)})
     assert "uint8" in msg
 
 
 def test_count_larger_than_numel(parts):
-    h = parts["hdr"].clone()
-    h[10:16] = torch.tensor(list((200_000).to_bytes(6, "little")), dtype=torch.uint8)
-    assert "corrupted" in decode_error(reseal({**parts, "hdr": h}))
+    assert "corrupted" in decode_error(make_header(parts, numel=100_000, count=200_000))
+    assert decode_sparse(make_header(parts, numel=100_000, count=4), 100_000, "w").indices.numel() == 4
 
 
 def test_numel_mismatch(parts):
@@ -343,8 +379,9 @@ def test_out_of_range_positions():
     for escaped in ([7, 0, 0, 0], [0x88, 0x13, 0, 0]):  # 7 < 256, 5000 > numel
         p["pos"] = torch.tensor([2, 0, *escaped], dtype=torch.uint8)
         assert "escaped gap" in decode_error(reseal(p), numel=1000)
-    # numel 10, 2 low bits: positions 1 = (upper 0, low 01) and 10 = (upper 2, low 10); upper bits 0 + 0, 2 + 1
-    assert "strictly increasing" in decode_error(craft_elias_fano(10, torch.randn(2), 2, [0b1001, 0b1001]), 10)
+    # Elias-Fano, numel 10, 2 low bits: 4 low bits then 2 + (9 >> 2) + 1 = 5 upper bits, one stream, LSB first.
+    # positions 1 = (upper 0, low 01) and 10 = (upper 2, low 10): low bits 1001, upper bits set at 4 + 0, 4 + 2 + 1
+    assert "strictly increasing" in decode_error(craft_elias_fano(10, torch.randn(2), 2, [0b10011001, 0]), 10)
 
 
 def test_non_increasing_positions():
@@ -352,10 +389,12 @@ def test_non_increasing_positions():
         encode_sparse(torch.tensor([1, 5, 5]), torch.randn(3), 10, 0)
     with pytest.raises(RSTFormatError, match="strictly increasing"):
         encode_sparse(torch.tensor([1, 5, 3]), torch.randn(3), 10, 0)
-    # positions 1 = (0, 01) and 1 = (0, 01) again: upper bits 0 + 0 and 0 + 1
-    assert "strictly increasing" in decode_error(craft_elias_fano(10, torch.randn(2), 2, [0b0101, 0b0011]), 10)
+    # positions 1 = (0, 01) and 1 = (0, 01) again: low bits 0101, upper bits set at 4 + 0 + 0 and 4 + 0 + 1
+    assert "strictly increasing" in decode_error(craft_elias_fano(10, torch.randn(2), 2, [0b00110101, 0]), 10)
     # the same layout with distinct positions decodes: 1 = (0, 01) and 3 = (0, 11)
-    assert decode_sparse(craft_elias_fano(10, torch.randn(2), 2, [0b1101, 0b0011]), 10, "w").indices.tolist() == [1, 3]
+    assert decode_sparse(craft_elias_fano(10, torch.randn(2), 2, [0b00111101, 0]), 10, "w").indices.tolist() == [1, 3]
+    with pytest.raises(RSTFormatError, match="set bits"):  # a padding bit set: 3 ones in the upper part
+        decode_sparse(craft_elias_fano(10, torch.randn(2), 2, [0b00111101, 0b10]), 10, "w")
 
 
 def test_bitmask_count_mismatch():
@@ -382,7 +421,10 @@ def test_missing_unexpected_and_mistyped_parts(parts):
     assert "missing" in decode_error({k: v for k, v in parts.items() if k != "val"})
     assert "unknown part" in decode_error({**parts, "idx": parts["pos"]})
     assert "uint8" in decode_error({**parts, "pos": parts["pos"].to(torch.int16)})
-    assert "float32" in decode_error({**parts, "val": parts["val"].to(torch.float16)})
+    assert "uint8" in decode_error(reseal({**parts, "pos": parts["pos"].to(torch.uint16)}))
+    assert "float32" in decode_error(reseal({**parts, "val": parts["val"].to(torch.float16)}))
+    assert "float" in decode_error({**parts, "val": parts["val"].to(torch.int32)})
+    assert "4 torch.float32" in decode_error(reseal({**parts, "val": parts["val"][:3]}))
     assert "truncated" in decode_error({**parts, "val": parts["val"][:3]})
     empty = encode_sparse(torch.zeros(0, dtype=torch.int64), torch.zeros(0), 100_000, 0)
     assert "present" in decode_error({**empty, "val": parts["val"]})

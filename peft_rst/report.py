@@ -333,15 +333,26 @@ def _report_model(model, adapter_name: str | None) -> AdapterReport:
 # counting
 
 
-def _header_numel(hdr: torch.Tensor, name: str) -> int:
-    """Entries of the parameter a version-1 header describes (bytes 4-9, see docs/adapter-format.md).
+def _header_numel(hdr: torch.Tensor) -> int:
+    """Entries of the parameter a header describes, read without the base model.
 
-    Other versions go to `decode_sparse` unparsed, which rejects them with an upgrade hint.
+    Uses `peft_rst.format.read_header` when the format module offers it; otherwise reads the version-1 layout of
+    docs/adapter-format.md (4 single bytes, 8-byte fingerprint, LEB128 numel, LEB128 count, CRC-32). Anything
+    unexpected returns 0 and `decode_sparse` then rejects the header with the precise reason.
     """
-    raw = hdr.cpu().numpy().tobytes() if hdr.dtype == torch.uint8 else b""
-    if len(raw) < 10 or raw[0] != 1:
+    reader = getattr(rst_format, "read_header", None)
+    if reader is not None:
+        return int(reader(hdr).numel)
+    raw = hdr.cpu().contiguous().numpy().tobytes() if hdr.dtype == torch.uint8 and hdr.dim() == 1 else b""
+    if len(raw) < 18 or raw[0] != 1:
         return 0
-    return int.from_bytes(raw[4:10], "little")
+    value = shift = 0
+    for byte in raw[12:-4]:
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value
+    return 0
 
 
 def _rows(tensors: Mapping[str, torch.Tensor], modules_to_save, source: str) -> tuple[ModuleRow, ...]:
@@ -362,9 +373,10 @@ def _rows(tensors: Mapping[str, torch.Tensor], modules_to_save, source: str) -> 
     for stem in sorted(sparse):
         parts = {s: tensors[f"{stem}.{s}"] for s in rst_format.SUFFIXES if f"{stem}.{s}" in tensors}
         name = stem.removeprefix(_PEFT_PREFIX)
-        numel = _header_numel(parts["hdr"], name)
+        numel = _header_numel(parts["hdr"])
         data = rst_format.decode_sparse(parts, numel, name)  # validates header, positions, values and checksum
-        module, _, param = name.rpartition(".")
+        # nested RST layers sit inside their parent's base_layer: report the model's own module names
+        module, _, param = re.sub(r"\.base_layer(?=\.)", "", name).rpartition(".")
         add(module.removesuffix(_CONTAINER), RST, param, numel, int(data.indices.numel()), _nbytes_of(parts.values()))
     grouped = {f"{stem}.{s}" for stem in sparse for s in rst_format.SUFFIXES}
     for key, tensor in tensors.items():

@@ -198,3 +198,55 @@ def test_refuses_merged_models_other_methods_and_corrupt_files(adapters, tmp_pat
         report(tmp_path)
     with pytest.raises(TypeError, match="PeftModel"):
         report(pristine)
+
+
+class Embed(nn.Module):
+    """Owns a bare parameter and has children, like CLIP's vision embeddings (wrapped, with wrapped children)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(6))
+        self.proj = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.proj(x) + self.cls
+
+
+class Nested(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = Embed()
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(self.embed(x))
+
+
+def test_nested_rst_layers_are_reported_under_the_models_module_names(tmp_path):
+    torch.manual_seed(3)
+    base = Nested()
+    w0 = {n: p.detach().clone() for n, p in base.named_parameters()}
+    model = get_peft_model(base, peft_rst.RSTConfig(tau=1e-3, modules_to_save=["head"]))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.2)
+    for _ in range(2):
+        model(torch.randn(4, 6)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    merged = copy.deepcopy(model)
+    merged.merge_adapter()
+    adapted = {n.replace(".base_layer", ""): p for n, p in merged.get_base_model().named_parameters()}
+    expected = {
+        "embed": (6, int(torch.count_nonzero(adapted["embed.cls"] - w0["embed.cls"]))),
+        "embed.proj": (
+            42,
+            sum(
+                int(torch.count_nonzero(adapted[f"embed.proj.{p}"] - w0[f"embed.proj.{p}"]))
+                for p in ("weight", "bias")
+            ),
+        ),
+    }
+    model.save_pretrained(tmp_path)
+    for result in (report(model).adapters[0], report(tmp_path).adapters[0]):
+        rows = {r.module: (r.numel, r.changed) for r in result.rows if r.kind == "rst"}
+        assert rows == expected
+    assert sum(c for _, c in expected.values()) > 0

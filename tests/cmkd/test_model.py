@@ -194,9 +194,7 @@ def test_wrong_pixel_shapes_are_rejected(model):
 
 
 def test_teacher_needs_cached_text_features():
-    config = CLIPAdaptationConfig(
-        vision_config=tiny_clip().config.vision_config, projection_dim=16, class_names=NAMES
-    )
+    config = CLIPAdaptationConfig(vision_config=tiny_clip().config.vision_config, projection_dim=16, class_names=NAMES)
     model = CLIPAdaptationModel(config).eval()
     assert model(pixel_values=torch.randn(2, 3, 32, 32)).teacher_logits is None
     with pytest.raises(RuntimeError, match="from_clip"):

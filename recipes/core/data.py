@@ -559,6 +559,8 @@ def load_domain(
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     data_dir = Path(data_dir) if data_dir is not None else None
+    if data_dir is not None and not dataset_id and not download and not data_dir.is_dir():
+        raise DataNotFoundError(f"--data_dir {data_dir} does not exist. {_where_to_get(cfg)}")
 
     if dataset_id:
         ds = _load_hub(cfg, spec, split, dataset_id, domain_column, hub_config, cache_dir, transform)

@@ -448,3 +448,21 @@ def test_dict_items_feed_cmkd_paired_loader(tmp_path, office_home_3):
     batch = next(iter(loader))
     assert batch["source_pixel_values"].shape == (2, 3, 16, 16) and batch["source_labels"].dtype == torch.long
     assert batch["target_pixel_values"].shape == batch["target_strong_pixel_values"].shape == (2, 3, 16, 16)
+
+
+@pytest.mark.parametrize("name", ["office_home", "office31", "image_clef", "visda", "domainnet", "digits"])
+def test_missing_data_message_points_at_an_existing_docs_section(tmp_path, name):
+    import re
+    from pathlib import Path
+
+    cfg = load_benchmark_config(name)
+    with pytest.raises(DataNotFoundError) as exc:
+        load_domain(cfg, cfg.tasks[0][0], data_dir=tmp_path / "missing")
+    msg = str(exc.value)
+    assert cfg.homepage in msg and cfg.license in msg
+    anchor = re.search(r"docs/datasets\.md#([\w-]+)", msg).group(1)
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "datasets.md").read_text()
+    headings = re.findall(r"^## (.+)$", docs, re.M)
+    slugs = {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in headings}
+    assert anchor in slugs
+    assert "does not exist" in msg

@@ -32,10 +32,11 @@ __all__ = [
 ]
 
 FORMAT_VERSION: int = 1
-SUFFIXES: tuple[str, ...] = ("hdr", "pos", "val")
+SUFFIXES: tuple[str, ...] = ("idx", "val")
 
 _MAX_NUMEL = 1 << 48  # keeps every header field and position arithmetic well inside int64
 _MIN_HEADER_NBYTES = 18  # 4 single bytes, 8-byte fingerprint, two 1-byte varints, 4-byte CRC
+_MAX_HEADER_NBYTES = 30  # ... with two 7-byte varints (values below 2**48)
 _MAX_FINGERPRINT = 1 << 63
 
 # Encoding ids (header byte 1). The name is what `encode_sparse(..., encoding=...)` accepts.
@@ -50,6 +51,13 @@ _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 _INT_VIEWS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 _INT_VIEWS[torch.float64] = torch.int64
 _NP_FLOATS = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+
+
+def _count_nonfinite(bits: np.ndarray, dtype: torch.dtype) -> int:
+    """NaN/inf among values given as their integer bit view (numpy: single-threaded, no torch thread start-up)."""
+    if dtype == torch.bfloat16:  # numpy has no bfloat16: non-finite = all exponent bits set
+        return int(np.count_nonzero((bits & 0x7F80) == 0x7F80))
+    return bits.size - int(np.count_nonzero(np.isfinite(bits.view(_NP_FLOATS[dtype]))))
 
 
 class RSTFormatError(ValueError):
@@ -159,7 +167,7 @@ def _ef_decode(packed: np.ndarray, numel: int, count: int, low_bits: int, where)
     low_nbits = count * low_bits
     ones = np.nonzero(bits[low_nbits:])[0]
     if ones.size != count:
-        raise where("pos", f"the Elias-Fano upper part has {ones.size} set bits, expected {count}")
+        raise where(f"the Elias-Fano upper part has {ones.size} set bits, expected {count}")
     pos = (ones - np.arange(count)) << low_bits
     if low_bits:
         itype = np.int32 if low_bits < 31 else np.int64  # numpy's integer matmul is faster in 32 bits
@@ -315,34 +323,31 @@ def encode_sparse(
     val = values.detach().cpu().contiguous()
     if val.untyped_storage().nbytes() != val.nbytes:  # a view into a larger buffer: store only our entries
         val = val.clone()
-    if count and not bool(torch.isfinite(val).all()):
+    bits = val.view(_INT_VIEWS[val.dtype]).numpy()
+    bad = _count_nonfinite(bits, val.dtype)
+    if bad:
         raise RSTFormatError(
-            f"encode_sparse: values contain {int((~torch.isfinite(val)).sum())} NaN/inf entries; the weights "
-            "diverged, so there is nothing valid to save (lower the learning rate or resume from a checkpoint)."
+            f"encode_sparse: values contain {bad} NaN/inf entries; the weights diverged, so there is nothing valid "
+            "to save (lower the learning rate or resume from a checkpoint)."
         )
 
     enc, param = _choose(pos, numel, encoding)
     if enc == _BITMASK:
-        bits = np.zeros((numel + 7) // 8 * 8, np.uint8)
-        bits[pos] = 1
-        packed = np.packbits(bits, bitorder="little")
+        mask = np.zeros((numel + 7) // 8 * 8, np.uint8)
+        mask[pos] = 1
+        packed = np.packbits(mask, bitorder="little")
     elif enc == _ELIAS_FANO:
         packed = _ef_encode(pos, numel, param)
     elif enc == _GAP:
-        packed = _gap_encode(pos, numel, param)
+        packed = _gap_encode(pos, numel, param).view(np.uint8)
     else:
-        packed = None
-
-    parts: dict[str, torch.Tensor] = {}
+        packed = np.zeros(0, np.uint8)
     fields = _header(enc, _DTYPE_CODES[val.dtype], param, numel, count, base_fingerprint)
-    pos_t = None if packed is None else torch.from_numpy(packed)
-    val_t = val if count else None
-    crc = _crc(fields, packed, None if val_t is None else val_t.view(_INT_VIEWS[val.dtype]).numpy())
-    parts["hdr"] = torch.frombuffer(bytearray(fields + crc.to_bytes(4, "little")), dtype=torch.uint8)
-    if pos_t is not None:
-        parts["pos"] = pos_t
-    if val_t is not None:
-        parts["val"] = val_t
+    crc = _crc(fields, packed, bits if count else None)
+    idx = np.concatenate([np.frombuffer(fields + crc.to_bytes(4, "little"), np.uint8), packed])
+    parts = {"idx": torch.from_numpy(idx)}
+    if count:
+        parts["val"] = val
     return parts
 
 
@@ -352,7 +357,7 @@ def encode_sparse(
 _REDO = "re-save the adapter from the trained model, or re-download the file if it was copied"
 
 
-def _decode_positions(enc: int, param: int, packed: np.ndarray | None, numel: int, count: int, where) -> np.ndarray:
+def _decode_positions(enc: int, param: int, packed: np.ndarray, numel: int, count: int, where) -> np.ndarray:
     """Positions as int64, checked to be strictly increasing within [0, numel) (by construction or explicitly)."""
     if enc == _EMPTY:
         return np.zeros(0, np.int64)
@@ -361,91 +366,100 @@ def _decode_positions(enc: int, param: int, packed: np.ndarray | None, numel: in
     if enc == _BITMASK:  # increasing by construction
         pos = np.nonzero(np.unpackbits(packed, bitorder="little"))[0]
         if pos.size != count or (count and pos[-1] >= numel):
-            raise where("pos", f"the bitmask marks {pos.size} positions, not {count} below {numel}")
+            raise where(f"the bitmask marks {pos.size} positions, not {count} below {numel}")
         return pos
     if enc == _ELIAS_FANO:  # non-decreasing by construction
         pos = _ef_decode(packed, numel, count, param, where)
         if count and (pos[-1] >= numel or not (pos[1:] > pos[:-1]).all()):
-            raise where("pos", f"positions are not strictly increasing within [0, {numel})")
+            raise where(f"positions are not strictly increasing within [0, {numel})")
         return pos
-    gaps = packed[:count].astype(np.int64)  # every gap >= 1, so increasing unless the int64 sum could overflow
-    escapes = packed[count:].view(_uint_dtype(_escape_nbytes(numel)))
+    words = packed.view(_uint_dtype(param // 8))
+    gaps = words[:count].astype(np.int64)  # every gap >= 1, so increasing unless the int64 sum could overflow
+    escapes = words[count:].view(_uint_dtype(_escape_nbytes(numel)))
     if escapes.size:
         if escapes.max() > numel or escapes.min() < (1 << param):
-            raise where("pos", f"an escaped gap is outside [2**{param}, {numel}]")
+            raise where(f"an escaped gap is outside [2**{param}, {numel}]")
         gaps[gaps == 0] = escapes
     pos = np.cumsum(gaps) - 1
     overflow_possible = count * max(numel, 1 << param) >= 1 << 63
     if count and (pos[-1] >= numel or (overflow_possible and not (pos[1:] > pos[:-1]).all())):
-        raise where("pos", f"positions run past the tensor's {numel} entries")
+        raise where(f"positions run past the tensor's {numel} entries")
     return pos
 
 
 def _expected_pos_nbytes(enc: int, param: int, packed: np.ndarray, numel: int, count: int, where) -> int:
+    if enc in (_EMPTY, _FULL):
+        return 0
     if enc == _BITMASK:
         return (numel + 7) // 8
     if enc == _ELIAS_FANO:
         return _ef_nbytes(numel, count, param)
     word = param // 8
-    if packed.size < count:
-        raise where("pos", f"holds {packed.size} gaps, fewer than the {count} entries: the tensor is truncated")
-    return word * count + int(np.count_nonzero(packed[:count] == 0)) * _escape_nbytes(numel)
+    if packed.nbytes < word * count:
+        raise where(f"holds {packed.nbytes // word} gaps, fewer than the {count} entries: it is truncated")
+    zeros = np.count_nonzero(packed[: word * count].view(_uint_dtype(word)) == 0)
+    return word * count + int(zeros) * _escape_nbytes(numel)
+
+
+def _parse_header(raw: bytes, name: str, where) -> tuple[int, int, int, int, int, int, int]:
+    """(encoding, dtype code, parameter, fingerprint, numel, count, header length) of the bytes starting `idx`."""
+    if raw[0] > FORMAT_VERSION:
+        raise RSTFormatError(
+            f"RST adapter tensor '{name}.idx' uses format version {raw[0]}, but this peft_rst reads versions up to "
+            f"{FORMAT_VERSION}: upgrade peft_rst (pip install -U rst-cmkd) to load this adapter."
+        )
+    if raw[0] == 0:
+        raise where("format version 0 does not exist: the header is corrupted")
+    if len(raw) < _MIN_HEADER_NBYTES:
+        raise where(f"has {len(raw)} bytes, fewer than any version-{FORMAT_VERSION} header: it is truncated")
+    numel, i = _read_uvarint(raw, 12, len(raw) - 4)
+    count, i = _read_uvarint(raw, i, len(raw) - 4)
+    if min(numel, count) < 0:
+        raise where("the header's sizes do not parse (truncated or corrupted)")
+    return raw[1], raw[2], raw[3], int.from_bytes(raw[4:12], "little"), numel, count, i + 4
 
 
 def decode_sparse(parts: dict[str, torch.Tensor], numel: int, name: str) -> SparseTensorData:
     """Decode and fully validate what `encode_sparse` produced for the parameter `name` with `numel` entries."""
 
-    def where(suffix: str, problem: str) -> RSTFormatError:
-        return RSTFormatError(f"RST adapter tensor '{name}.{suffix}': {problem}; {_REDO}.")
+    def where_idx(problem: str) -> RSTFormatError:
+        return RSTFormatError(f"RST adapter tensor '{name}.idx': {problem}; {_REDO}.")
+
+    def where_val(problem: str) -> RSTFormatError:
+        return RSTFormatError(f"RST adapter tensor '{name}.val': {problem}; {_REDO}.")
 
     unknown = sorted(set(parts) - set(SUFFIXES))
     if unknown:
-        raise where(unknown[0], f"unknown part (known: {list(SUFFIXES)}); upgrade peft_rst if a newer one wrote it")
-    hdr = parts.get("hdr")
-    if hdr is None:
-        raise where("hdr", "missing (every RST parameter has a header tensor)")
-    if hdr.dtype != torch.uint8 or hdr.dim() != 1 or hdr.numel() == 0:
-        raise where("hdr", f"expected a 1-D uint8 tensor, got {hdr.dtype} of shape {tuple(hdr.shape)}")
-    raw = hdr.cpu().contiguous().numpy().tobytes()
-    if raw[0] > FORMAT_VERSION:
         raise RSTFormatError(
-            f"RST adapter tensor '{name}.hdr' uses format version {raw[0]}, but this peft_rst reads versions up to "
-            f"{FORMAT_VERSION}: upgrade peft_rst (pip install -U rst-cmkd) to load this adapter."
+            f"RST adapter tensor '{name}.{unknown[0]}': unknown part (known: {list(SUFFIXES)}); it was written by "
+            "another tool or a newer peft_rst: upgrade peft_rst."
         )
-    if raw[0] == 0:
-        raise where("hdr", "format version 0 does not exist: the header is corrupted")
-    if len(raw) < _MIN_HEADER_NBYTES:
-        raise where("hdr", f"has {len(raw)} bytes, fewer than any version-{FORMAT_VERSION} header: it is truncated")
-    enc, dtype_code, param = raw[1], raw[2], raw[3]
-    fingerprint = int.from_bytes(raw[4:12], "little")
-    saved_numel, i = _read_uvarint(raw, 12, len(raw) - 4)
-    count, i = _read_uvarint(raw, i, len(raw) - 4)
-    if min(saved_numel, count) < 0 or i != len(raw) - 4:
-        raise where("hdr", f"{len(raw)} bytes do not parse as a version-{FORMAT_VERSION} header (truncated?)")
-    # The parts' presence and types first, then the checksum: once it matches, what the header says is what the
-    # encoder wrote, so any disagreement left is a real mismatch (wrong model), not corruption.
-    pos, val = parts.get("pos"), parts.get("val")
+    idx, val = parts.get("idx"), parts.get("val")
+    if idx is None:
+        raise where_idx("missing (every RST parameter has one)")
+    if idx.dtype != torch.uint8 or idx.dim() != 1 or idx.numel() == 0:
+        raise where_idx(f"expected a 1-D uint8 tensor, got {idx.dtype} of shape {tuple(idx.shape)}")
+    arr = idx.cpu().contiguous().numpy()
+    raw = arr[:_MAX_HEADER_NBYTES].tobytes()
+    enc, dtype_code, param, fingerprint, saved_numel, count, hlen = _parse_header(raw, name, where_idx)
+    packed = arr[hlen:]
+
+    # Presence and types first, then the checksum: once it matches, what the header says is what the encoder
+    # wrote, so any disagreement left is a real mismatch (wrong model) rather than corruption.
     if (val is None) != (count == 0):
-        raise where(
-            "val",
+        raise where_val(
             f"missing (the header records {count} changed entries)"
             if val is None
-            else "present although the header records no changed entries",
+            else "present although the header records no changed entries"
         )
-    if enc in _ENCODING_NAMES and (pos is None) != (enc in (_EMPTY, _FULL)):
-        raise where("pos", "missing" if pos is None else f"present although '{_ENCODING_NAMES[enc]}' stores none")
-    packed = bits = None
-    if pos is not None:
-        if pos.dtype not in (torch.uint8, torch.uint16) or pos.dim() != 1:
-            raise where("pos", f"expected a 1-D uint8 or uint16 tensor, got {pos.dtype} of shape {tuple(pos.shape)}")
-        packed = pos.cpu().contiguous().numpy()
+    bits = None
     if val is not None:
         if val.dtype not in _DTYPE_CODES or val.dim() != 1:
-            raise where("val", f"expected a 1-D float tensor, got {val.dtype} of shape {tuple(val.shape)}")
+            raise where_val(f"expected a 1-D float tensor, got {val.dtype} of shape {tuple(val.shape)}")
         val = val.cpu().contiguous()
         bits = val.view(_INT_VIEWS[val.dtype]).numpy()
-    if _crc(raw[:-4], packed, bits) != int.from_bytes(raw[-4:], "little"):
-        raise where("hdr", "checksum mismatch: the header, positions or values are truncated or corrupted")
+    if _crc(raw[: hlen - 4], packed, bits) != int.from_bytes(raw[hlen - 4 : hlen], "little"):
+        raise where_idx("checksum mismatch: the header, positions or values are truncated or corrupted")
 
     if saved_numel != numel:
         raise RSTFormatError(
@@ -453,34 +467,29 @@ def decode_sparse(parts: dict[str, torch.Tensor], numel: int, name: str) -> Spar
             f"{numel}: load the adapter onto the base model architecture it was trained on."
         )
     if count > numel:
-        raise where("hdr", f"claims {count} changed entries in a tensor of {numel}: the header is corrupted")
+        raise where_idx(f"claims {count} changed entries in a tensor of {numel}: the header is corrupted")
     if enc not in _ENCODING_NAMES:
-        raise where("hdr", f"unknown position encoding id {enc}: the header is corrupted")
+        raise where_idx(f"unknown position encoding id {enc}: the header is corrupted")
     if dtype_code not in _CODE_DTYPES:
-        raise where("hdr", f"unknown value dtype code {dtype_code}: the header is corrupted")
+        raise where_idx(f"unknown value dtype code {dtype_code}: the header is corrupted")
     ok_param = {_ELIAS_FANO: param <= 48, _GAP: param in (8, 16)}.get(enc, param == 0)
     ok_count = {_EMPTY: count == 0, _FULL: count == numel}.get(enc, True)
     if not (ok_param and ok_count and fingerprint < _MAX_FINGERPRINT):
-        raise where("hdr", f"inconsistent fields ({_ENCODING_NAMES[enc]}, parameter {param}, count {count})")
+        raise where_idx(f"inconsistent fields ({_ENCODING_NAMES[enc]}, parameter {param}, count {count})")
     dtype = _CODE_DTYPES[dtype_code]
     if val is not None and (val.dtype != dtype or val.numel() != count):
-        raise where("val", f"expected {count} {dtype} values, got {val.numel()} {val.dtype} values")
-    if packed is not None:
-        want = torch.uint16 if enc == _GAP and param == 16 else torch.uint8
-        if pos.dtype != want:
-            raise where("pos", f"expected a {want} tensor for encoding '{_ENCODING_NAMES[enc]}', got {pos.dtype}")
-        expected = _expected_pos_nbytes(enc, param, packed, numel, count, where)
-        if packed.nbytes != expected:
-            raise where("pos", f"has {packed.nbytes} bytes, expected {expected}: the tensor is truncated or corrupted")
+        raise where_val(f"expected {count} {dtype} values, got {val.numel()} {val.dtype} values")
+    expected = _expected_pos_nbytes(enc, param, packed, numel, count, where_idx)
+    if packed.nbytes != expected:
+        raise where_idx(
+            f"holds {packed.nbytes} bytes of positions, expected {expected}: the tensor is truncated or corrupted"
+        )
 
-    indices = _decode_positions(enc, param, packed, numel, count, where)
+    indices = _decode_positions(enc, param, packed, numel, count, where_idx)
     if val is None:
         val = torch.empty(0, dtype=dtype)
-    elif dtype == torch.bfloat16:  # numpy has no bfloat16: inf/NaN are the values with all exponent bits set
-        if ((bits & 0x7F80) == 0x7F80).any():
-            raise where("val", "contains NaN or inf values")
-    elif not np.isfinite(bits.view(_NP_FLOATS[dtype])).all():
-        raise where("val", "contains NaN or inf values")
+    elif _count_nonfinite(bits, dtype):
+        raise where_val("contains NaN or inf values")
     return SparseTensorData(torch.from_numpy(indices), val, numel, fingerprint)
 
 

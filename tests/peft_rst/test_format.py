@@ -51,12 +51,18 @@ def uvarint(x: int) -> bytes:
             return bytes(out)
 
 
+def header_length(idx: bytes) -> int:
+    _, i = read_uvarint(idx, 12)
+    _, i = read_uvarint(idx, i)
+    return i + 4
+
+
 def reference_decode(parts: dict[str, torch.Tensor]) -> tuple[list[int], bytes, dict]:
     """Pure-Python reader of the documented layout: (positions, raw value bytes, header fields)."""
-    h = parts["hdr"].numpy().tobytes()
-    numel, i = read_uvarint(h, 12)
-    count, i = read_uvarint(h, i)
-    assert i == len(h) - 4
+    raw = parts["idx"].numpy().tobytes()
+    numel, i = read_uvarint(raw, 12)
+    count, i = read_uvarint(raw, i)
+    h, pos = raw[: i + 4], raw[i + 4 :]
     fields = {
         "version": h[0],
         "encoding": h[1],
@@ -66,7 +72,6 @@ def reference_decode(parts: dict[str, torch.Tensor]) -> tuple[list[int], bytes, 
         "numel": numel,
         "count": count,
     }
-    pos = parts["pos"].numpy().tobytes() if "pos" in parts else b""
     val = parts["val"].view(torch.uint8).numpy().tobytes() if "val" in parts else b""
     assert zlib.crc32(h[:-4] + pos + val) == int.from_bytes(h[-4:], "little")
     n, k, enc, param = numel, count, fields["encoding"], fields["param"]
@@ -98,25 +103,41 @@ def reference_decode(parts: dict[str, torch.Tensor]) -> tuple[list[int], bytes, 
     return idx, val, fields
 
 
-def reseal(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def u8(data) -> torch.Tensor:
+    return torch.tensor(list(data), dtype=torch.uint8)
+
+
+def split(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{"hdr": header bytes incl. CRC, "pos": position bytes, "val": values} for tampering with one piece."""
+    raw = parts["idx"].numpy().tobytes()
+    h = header_length(raw)
+    return {"hdr": u8(raw[:h]), "pos": u8(raw[h:]), **({"val": parts["val"]} if "val" in parts else {})}
+
+
+def join(pieces: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The parts `decode_sparse` takes, from split pieces (the CRC is left as it is)."""
+    out = {k: v for k, v in pieces.items() if k not in ("hdr", "pos")}
+    return {"idx": torch.cat([pieces["hdr"], pieces["pos"]]), **out}
+
+
+def reseal(pieces: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Recompute the CRC after tampering, so that the decoder's semantic checks are what is tested."""
-    h = parts["hdr"].numpy().tobytes()[:-4]
-    pos = parts["pos"].numpy().tobytes() if "pos" in parts else b""
-    val = parts["val"].view(torch.uint8).numpy().tobytes() if "val" in parts else b""
-    h += zlib.crc32(h + pos + val).to_bytes(4, "little")
-    return {**parts, "hdr": torch.tensor(list(h), dtype=torch.uint8)}
+    h = pieces["hdr"].numpy().tobytes()[:-4]
+    pos = pieces["pos"].numpy().tobytes()
+    val = pieces["val"].view(torch.uint8).numpy().tobytes() if "val" in pieces else b""
+    return {**pieces, "hdr": u8(h + zlib.crc32(h + pos + val).to_bytes(4, "little"))}
 
 
-def make_header(parts, *, numel: int, count: int) -> dict[str, torch.Tensor]:
+def make_header(pieces, *, numel: int, count: int) -> dict[str, torch.Tensor]:
     """The same header with other numel/count fields (which are variable-length), resealed."""
-    h = parts["hdr"].numpy().tobytes()[:12] + uvarint(numel) + uvarint(count) + bytes(4)
-    return reseal({**parts, "hdr": torch.tensor(list(h), dtype=torch.uint8)})
+    h = pieces["hdr"].numpy().tobytes()[:12] + uvarint(numel) + uvarint(count) + bytes(4)
+    return reseal({**pieces, "hdr": u8(h)})
 
 
-def with_header_byte(parts, offset, value):
-    h = parts["hdr"].clone()
+def with_header_byte(pieces, offset, value):
+    h = pieces["hdr"].clone()
     h[offset] = value
-    return {**parts, "hdr": h}
+    return {**pieces, "hdr": h}
 
 
 def random_positions(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -165,7 +186,7 @@ def test_zero_changed_entries(encoding):
     data = decode_sparse(parts, 768, "bias")
     assert data.values.dtype == torch.bfloat16 and data.values.numel() == 0
     if encoding in (None, "empty"):
-        assert set(parts) == {"hdr"} and encoded_nbytes(parts) == 4 + 8 + 2 + 1 + 4  # 768 takes 2 varint bytes
+        assert set(parts) == {"idx"} and encoded_nbytes(parts) == 4 + 8 + 2 + 1 + 4  # 768 takes 2 varint bytes
 
 
 @pytest.mark.parametrize("encoding", [None, "full", *FORCED])
@@ -174,7 +195,7 @@ def test_every_entry_changed(encoding):
     val = torch.randn(n, dtype=torch.float64)
     parts = assert_roundtrip(torch.arange(n), val, n, encoding=encoding)
     if encoding in (None, "full"):
-        assert set(parts) == {"hdr", "val"}
+        assert set(parts) == {"idx", "val"} and header_length(parts["idx"].numpy().tobytes()) == parts["idx"].numel()
 
 
 def test_empty_tensor_and_single_entry_tensor():
@@ -263,7 +284,7 @@ def test_clustered_positions_are_cheaper_than_the_uniform_bound():
 
 def test_header_is_the_only_cost_of_an_unchanged_tensor():
     parts = encode_sparse(torch.zeros(0, dtype=torch.int64), torch.zeros(0), 3072 * 768, 1)
-    assert encoded_nbytes(parts) == 4 + 8 + 4 + 1 + 4 == parts["hdr"].numel()  # 3072 * 768 takes 4 varint bytes
+    assert encoded_nbytes(parts) == 4 + 8 + 4 + 1 + 4 == parts["idx"].numel()  # 3072 * 768 takes 4 varint bytes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -301,67 +322,74 @@ def test_safetensors_file_roundtrip(tmp_path):
 
 
 @pytest.fixture
-def parts():
-    return encode_sparse(torch.tensor([5, 300, 70_000, 70_001]), torch.randn(4), 100_000, 42, encoding="gap8")
+def pieces():
+    parts = encode_sparse(torch.tensor([5, 300, 70_000, 70_001]), torch.randn(4), 100_000, 42, encoding="gap8")
+    return split(parts)
 
 
-def decode_error(parts, numel=100_000) -> str:
+def decode_error(pieces_or_parts, numel=100_000) -> str:
+    parts = join(pieces_or_parts) if "hdr" in pieces_or_parts else pieces_or_parts
     with pytest.raises(RSTFormatError) as info:
         decode_sparse(parts, numel, "enc.layers.0.fc1.weight")
     assert "enc.layers.0.fc1.weight" in str(info.value)
     return str(info.value)
 
 
-def test_unknown_version_asks_for_an_upgrade(parts):
-    msg = decode_error(reseal(with_header_byte(parts, 0, FORMAT_VERSION + 1)))
+def test_tampering_helpers_are_faithful(pieces):
+    data = decode_sparse(join(reseal(pieces)), 100_000, "w")
+    assert data.indices.tolist() == [5, 300, 70_000, 70_001] and data.base_fingerprint == 42
+
+
+def test_unknown_version_asks_for_an_upgrade(pieces):
+    msg = decode_error(reseal(with_header_byte(pieces, 0, FORMAT_VERSION + 1)))
     assert "upgrade peft_rst" in msg and f"version {FORMAT_VERSION + 1}" in msg
-    assert "upgrade" in decode_error(with_header_byte(parts, 0, 200))  # even before the checksum is looked at
-    assert "corrupted" in decode_error(with_header_byte(parts, 0, 0))
+    assert "upgrade" in decode_error(with_header_byte(pieces, 0, 200))  # even before the checksum is looked at
+    assert "corrupted" in decode_error(with_header_byte(pieces, 0, 0))
 
 
-def test_truncated_or_extended_positions(parts):
-    assert "truncated" in decode_error({**parts, "pos": parts["pos"][:-1]})
-    assert "truncated" in decode_error(reseal({**parts, "pos": parts["pos"][:-1]}))
-    longer = torch.cat([parts["pos"], parts["pos"][:1]])
-    assert "checksum" in decode_error({**parts, "pos": longer})
-    assert "expected" in decode_error(reseal({**parts, "pos": longer}))
-    assert "truncated" in decode_error({**parts, "pos": parts["pos"][:2]})
-    assert "fewer than" in decode_error(reseal({**parts, "pos": parts["pos"][:2]}))
-    ef = encode_sparse(torch.tensor([5, 300, 70_000]), torch.randn(3), 100_000, 42, encoding="elias_fano")
+def test_truncated_or_extended_positions(pieces):
+    assert "truncated" in decode_error({**pieces, "pos": pieces["pos"][:-1]})
+    assert "truncated" in decode_error(reseal({**pieces, "pos": pieces["pos"][:-1]}))
+    longer = torch.cat([pieces["pos"], pieces["pos"][:1]])
+    assert "checksum" in decode_error({**pieces, "pos": longer})
+    assert "expected" in decode_error(reseal({**pieces, "pos": longer}))
+    assert "truncated" in decode_error({**pieces, "pos": pieces["pos"][:2]})
+    assert "fewer than" in decode_error(reseal({**pieces, "pos": pieces["pos"][:2]}))
+    ef = split(encode_sparse(torch.tensor([5, 300, 70_000]), torch.randn(3), 100_000, 42, encoding="elias_fano"))
     assert "truncated" in decode_error({**ef, "pos": ef["pos"][:-1]})
+    assert "truncated" in decode_error(reseal({**ef, "pos": ef["pos"][:-1]}))
+    g16 = split(encode_sparse(torch.tensor([5, 300, 70_000]), torch.randn(3), 100_000, 42, encoding="gap16"))
+    assert "truncated" in decode_error(reseal({**g16, "pos": g16["pos"][:-1]}))  # odd number of bytes
 
 
-def test_corrupted_header(parts):
-    assert "checksum" in decode_error(with_header_byte(parts, 7, parts["hdr"][7] ^ 1))  # fingerprint bit
-    assert "checksum" in decode_error(with_header_byte(parts, 12, parts["hdr"][12] ^ 1))  # numel: corruption
-    assert "checksum" in decode_error({**parts, "val": parts["val"] * 2})  # values changed, header not
-    assert "encoding" in decode_error(reseal(with_header_byte(parts, 1, 9)))
-    assert "dtype" in decode_error(reseal(with_header_byte(parts, 2, 77)))
-    assert "inconsistent" in decode_error(reseal(with_header_byte(parts, 3, 12)))  # gap words of 12 bits
-    assert "truncated" in decode_error({**parts, "hdr": parts["hdr"][:10]})
-    assert "truncated" in decode_error({**parts, "hdr": parts["hdr"][:-1]})
-    assert "truncated" in decode_error(reseal({**parts, "hdr": torch.cat([parts["hdr"][:14], parts["hdr"][-4:]])}))
-    never_ends = torch.cat([parts["hdr"][:12], torch.full((10,), 0x80, dtype=torch.uint8), parts["hdr"][-4:]])
-    assert "truncated" in decode_error(reseal({**parts, "hdr": never_ends}))
-    msg = decode_error({**parts, "hdr": parts["hdr"].to(torch.int64)})
-    assert "uint8" in msg
+def test_corrupted_header(pieces):
+    assert "checksum" in decode_error(with_header_byte(pieces, 7, pieces["hdr"][7] ^ 1))  # fingerprint bit
+    assert "checksum" in decode_error(with_header_byte(pieces, 12, pieces["hdr"][12] ^ 1))  # numel: corruption
+    assert "checksum" in decode_error({**pieces, "val": pieces["val"] * 2})  # values changed, header not
+    assert "encoding" in decode_error(reseal(with_header_byte(pieces, 1, 9)))
+    assert "dtype" in decode_error(reseal(with_header_byte(pieces, 2, 77)))
+    assert "inconsistent" in decode_error(reseal(with_header_byte(pieces, 3, 12)))  # gap words of 12 bits
+    assert "truncated" in decode_error({"idx": pieces["hdr"][:10], "val": pieces["val"]})
+    assert "truncated" in decode_error({"idx": pieces["hdr"][:-1], "val": pieces["val"]})
+    never_ends = torch.cat([pieces["hdr"][:12], torch.full((30,), 0x80, dtype=torch.uint8)])
+    assert "do not parse" in decode_error({"idx": never_ends, "val": pieces["val"]})
+    assert "uint8" in decode_error({**join(pieces), "idx": join(pieces)["idx"].to(torch.int64)})
 
 
-def test_count_larger_than_numel(parts):
-    assert "corrupted" in decode_error(make_header(parts, numel=100_000, count=200_000))
-    assert decode_sparse(make_header(parts, numel=100_000, count=4), 100_000, "w").indices.numel() == 4
+def test_count_larger_than_numel(pieces):
+    assert "corrupted" in decode_error(make_header(pieces, numel=100_000, count=200_000))
+    assert decode_sparse(join(make_header(pieces, numel=100_000, count=4)), 100_000, "w").indices.numel() == 4
 
 
-def test_numel_mismatch(parts):
-    msg = decode_error(parts, numel=99_999)
+def test_numel_mismatch(pieces):
+    msg = decode_error(pieces, numel=99_999)
     assert "100000" in msg and "99999" in msg and "base model" in msg
 
 
 def craft_elias_fano(numel: int, values: torch.Tensor, low_bits: int, pos_bytes: list[int]) -> dict:
-    """Hand-made Elias-Fano parts (header parameter = low_bits), with a valid checksum."""
-    p = encode_sparse(torch.arange(values.numel()), values, numel, 0, encoding="elias_fano")
-    p = with_header_byte(p, 3, low_bits)
-    return reseal({**p, "pos": torch.tensor(pos_bytes, dtype=torch.uint8)})
+    """Hand-made Elias-Fano pieces (header parameter = low_bits), with a valid checksum."""
+    p = split(encode_sparse(torch.arange(values.numel()), values, numel, 0, encoding="elias_fano"))
+    return reseal({**with_header_byte(p, 3, low_bits), "pos": u8(pos_bytes)})
 
 
 def test_out_of_range_positions():
@@ -370,15 +398,13 @@ def test_out_of_range_positions():
     with pytest.raises(RSTFormatError, match="lie in"):
         encode_sparse(torch.tensor([-1, 3]), torch.randn(2), 10, 0)
     # gaps that run past the end, with a valid checksum
-    p = encode_sparse(torch.tensor([1, 8]), torch.randn(2), 10, 0, encoding="gap8")
-    p["pos"] = torch.tensor([2, 9], dtype=torch.uint8)
-    assert "past" in decode_error(reseal(p), numel=10)
+    p = split(encode_sparse(torch.tensor([1, 8]), torch.randn(2), 10, 0, encoding="gap8"))
+    assert "past" in decode_error(reseal({**p, "pos": u8([2, 9])}), numel=10)
     # escaped gaps must be too big for a word (canonical) and at most numel
-    p = encode_sparse(torch.tensor([1, 300]), torch.randn(2), 1000, 0, encoding="gap8")
+    p = split(encode_sparse(torch.tensor([1, 300]), torch.randn(2), 1000, 0, encoding="gap8"))
     assert p["pos"].tolist() == [2, 0, 43, 1, 0, 0]  # gap 299 = 0x12B escaped as little-endian u32
     for escaped in ([7, 0, 0, 0], [0x88, 0x13, 0, 0]):  # 7 < 256, 5000 > numel
-        p["pos"] = torch.tensor([2, 0, *escaped], dtype=torch.uint8)
-        assert "escaped gap" in decode_error(reseal(p), numel=1000)
+        assert "escaped gap" in decode_error(reseal({**p, "pos": u8([2, 0, *escaped])}), numel=1000)
     # Elias-Fano, numel 10, 2 low bits: 4 low bits then 2 + (9 >> 2) + 1 = 5 upper bits, one stream, LSB first.
     # positions 1 = (upper 0, low 01) and 10 = (upper 2, low 10): low bits 1001, upper bits set at 4 + 0, 4 + 2 + 1
     assert "strictly increasing" in decode_error(craft_elias_fano(10, torch.randn(2), 2, [0b10011001, 0]), 10)
@@ -392,43 +418,40 @@ def test_non_increasing_positions():
     # positions 1 = (0, 01) and 1 = (0, 01) again: low bits 0101, upper bits set at 4 + 0 + 0 and 4 + 0 + 1
     assert "strictly increasing" in decode_error(craft_elias_fano(10, torch.randn(2), 2, [0b00110101, 0]), 10)
     # the same layout with distinct positions decodes: 1 = (0, 01) and 3 = (0, 11)
-    assert decode_sparse(craft_elias_fano(10, torch.randn(2), 2, [0b00111101, 0]), 10, "w").indices.tolist() == [1, 3]
+    good = join(craft_elias_fano(10, torch.randn(2), 2, [0b00111101, 0]))
+    assert decode_sparse(good, 10, "w").indices.tolist() == [1, 3]
     with pytest.raises(RSTFormatError, match="set bits"):  # a padding bit set: 3 ones in the upper part
-        decode_sparse(craft_elias_fano(10, torch.randn(2), 2, [0b00111101, 0b10]), 10, "w")
+        decode_sparse(join(craft_elias_fano(10, torch.randn(2), 2, [0b00111101, 0b10])), 10, "w")
 
 
 def test_bitmask_count_mismatch():
-    p = encode_sparse(torch.tensor([1, 6]), torch.randn(2), 10, 0, encoding="bitmask")
-    p["pos"] = torch.tensor([0b01000011, 0], dtype=torch.uint8)
-    assert "bitmask" in decode_error(reseal(p), numel=10)
+    p = split(encode_sparse(torch.tensor([1, 6]), torch.randn(2), 10, 0, encoding="bitmask"))
+    assert "bitmask" in decode_error(reseal({**p, "pos": u8([0b01000011, 0])}), numel=10)
 
 
-def test_nan_or_inf_values(parts):
+def test_nan_or_inf_values():
     with pytest.raises(RSTFormatError, match="NaN"):
         encode_sparse(torch.tensor([1, 2]), torch.tensor([1.0, float("nan")]), 10, 0)
     with pytest.raises(RSTFormatError, match="NaN"):
         encode_sparse(torch.tensor([1, 2]), torch.tensor([float("-inf"), 1.0], dtype=torch.bfloat16), 10, 0)
     for dtype in DTYPES:
-        p = encode_sparse(torch.tensor([1, 2]), torch.tensor([1.0, 2.0], dtype=dtype), 10, 0)
+        p = split(encode_sparse(torch.tensor([1, 2]), torch.tensor([1.0, 2.0], dtype=dtype), 10, 0))
         for bad in (float("nan"), float("inf")):
-            p["val"] = torch.tensor([1.0, bad], dtype=dtype)
-            assert "NaN" in decode_error(reseal(p), numel=10)
+            assert "NaN" in decode_error(reseal({**p, "val": torch.tensor([1.0, bad], dtype=dtype)}), numel=10)
 
 
-def test_missing_unexpected_and_mistyped_parts(parts):
-    assert "missing" in decode_error({k: v for k, v in parts.items() if k != "hdr"})
-    assert "missing" in decode_error({k: v for k, v in parts.items() if k != "pos"})
-    assert "missing" in decode_error({k: v for k, v in parts.items() if k != "val"})
-    assert "unknown part" in decode_error({**parts, "idx": parts["pos"]})
-    assert "uint8" in decode_error({**parts, "pos": parts["pos"].to(torch.int16)})
-    assert "uint8" in decode_error(reseal({**parts, "pos": parts["pos"].to(torch.uint16)}))
-    assert "float32" in decode_error(reseal({**parts, "val": parts["val"].to(torch.float16)}))
+def test_missing_unexpected_and_mistyped_parts(pieces):
+    parts = join(pieces)
+    assert "missing" in decode_error({"val": parts["val"]})
+    assert "missing" in decode_error({"idx": parts["idx"]})
+    assert "unknown part" in decode_error({**parts, "pos": parts["idx"]})
+    assert "float32" in decode_error(reseal({**pieces, "val": pieces["val"].to(torch.float16)}))
     assert "float" in decode_error({**parts, "val": parts["val"].to(torch.int32)})
-    assert "4 torch.float32" in decode_error(reseal({**parts, "val": parts["val"][:3]}))
+    assert "4 torch.float32" in decode_error(reseal({**pieces, "val": pieces["val"][:3]}))
     assert "truncated" in decode_error({**parts, "val": parts["val"][:3]})
     empty = encode_sparse(torch.zeros(0, dtype=torch.int64), torch.zeros(0), 100_000, 0)
     assert "present" in decode_error({**empty, "val": parts["val"]})
-    assert "present" in decode_error({**empty, "pos": parts["pos"]})
+    assert "expected 0" in decode_error(reseal({**split(empty), "pos": u8([1])}))
 
 
 def test_encode_input_validation():

@@ -302,10 +302,25 @@ def build_parser(
     cfg = load_benchmark_config(benchmark) if isinstance(benchmark, str) else benchmark
     title = cfg.display_name if cfg else "a benchmark"
     parser = argparse.ArgumentParser(
-        description=description or f"CMKD / RST unsupervised domain adaptation on {title}.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=description or f"CMKD / RST unsupervised domain adaptation on {title}."
     )
     domains_help = ", ".join(f"{d.key}={d.name}" for d in cfg.domains.values()) if cfg else "see the YAML"
+    defaults: dict[str, Any] = {}
+    if cfg:
+        bb = cfg.backbones[cfg.backbone]
+        defaults = {
+            "tau": bb.tau,
+            "model": bb.model,
+            "backbone": f"{cfg.backbone}; choices: {', '.join(cfg.backbones)}",
+            "iterations": cfg.training.iterations,
+            "eval_interval": cfg.training.eval_interval,
+            "batch_size": cfg.training.batch_size,
+            "lr": bb.lr,
+            "seed": cfg.training.seed,
+        }
+
+    def dflt(key: str) -> str:
+        return f"(default: {defaults[key]})" if key in defaults else "(default: from the benchmark YAML)"
 
     task = parser.add_argument_group("task")
     task.add_argument("-s", "--source", help=f"source domain ({domains_help})")
@@ -315,7 +330,7 @@ def build_parser(
 
     method = parser.add_argument_group("method")
     method.add_argument("--rst", action="store_true", help="Residual Sparse Training: ship a sparse patch per task")
-    method.add_argument("--tau", type=float, help="RST reset threshold (default: the backbone's value in the YAML)")
+    method.add_argument("--tau", type=float, help=f"RST reset threshold {dflt('tau')}")
     method.add_argument("--fixmatch", action="store_true", help="add FixMatch consistency on strong target views")
     method.add_argument("--partial", action="store_true", help="partial-set protocol (Office-Home 65 -> 25 classes)")
     method.add_argument("--baseline", action="store_true", help="source-only fine-tuning, no CMKD")
@@ -328,8 +343,8 @@ def build_parser(
     )
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model", help="any CLIP on the Hub or a local path (default: the backbone's Hub id)")
-    model.add_argument("--backbone", help="hyper-parameter family from the YAML (lr, multiplier, tau), e.g. vit_b16")
+    model.add_argument("--model", help=f"any CLIP on the Hub or a local path {dflt('model')}")
+    model.add_argument("--backbone", help=f"hyper-parameter family (lr, multiplier, tau) {dflt('backbone')}")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data_dir", help="root folder of the benchmark as it ships (see docs/datasets.md)")
@@ -358,11 +373,11 @@ def build_parser(
     data.add_argument("--num_workers", type=int, help="DataLoader workers (default: CPUs available, at most 8)")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--iterations", type=int, help="training iterations")
-    train.add_argument("--eval_interval", type=int, help="iterations between target evaluations")
-    train.add_argument("--batch_size", type=int, help="per-domain batch size (source and target each)")
-    train.add_argument("--lr", type=float, help="visual encoder learning rate (head uses lr x multiplier)")
-    train.add_argument("--seed", type=int, help="random seed")
+    train.add_argument("--iterations", type=int, help=f"training iterations {dflt('iterations')}")
+    train.add_argument("--eval_interval", type=int, help=f"iterations between evaluations {dflt('eval_interval')}")
+    train.add_argument("--batch_size", type=int, help=f"per-domain batch size {dflt('batch_size')}")
+    train.add_argument("--lr", type=float, help=f"encoder lr, head: lr x multiplier {dflt('lr')}")
+    train.add_argument("--seed", type=int, help=f"random seed {dflt('seed')}")
 
     out = parser.add_argument_group("output")
     out.add_argument("--output_dir", required=False, help="where checkpoints, results and tables go")

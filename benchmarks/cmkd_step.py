@@ -153,13 +153,13 @@ def make_trainer(model, args, mode: str, out_dir: str, steps: int = 1) -> CMKDTr
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=384)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--projection-dim", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16, help="per stream (source and target each)")
     parser.add_argument("--num-classes", type=int, default=65, help="65 = Office-Home")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--train-steps", type=int, default=5)
     args = parser.parse_args()
     hf_logging.set_verbosity_error()

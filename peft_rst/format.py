@@ -77,50 +77,63 @@ class SparseTensorData:
 # ----------------------------------------------------------------------------------------------------------------
 # fingerprint
 
-_FP_COLS = 256  # int64 words per row of the 2-D view whose row and column sums are fingerprinted
-_FP_ROW_MULT = 0x9E3779B97F4A7C15  # odd 64-bit constants: row r weighs (r + 1) * ROW, column c weighs (c + 1) * COL
-_FP_COL_MULT = 0xC2B2AE3D27D4EB4F
-_U64 = (1 << 64) - 1
+_FP_COLS = 1024  # 64-bit words per row of the 2-D view of the data
 
 
-def _weighted_sum(sums: torch.Tensor, mult: int) -> int:
-    """sum_i sums[i] * (i + 1) * mult modulo 2**64, exactly (numpy uint64 arithmetic wraps by definition)."""
-    s = sums.cpu().numpy().astype(np.uint64)
-    weights = np.arange(1, s.size + 1, dtype=np.uint64) * np.uint64(mult)
-    return int((s * weights).sum(dtype=np.uint64))
+def _odd_weights(n: int, mult: int) -> np.ndarray:
+    """((i + 1) * mult) | 1 modulo 2**64 for i < n: odd, so multiplying by one is invertible modulo 2**64."""
+    return (np.arange(1, n + 1, dtype=np.uint64) * np.uint64(mult)) | np.uint64(1)
+
+
+_FP_COL_WEIGHTS = _odd_weights(_FP_COLS, 0x9E3779B97F4A7C15)
+_FP_ROW_MULT = 0xC2B2AE3D27D4EB4F
+
+
+def _row_hashes_numpy(words: np.ndarray) -> np.ndarray:
+    """sum_c words[r, c] * col_weight[c] mod 2**64 for each row of 1024 words (last row partial): one pass."""
+    nrows = words.size // _FP_COLS
+    body = words[: nrows * _FP_COLS].reshape(nrows, _FP_COLS)
+    rest = words[nrows * _FP_COLS :]
+    last = np.einsum("i,i->", rest, _FP_COL_WEIGHTS[: rest.size], dtype=np.uint64)
+    return np.append(np.einsum("ij,j->i", body, _FP_COL_WEIGHTS, dtype=np.uint64), last)
+
+
+def _row_hashes_torch(words: torch.Tensor) -> np.ndarray:
+    """The same on any device, in int64 (whose wrap-around has the bits of uint64 arithmetic)."""
+    nrows = words.numel() // _FP_COLS
+    weights = torch.from_numpy(_FP_COL_WEIGHTS.view(np.int64)).to(words.device)
+    body = words[: nrows * _FP_COLS].view(nrows, _FP_COLS)
+    rest = words[nrows * _FP_COLS :]
+    hashes = torch.cat([(body * weights).sum(1), (rest * weights[: rest.numel()]).sum().reshape(1)])
+    return hashes.cpu().numpy().view(np.uint64)
 
 
 def tensor_fingerprint(t: torch.Tensor) -> int:
-    """A deterministic 63-bit fingerprint of a tensor's exact bits, shape and dtype, computed where the tensor lives.
+    """A deterministic 63-bit fingerprint of a tensor's exact bits, shape and dtype.
 
-    The data is read as 64-bit words laid out in rows of 256 words; the fingerprint hashes the plain word sum
-    (modulo 2**64, which changes whenever any single entry changes), a row-weighted sum of the row sums and a
-    column-weighted sum of the column sums (which catch swapped or transposed entries), shape and dtype. Two
-    passes over the data with integer arithmetic: identical on every run, process and device.
+    The bytes are read as little-endian 64-bit words w_i in rows of 1024; the fingerprint hashes (blake2b)
+    shape, dtype, the trailing bytes that fill no word, and H = sum_i w_i * a_col(i) * b_row(i) mod 2**64 with
+    odd weights a and b. Odd weights are invertible modulo 2**64, so changing any single word (any entry) always
+    changes H; position-dependent weights catch swapped, permuted or transposed entries. One pass over the data
+    (numpy on CPU, where it stays single-threaded; torch elsewhere), with integer arithmetic only: identical on
+    every run, process and device.
     """
     if not isinstance(t, torch.Tensor):
         raise RSTFormatError(f"tensor_fingerprint expects a torch.Tensor, got {type(t).__name__}.")
-    t = t.detach()
-    raw = t.contiguous().reshape(-1).view(torch.uint8)
-    if raw.storage_offset() % 8:
-        raw = raw.clone()
+    raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
     nwords = raw.numel() // 8
-    words = raw[: nwords * 8].view(torch.int64)
-    nrows = nwords // _FP_COLS
-    body = words[: nrows * _FP_COLS].view(nrows, _FP_COLS)
-    rest = words[nrows * _FP_COLS :]
-    row_sums = torch.cat([body.sum(1), rest.sum().reshape(1)])
-    col_sums = body.sum(0)
-    col_sums[: rest.numel()] += rest
-    summary = (
-        int(col_sums.sum().item()) & _U64,
-        _weighted_sum(row_sums, _FP_ROW_MULT),
-        _weighted_sum(col_sums, _FP_COL_MULT),
-    )
-    digest = hashlib.blake2b(digest_size=8)
-    digest.update(f"{tuple(t.shape)}|{t.dtype}|{summary}|".encode())
-    digest.update(raw[nwords * 8 :].cpu().numpy().tobytes())
-    return int.from_bytes(digest.digest(), "little") & (_MAX_FINGERPRINT - 1)
+    if raw.device.type == "cpu":
+        data = raw.numpy()
+        rows = _row_hashes_numpy(data[: nwords * 8].view(np.uint64))
+        tail = data[nwords * 8 :].tobytes()
+    else:
+        if raw.storage_offset() % 8:
+            raw = raw.clone()
+        rows = _row_hashes_torch(raw[: nwords * 8].view(torch.int64))
+        tail = raw[nwords * 8 :].cpu().numpy().tobytes()
+    total = int(np.einsum("i,i->", rows, _odd_weights(rows.size, _FP_ROW_MULT), dtype=np.uint64))
+    digest = hashlib.blake2b(f"{tuple(t.shape)}|{t.dtype}|{total}|".encode() + tail, digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (_MAX_FINGERPRINT - 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

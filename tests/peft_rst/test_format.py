@@ -517,6 +517,23 @@ def test_fingerprint_sees_position_shape_and_dtype():
     assert tensor_fingerprint(buffer[1:]) == tensor_fingerprint(buffer[1:].clone())  # unaligned view
 
 
+def test_fingerprint_non_cpu_path_computes_the_same_hashes():
+    # GPUs take the torch implementation; on this CPU-only machine run it on CPU tensors against the numpy one
+    from peft_rst.format import _row_hashes_numpy, _row_hashes_torch
+
+    gen = torch.Generator().manual_seed(9)
+    for t in [torch.randn(3000, 7, generator=gen), torch.randn(1024 * 8, generator=gen).to(torch.bfloat16)]:
+        raw = t.reshape(-1).view(torch.uint8)
+        n = raw.numel() // 8
+        numpy_rows = _row_hashes_numpy(raw.numpy()[: n * 8].view(np.uint64))
+        torch_rows = _row_hashes_torch(raw[: n * 8].view(torch.int64))
+        assert numpy_rows.dtype == torch_rows.dtype == np.uint64 and np.array_equal(numpy_rows, torch_rows)
+        # reference: the first row's hash by Python integers
+        weights = [((c + 1) * 0x9E3779B97F4A7C15 | 1) % 2**64 for c in range(1024)]
+        words = np.frombuffer(raw.numpy().tobytes()[: 8 * min(n, 1024)], "<u8").tolist()
+        assert int(numpy_rows[0]) == sum(w * a for w, a in zip(words, weights)) % 2**64
+
+
 @pytest.mark.slow  # a fresh interpreter importing torch: a few seconds
 def test_fingerprint_is_the_same_in_another_process():
     # load the module file alone (it needs only torch and numpy), so the child does not import peft

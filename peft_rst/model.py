@@ -12,7 +12,7 @@ from torch import nn
 
 from . import format as rst_format
 from .config import RSTConfig
-from .layer import RSTLayer
+from .layer import RSTLayer, SparsePatch
 from .reset import ResetGroup, register, unregister
 
 PREFIX = "rst_"
@@ -283,13 +283,11 @@ class RSTModel(BaseTuner):
                 )
             # validates the encoding and that the saved tensor has this parameter's size
             data = rst_format.decode_sparse(parts, base.numel(), checkpoint_key)
-            decoded.append((layer, model_key, param_name, base, parts, data))
+            decoded.append((layer, model_key, param_name, base, data))
         if not decoded:
             raise ValueError(f"Adapter '{adapter_name}' has no RST layers in this model; nothing to load.")
         if config.check_base_fingerprint:
-            mismatched = [
-                key for _, key, _, base, _, data in decoded if data.base_fingerprint != base_fingerprint(base)
-            ]
+            mismatched = [key for _, key, _, base, data in decoded if data.base_fingerprint != base_fingerprint(base)]
             if mismatched:
                 names = ", ".join(cls._remove_adapter_name_from_key(k, adapter_name) for k in mismatched[:3])
                 raise BaseWeightsMismatchError(
@@ -298,10 +296,10 @@ class RSTModel(BaseTuner):
                     "or, to load it anyway: `cfg = PeftConfig.from_pretrained(path); cfg.check_base_fingerprint = "
                     "False; PeftModel.from_pretrained(model, path, config=cfg)`."
                 )
-        for layer, model_key, param_name, base, parts, data in decoded:
+        for layer, model_key, param_name, base, data in decoded:
             if adapter_name in layer.rst_sparse:
                 module_key = model_key.rpartition(f".{_CONTAINER}.")[0]
-                for suffix, tensor in parts.items():
+                for suffix, tensor in SparsePatch.state_from(data).items():
                     result[f"{module_key}.rst_sparse.{adapter_name}.{param_name}__{suffix}"] = tensor
                 continue
             weight = layer.rst_weight[adapter_name][param_name]

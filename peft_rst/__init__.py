@@ -9,15 +9,26 @@ from ._registration import IncompatiblePeftError, register_rst
 register_rst()
 
 from .config import RSTConfig, RSTPeftType  # noqa: E402
+from .hub import HubTokenError, push_adapter_to_hub  # noqa: E402
 from .layer import RSTLayer  # noqa: E402
 from .model import BaseWeightsMismatchError, RSTModel  # noqa: E402
+from .model_card import render_model_card, write_model_card  # noqa: E402
+from .report import AdapterReport, DSPReport, ModuleRow, report  # noqa: E402
 
 __all__ = [
+    "AdapterReport",
     "BaseWeightsMismatchError",
+    "DSPReport",
+    "HubTokenError",
+    "ModuleRow",
     "IncompatiblePeftError",
     "RSTConfig",
     "RSTLayer",
     "RSTModel",
     "RSTPeftType",
+    "push_adapter_to_hub",
+    "render_model_card",
+    "report",
+    "write_model_card",
 ]
 __version__ = "0.1.0"

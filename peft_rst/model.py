@@ -181,6 +181,11 @@ class RSTModel(BaseTuner):
         self._reset_groups[adapter_name or self.active_adapters[0]].step = int(step)
 
     # ------------------------------------------------------------------ unloading
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        """Plain replacement: RST layers create W on the base's device already, and a `modules_to_save` module
+        need not have a `.weight` (BaseTuner's default copies one over)."""
+        setattr(parent, child_name, new_module)
+
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         if merge:
             self._check_merge_allowed()

@@ -151,6 +151,26 @@ def test_safe_merge_refuses_nan_and_leaves_base_intact(rst_tools):
         assert rst_tools.bitwise_equal(w0, pristine.get_parameter(name)), name
 
 
+def test_merging_two_adapters_adds_their_deltas_and_unmerges_bitwise(rst_tools):
+    pristine = _base()
+    model = get_peft_model(_base(), RSTConfig(tau=TAU))
+    model.add_adapter("other", RSTConfig(tau=TAU))
+    w0 = pristine.body[0].weight.detach()
+    with torch.no_grad():
+        rst_tools.adapter_weights(model, "default")["body.0.weight"][0, 0] += 0.5
+        rst_tools.adapter_weights(model, "other")["body.0.weight"][0, 0] += 0.25
+        rst_tools.adapter_weights(model, "other")["body.0.weight"][1, 1] += 0.125
+    model.base_model.merge_adapter(["default", "other"])
+    merged = rst_tools.base_weights(model)["body.0.weight"]
+    expected = w0.clone()
+    expected[0, 0] = (w0[0, 0] + 0.5) + ((w0[0, 0] + 0.25) - w0[0, 0])
+    expected[1, 1] = w0[1, 1] + ((w0[1, 1] + 0.125) - w0[1, 1])
+    assert torch.equal(merged, expected)
+    model.base_model.unmerge_adapter()
+    for name, w in rst_tools.base_weights(model).items():
+        assert rst_tools.bitwise_equal(w, pristine.get_parameter(name)), name
+
+
 # ------------------------------------------------------------------------------------------- several adapters
 def test_several_adapters_add_set_train_delete(rst_tools):
     pristine = _base().eval()

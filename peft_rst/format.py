@@ -1,11 +1,11 @@
 """Compact, exact, versioned sparse encoding of RST adapter tensors.
 
-One RST parameter (the entries training moved away from w0) is stored as up to three plain tensors inside
+One RST parameter (the entries training moved away from w0) is stored as one or two plain tensors inside
 `adapter_model.safetensors`, so the file needs no pickle, no JSON side file and no safetensors metadata:
 
-- `hdr` (uint8, 18-30 bytes): version, encoding, dtype, the base weights' fingerprint, sizes, a CRC-32 of everything;
-- `pos` (uint8 or uint16): the changed positions, in whichever encoding is smallest for this tensor;
-- `val` (the parameter's float dtype): the new values, bit for bit.
+- `idx` (uint8): an 18-30 byte header (version, encoding, dtype, the base weights' fingerprint, numel, count and a
+  CRC-32 of everything) followed by the changed positions, in whichever encoding is smallest for this tensor;
+- `val` (the parameter's float dtype, absent when nothing changed): the new values, bit for bit.
 
 The byte-level specification (enough to read the file without this package) is `docs/adapter-format.md`.
 """
@@ -39,10 +39,9 @@ _MIN_HEADER_NBYTES = 18  # 4 single bytes, 8-byte fingerprint, two 1-byte varint
 _MAX_HEADER_NBYTES = 30  # ... with two 7-byte varints (values below 2**48)
 _MAX_FINGERPRINT = 1 << 63
 
-# Encoding ids (header byte 1). The name is what `encode_sparse(..., encoding=...)` accepts.
+# Encoding ids (header byte 1); `ENCODINGS` are the names `encode_sparse(..., encoding=...)` accepts to force one.
 _EMPTY, _FULL, _BITMASK, _ELIAS_FANO, _GAP = 0, 1, 2, 3, 4
-ENCODINGS: dict[str, int] = {"empty": _EMPTY, "full": _FULL, "bitmask": _BITMASK, "elias_fano": _ELIAS_FANO}
-ENCODINGS.update({"gap8": _GAP, "gap16": _GAP})
+ENCODINGS: tuple[str, ...] = ("empty", "full", "bitmask", "elias_fano", "gap8", "gap16")
 _ENCODING_NAMES = {_EMPTY: "empty", _FULL: "full", _BITMASK: "bitmask", _ELIAS_FANO: "elias_fano", _GAP: "gap"}
 
 # Value dtype codes (header byte 2), with the integer type of the same width (for bit-level checks).
@@ -183,10 +182,13 @@ def _ef_decode(packed: np.ndarray, numel: int, count: int, low_bits: int, where)
         raise where(f"the Elias-Fano upper part has {ones.size} set bits, expected {count}")
     pos = (ones - np.arange(count)) << low_bits
     if low_bits:
-        itype = np.int32 if low_bits < 31 else np.int64  # numpy's integer matmul is faster in 32 bits
-        low = bits[:low_nbits].reshape(count, low_bits).astype(itype) @ (1 << np.arange(low_bits, dtype=itype))
-        pos |= low
+        weights = _BIT_WEIGHTS[low_bits]
+        pos |= bits[:low_nbits].reshape(count, low_bits).astype(weights.dtype) @ weights
     return pos
+
+
+# 2**j for j < L, per L: numpy's integer matmul is faster in 32 bits, which hold L <= 30
+_BIT_WEIGHTS = {b: 1 << np.arange(b, dtype=np.int32 if b <= 30 else np.int64) for b in range(1, 64)}
 
 
 def _gap_encode(pos: np.ndarray, numel: int, word_bits: int) -> np.ndarray:
@@ -232,7 +234,7 @@ def _choose(pos: np.ndarray, numel: int, encoding: str | None) -> tuple[int, int
         ]
         return min(candidates, key=lambda c: c[0])[1:]
     if encoding not in ENCODINGS:
-        raise RSTFormatError(f"encode_sparse: unknown encoding {encoding!r}; use one of {sorted(ENCODINGS)} or None.")
+        raise RSTFormatError(f"encode_sparse: unknown encoding {encoding!r}; use one of {list(ENCODINGS)} or None.")
     if encoding == "empty" and count != 0:
         raise RSTFormatError(f"encode_sparse: encoding 'empty' needs 0 entries, got {count}.")
     if encoding == "full" and count != numel:
@@ -241,7 +243,7 @@ def _choose(pos: np.ndarray, numel: int, encoding: str | None) -> tuple[int, int
         return _ELIAS_FANO, _ef_best_low_bits(numel, count)
     if encoding in ("gap8", "gap16"):
         return _GAP, int(encoding[3:])
-    return ENCODINGS[encoding], 0
+    return {"empty": _EMPTY, "full": _FULL, "bitmask": _BITMASK}[encoding], 0
 
 
 def _crc(header_fields: bytes, *arrays: np.ndarray | None) -> int:
@@ -414,6 +416,13 @@ def _expected_pos_nbytes(enc: int, param: int, packed: np.ndarray, numel: int, c
     return word * count + int(zeros) * _escape_nbytes(numel)
 
 
+def _host_array(t: torch.Tensor) -> np.ndarray:
+    """A contiguous numpy view of a 1-D tensor (a copy only if it lives elsewhere or is strided)."""
+    if t.is_cpu and t.is_contiguous():
+        return t.numpy()
+    return t.detach().cpu().contiguous().numpy()
+
+
 def _parse_header(raw: bytes, name: str, where) -> tuple[int, int, int, int, int, int, int]:
     """(encoding, dtype code, parameter, fingerprint, numel, count, header length) of the bytes starting `idx`."""
     if raw[0] > FORMAT_VERSION:
@@ -452,7 +461,7 @@ def decode_sparse(parts: dict[str, torch.Tensor], numel: int, name: str) -> Spar
         raise where_idx("missing (every RST parameter has one)")
     if idx.dtype != torch.uint8 or idx.dim() != 1 or idx.numel() == 0:
         raise where_idx(f"expected a 1-D uint8 tensor, got {idx.dtype} of shape {tuple(idx.shape)}")
-    arr = idx.cpu().contiguous().numpy()
+    arr = _host_array(idx)
     raw = arr[:_MAX_HEADER_NBYTES].tobytes()
     enc, dtype_code, param, fingerprint, saved_numel, count, hlen = _parse_header(raw, name, where_idx)
     packed = arr[hlen:]
@@ -469,7 +478,7 @@ def decode_sparse(parts: dict[str, torch.Tensor], numel: int, name: str) -> Spar
     if val is not None:
         if val.dtype not in _DTYPE_CODES or val.dim() != 1:
             raise where_val(f"expected a 1-D float tensor, got {val.dtype} of shape {tuple(val.shape)}")
-        val = val.cpu().contiguous()
+        val = val if val.is_cpu and val.is_contiguous() else val.detach().cpu().contiguous()
         bits = val.view(_INT_VIEWS[val.dtype]).numpy()
     if _crc(raw[: hlen - 4], packed, bits) != int.from_bytes(raw[hlen - 4 : hlen], "little"):
         raise where_idx("checksum mismatch: the header, positions or values are truncated or corrupted")

@@ -45,7 +45,8 @@ def ddp_run(tmp_path_factory):
     # through torchrun, and the script's Accelerator(cpu=True) makes that DDP over gloo on the CPU (MULTI_CPU).
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(_free_port()),
         SCRIPT, "--out", str(out),
     ]  # fmt: skip

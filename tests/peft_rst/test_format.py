@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -315,6 +316,27 @@ def test_safetensors_file_roundtrip(tmp_path):
         parts = {s: loaded[f"model.{name}.weight.{s}"] for s in SUFFIXES if f"model.{name}.weight.{s}" in loaded}
         data = decode_sparse(parts, n, f"model.{name}.weight")
         assert torch.equal(data.indices, idx) and torch.equal(data.values.view(torch.int16), val.view(torch.int16))
+
+
+def test_reader_in_the_docs_decodes_every_encoding(tmp_path):
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "adapter-format.md").read_text()
+    code = doc.split("<!-- reader -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "adapter-format.md", "exec"), namespace)
+    gen = torch.Generator().manual_seed(10)
+    cases = [(1000, 0, None), (1000, 1000, None), (1000, 400, "bitmask"), (70_000, 300, "elias_fano")]
+    cases += [(70_000, 300, "gap8"), (70_000, 3, "gap16"), (300, 299, "elias_fano")]
+    state, truth = {}, {}
+    for i, (n, k, encoding) in enumerate(cases):
+        idx, val = random_positions(n, k, gen), torch.randn(k, generator=gen).to(DTYPES[i % 4])
+        truth[i] = (idx, val)
+        state.update({f"m.{i}.{s}": t for s, t in encode_sparse(idx, val, n, 3, encoding=encoding).items()})
+    save_file(state, str(tmp_path / "a.safetensors"))
+    loaded = load_file(str(tmp_path / "a.safetensors"))
+    for i, (idx, val) in truth.items():
+        positions, values = namespace["read_rst"](loaded[f"m.{i}.idx"], loaded.get(f"m.{i}.val"))
+        assert torch.equal(positions, idx)
+        assert (values is None and val.numel() == 0) or torch.equal(values.view(torch.uint8), val.view(torch.uint8))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ __all__ = [
     "ENCODINGS",
     "RSTFormatError",
     "SparseTensorData",
+    "HeaderInfo",
+    "read_header",
     "tensor_fingerprint",
     "encode_sparse",
     "decode_sparse",
@@ -439,6 +441,34 @@ def _parse_header(raw: bytes, name: str, where) -> tuple[int, int, int, int, int
     if min(numel, count) < 0:
         raise where("the header's sizes do not parse (truncated or corrupted)")
     return raw[1], raw[2], raw[3], int.from_bytes(raw[4:12], "little"), numel, count, i + 4
+
+
+@dataclass(frozen=True)
+class HeaderInfo:
+    """What the header at the start of `<key>.idx` says, readable without the base model (e.g. for reports)."""
+
+    version: int
+    encoding: str
+    dtype: torch.dtype
+    numel: int
+    count: int
+    base_fingerprint: int
+
+
+def read_header(idx: torch.Tensor, name: str) -> HeaderInfo:
+    """Parse the header of an `idx` part alone (no checksum or position checks: `decode_sparse` does those)."""
+
+    def where_idx(problem: str) -> RSTFormatError:
+        return RSTFormatError(f"RST adapter tensor '{name}.idx': {problem}; {_REDO}.")
+
+    if not isinstance(idx, torch.Tensor) or idx.dtype != torch.uint8 or idx.dim() != 1 or idx.numel() == 0:
+        raise where_idx(f"expected a 1-D uint8 tensor, got {getattr(idx, 'dtype', type(idx).__name__)}")
+    raw = _host_array(idx)[:_MAX_HEADER_NBYTES].tobytes()
+    enc, dtype_code, param, fingerprint, numel, count, _ = _parse_header(raw, name, where_idx)
+    if enc not in _ENCODING_NAMES or dtype_code not in _CODE_DTYPES:
+        raise where_idx(f"unknown encoding id {enc} or dtype code {dtype_code}: the header is corrupted")
+    encoding = f"gap{param}" if enc == _GAP else _ENCODING_NAMES[enc]
+    return HeaderInfo(raw[0], encoding, _CODE_DTYPES[dtype_code], numel, count, fingerprint)
 
 
 def decode_sparse(parts: dict[str, torch.Tensor], numel: int, name: str) -> SparseTensorData:

@@ -21,6 +21,7 @@ from peft_rst.format import (
     decode_sparse,
     encode_sparse,
     encoded_nbytes,
+    read_header,
     tensor_fingerprint,
 )
 
@@ -249,6 +250,19 @@ def test_automatic_choice_is_the_smallest_encoding():
         val = torch.randn(idx.numel(), generator=gen)
         chosen = encoded_nbytes(encode_sparse(idx, val, n, 1))
         assert chosen == min(encoded_nbytes(encode_sparse(idx, val, n, 1, encoding=e)) for e in FORCED)
+
+
+def test_read_header_without_the_model():
+    values = torch.randn(2, dtype=torch.float16)
+    parts = encode_sparse(torch.tensor([3, 70_000]), values, 100_000, 77, encoding="gap16")
+    info = read_header(parts["idx"], "w")
+    assert (info.version, info.encoding, info.dtype) == (1, "gap16", torch.float16)
+    assert (info.numel, info.count, info.base_fingerprint) == (100_000, 2, 77)
+    assert read_header(encode_sparse(torch.zeros(0, dtype=torch.int64), torch.zeros(0), 5, 1)["idx"], "w").count == 0
+    with pytest.raises(RSTFormatError, match="w.idx"):
+        read_header(parts["idx"][:5], "w")
+    with pytest.raises(RSTFormatError, match="upgrade"):
+        read_header(torch.cat([torch.tensor([2], dtype=torch.uint8), parts["idx"][1:]]), "w")
 
 
 def test_does_not_keep_callers_storage():

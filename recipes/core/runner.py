@@ -1,0 +1,808 @@
+"""The steps every benchmark recipe runs, one function per step, in the order a recipe calls them.
+
+A recipe (``recipes/office_home.py`` ...) reads top to bottom like accelerate's ``complete_cv_example.py``::
+
+    cfg = parse("office_home", argv)                  # YAML defaults + flags, validated before anything is written
+    clip = load_clip(cfg)                             # any CLIP on the Hub or a local folder
+    results = start_run(cfg)
+    for source, target in cfg.tasks:
+        task_dir = task_output_dir(cfg, source, target)
+        data = load_task_data(cfg, source, target, clip)        # source (labeled), target (unlabeled), eval view
+        model = build_model(cfg, clip, data.classes)            # tower + head + cached teacher (+ RST adapter)
+        trainer = build_trainer(cfg, model, data, task_dir)     # CMKDTrainer: Accelerate does devices / fp16 / DDP
+        train(cfg, trainer, task_dir)                           # resumable from the task's last checkpoint
+        metrics = evaluate(cfg, trainer)                        # target accuracy of the student (teacher: zero-shot)
+        saved = save_task(cfg, trainer, task_dir, source, target, metrics)   # adapter/model + model card
+        push_task(cfg, saved)                                   # --push_to_hub
+        record_task(results, cfg, finish_task(cfg, saved, metrics))
+    finish_run(cfg, results)                          # results.json (last), Markdown table, accuracy-vs-DSP plot
+
+Reproducibility: training augmentations draw their randomness from ``(seed, batch number, position in the global
+batch)`` (:class:`RecipeTrainer`), not from a stateful stream, so an interrupted run resumed from its last
+checkpoint, or the same run with any number of DataLoader workers, sees exactly the same batches; the RST reset
+schedule's step is saved with every checkpoint (:class:`RSTResetStepCallback`). Together with the Trainer's own
+optimizer / scheduler / RNG state, a resumed run ends with bitwise the weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from transformers import TrainerCallback
+
+from cmkd import CLIPAdaptationModel, CMKDConfig, CMKDTrainer, CMKDTrainingArguments
+
+from .config import RESULTS_FILENAME, BenchmarkConfig, ConfigError, RunConfig, build_parser, parse_args, task_name
+from .data import (
+    DataError,
+    DomainDataset,
+    check_same_classes,
+    default_num_workers,
+    load_domain,
+    partial_target,
+)
+from .tables import add_result, atomic_write_text, new_results, render_markdown, write_report
+from .transforms import eval_transform, train_transform
+
+__all__ = [
+    "MODES",
+    "TASK_RESULT_FILENAME",
+    "CLIPBundle",
+    "RSTResetStepCallback",
+    "RecipeError",
+    "RecipeTrainer",
+    "SavedTask",
+    "TaskData",
+    "TaskResult",
+    "add_runner_arguments",
+    "build_model",
+    "build_trainer",
+    "cmkd_config",
+    "evaluate",
+    "finish_run",
+    "finish_task",
+    "finished_task",
+    "load_clip",
+    "load_task_data",
+    "parse",
+    "push_task",
+    "record_task",
+    "resume_checkpoint",
+    "run_recipe",
+    "save_task",
+    "start_run",
+    "task_output_dir",
+    "train",
+]
+
+logger = logging.getLogger(__name__)
+
+TASK_RESULT_FILENAME = "task_result.json"  # written last in a task folder: the task is finished
+RESET_STEP_FILENAME = "rst_reset_step.json"  # written into every checkpoint of an RST run
+ADAPTER_DIRNAME = "adapter"  # RST: sparse backbone patch + head (+ README.md model card)
+MODEL_DIRNAME = "model"  # full fine-tuning: the whole adapted model
+MODES = {"cmkd": "cmkd", "baseline": "source_only", "zero_shot": "zero_shot"}  # RunConfig.method -> trainer mode
+
+
+class RecipeError(RuntimeError):
+    """A run cannot start or continue as asked (e.g. an interrupted run's checkpoints); the message says how to fix
+    it."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 1. Parse
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def add_runner_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags of the runner itself (resume, checkpoints, logging), on top of the shared benchmark flags."""
+    group = parser.add_argument_group("run")
+    group.add_argument(
+        "--resume_from_checkpoint",
+        nargs="?",
+        const="last",
+        metavar="CHECKPOINT",
+        help="continue an interrupted run: without a value, every unfinished task resumes from its last checkpoint; "
+        "with a checkpoint folder, the (single) task resumes from it",
+    )
+    group.add_argument(
+        "--keep_checkpoints",
+        action="store_true",
+        help="keep the Trainer checkpoints of finished tasks (default: deleted once the adapter/model is saved)",
+    )
+    group.add_argument("--logging_steps", type=int, help="log losses every N iterations (default: min(50, eval))")
+    group.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def parse(
+    benchmark: str | BenchmarkConfig,
+    argv: Sequence[str] | None = None,
+    description: str | None = None,
+    parser: argparse.ArgumentParser | None = None,
+) -> RunConfig:
+    """Shared benchmark flags + runner flags -> validated :class:`RunConfig` (a bad combination exits with a message
+    before anything is loaded or written)."""
+    parser = parser or add_runner_arguments(build_parser(benchmark, description))
+    cfg = parse_args(benchmark, argv, parser)
+    try:
+        _check_run_flags(cfg)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    return cfg
+
+
+def _check_run_flags(cfg: RunConfig) -> None:
+    resume = cfg.extra.get("resume_from_checkpoint")
+    if resume and cfg.method == "zero_shot":
+        raise ConfigError("--zero-shot trains nothing, so there is no checkpoint to --resume_from_checkpoint")
+    if resume and cfg.overwrite:
+        raise ConfigError("--overwrite starts over and --resume_from_checkpoint continues; pass only one of them")
+    if resume not in (None, "last"):
+        if len(cfg.tasks) > 1:
+            raise ConfigError(
+                "--resume_from_checkpoint PATH names one task's checkpoint; with --all pass the flag without a value "
+                "(each task resumes from its own last checkpoint)"
+            )
+        if not Path(resume).is_dir():
+            raise ConfigError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder")
+    if (cfg.extra.get("logging_steps") or 1) <= 0:
+        raise ConfigError("--logging_steps must be > 0")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2. Model and data
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CLIPBundle:
+    """A loaded CLIP checkpoint: the dual encoder, its tokenizer and (if it ships one) its image processor."""
+
+    name: str
+    model: Any
+    tokenizer: Any
+    processor: Any | None
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.config.vision_config.image_size)
+
+
+def load_clip(cfg: RunConfig) -> CLIPBundle:
+    """``--model``: any CLIP on the Hub (cached when offline) or a local folder saved with ``save_pretrained``."""
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    name = str(cfg.model)
+    try:
+        model = AutoModel.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except OSError as exc:
+        local = Path(name).exists()
+        hint = (
+            "the folder must hold a CLIP saved with save_pretrained (config.json, weights, tokenizer files)"
+            if local
+            else "without internet the model must already be in the Hugging Face cache (HF_HUB_OFFLINE=1), or pass "
+            "--model with a local folder"
+        )
+        raise RecipeError(f"cannot load CLIP {name!r}: {exc}. {hint}") from exc
+    if not (hasattr(model, "get_text_features") and hasattr(model, "visual_projection")):
+        raise RecipeError(
+            f"--model {name!r} is a {type(model).__name__}, not a CLIP dual encoder (vision + text tower with "
+            "projections); pass a CLIPModel checkpoint such as openai/clip-vit-base-patch16"
+        )
+    try:
+        processor = AutoImageProcessor.from_pretrained(name)
+    except (OSError, ValueError):
+        processor = None  # CLIP's normalisation is used
+    return CLIPBundle(name, model.eval(), tokenizer, processor)
+
+
+@dataclass
+class TaskData:
+    """One transfer task's datasets as the trainer takes them (dict items)."""
+
+    source: Dataset  # labeled source, training augmentation
+    target: Dataset  # target for adaptation, training augmentation (+ strong view with FixMatch); labels unused
+    eval: Dataset  # target for evaluation, test transform
+    classes: list[str]
+
+
+def load_task_data(cfg: RunConfig, source: str, target: str, clip: CLIPBundle | None = None) -> TaskData:
+    """Source, target and the target's evaluation view, with the benchmark's augmentation presets at the model's
+    input size and normalisation. Partial-set runs keep the benchmark's target classes (all labels stay valid)."""
+    bench = cfg.benchmark
+    size_kw: dict[str, Any] = {}
+    if clip is not None:
+        size_kw = {"image_size": clip.image_size, "processor": clip.processor}
+
+    def domain(key: str, split: str) -> DomainDataset:
+        return load_domain(
+            bench,
+            key,
+            data_dir=cfg.data_dir,
+            image_list=cfg.image_lists.get(key),
+            dataset_id=cfg.dataset_id,
+            split=split,
+            image_list_dir=cfg.image_list_dir,
+            domain_column=cfg.domain_column,
+            hub_config=cfg.dataset_config,
+            download=cfg.download,
+            verify=cfg.verify_images,
+        )
+
+    src = domain(source, "train")
+    tgt = domain(target, "train")
+    check_same_classes(src, tgt)
+    tgt_eval = tgt if bench.eval_split == "train" else domain(target, bench.eval_split)
+    check_same_classes(src, tgt_eval)
+    if cfg.partial:
+        tgt, tgt_eval = partial_target(tgt, bench), partial_target(tgt_eval, bench)
+    return TaskData(
+        source=src.with_transform(train_transform(bench, source, "source", **size_kw)).as_dicts(),
+        target=tgt.with_transform(
+            train_transform(bench, target, "target", fixmatch=cfg.fixmatch, **size_kw)
+        ).as_dicts(),
+        eval=tgt_eval.with_transform(eval_transform(bench, **size_kw)).as_dicts(),
+        classes=list(src.classes),
+    )
+
+
+def build_model(cfg: RunConfig, clip: CLIPBundle, classes: Sequence[str]):
+    """``CLIPAdaptationModel`` (vision tower + projection + head, zero-shot teacher cached from the text tower) and,
+    with ``--rst``, the RST adapter around it (the head trained densely and saved whole)."""
+    torch.manual_seed(cfg.seed)  # head initialisation
+    model = CLIPAdaptationModel.from_clip(
+        clip.model, list(classes), cfg.benchmark.cmkd.prompt_template, tokenizer=clip.tokenizer
+    )
+    model.name_or_path = model.config._name_or_path = clip.name  # peft records it as the adapter's base model
+    if not cfg.rst:
+        return model
+    from peft import get_peft_model
+
+    import peft_rst  # registers RST with peft
+
+    return get_peft_model(model, peft_rst.RSTConfig(tau=cfg.tau, modules_to_save=["head"]))
+
+
+def cmkd_config(cfg: RunConfig):
+    """The loss weights of the benchmark YAML (the release's values) as a :class:`cmkd.CMKDConfig`."""
+    b = cfg.benchmark
+    kwargs: dict[str, Any] = dict(
+        lambda1=b.cmkd.lambda1,
+        lambda2=b.cmkd.lambda2,
+        lambda3=b.cmkd.lambda3,
+        label_smoothing=b.cmkd.label_smoothing,
+        gamma=b.cmkd.gamma,
+        warmup_max_iter=b.cmkd.lambda_max_iter,
+        fixmatch_threshold=b.fixmatch.threshold,
+        fixmatch_factor=b.fixmatch.factor,
+    )
+    if cfg.partial:
+        p = b.partial
+        kwargs.update(
+            cls_weight=p.cls_weight if p.cls_weight is not None else 1.0,
+            transfer_weight=p.transfer_weight if p.transfer_weight is not None else 1.0,
+        )
+        if p.class_count_threshold is not None:
+            kwargs["partial_class_threshold"] = p.class_count_threshold
+    return CMKDConfig(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 3. Trainer: deterministic augmentation and RST schedule state across resumes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _item_seed(base: int, stream: str, batch: int, position: int) -> int:
+    digest = hashlib.blake2b(f"{base}/{stream}/{batch}/{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class _NumberedBatches(Sampler):
+    """Wraps the paired batch sampler: each key gets its batch number and its position in the *global* batch."""
+
+    def __init__(self, batch_sampler: Iterable) -> None:
+        self.inner = batch_sampler
+
+    def __iter__(self):
+        rank = getattr(self.inner, "rank", 0)
+        sizes = getattr(self.inner, "batch_sizes", {})
+        for number, keys in enumerate(self.inner):
+            seen: dict[str, int] = {}
+            out = []
+            for stream, index in keys:
+                local = seen.get(stream, 0)
+                seen[stream] = local + 1
+                out.append((stream, index, number, rank * sizes.get(stream, 0) + local))
+            yield out
+
+
+class _SeededItems(Dataset):
+    """Loads each paired item with torch's RNG seeded from (seed, stream, batch number, position), then restores the
+    RNG: an item's augmentation does not depend on what was loaded before it, in which process, or after a resume."""
+
+    def __init__(self, paired: Dataset, seed: int) -> None:
+        self.paired = paired
+        self.seed = seed
+
+    def __getitem__(self, key):
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys):
+        out = []
+        with torch.random.fork_rng(devices=[]):
+            for stream, index, number, position in keys:
+                torch.manual_seed(_item_seed(self.seed, stream, number, position))
+                out.append(self.paired[(stream, index)])
+        return out
+
+    def __len__(self) -> int:
+        return len(self.paired)
+
+
+class RecipeTrainer(CMKDTrainer):
+    """`CMKDTrainer` whose training augmentations are a function of (seed, batch number, position): resumed runs and
+    runs with any number of DataLoader workers see exactly the batches of one uninterrupted run."""
+
+    def get_train_dataloader(self) -> DataLoader:
+        loader = super().get_train_dataloader()
+        kwargs: dict[str, Any] = {}
+        if loader.num_workers > 0:
+            kwargs = dict(
+                persistent_workers=loader.persistent_workers,
+                prefetch_factor=loader.prefetch_factor,
+                worker_init_fn=loader.worker_init_fn,
+            )
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return DataLoader(
+            _SeededItems(loader.dataset, seed),
+            batch_sampler=_NumberedBatches(loader.batch_sampler),
+            collate_fn=loader.collate_fn,
+            num_workers=loader.num_workers,
+            pin_memory=loader.pin_memory,
+            **kwargs,
+        )
+
+
+class RSTResetStepCallback(TrainerCallback):
+    """Saves the RST reset schedule's step with every checkpoint and restores it when training resumes.
+
+    The Trainer restores weights, optimizer, scheduler and RNG, but the step an RST tau / keep-ratio schedule is at
+    lives in the tuner (``RSTModel.reset_step()``); without this a resumed schedule would start again from 0.
+    """
+
+    def __init__(self, model, resume_from: str | os.PathLike | None = None) -> None:
+        self.model = model
+        self.resume_from = Path(resume_from) if resume_from else None
+
+    def _tuner(self):
+        return self.model.base_model
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.resume_from is None:
+            return
+        path = self.resume_from / RESET_STEP_FILENAME
+        if path.is_file():
+            step = int(json.loads(path.read_text())["reset_step"])
+        else:  # a checkpoint written without this callback: optimizer steps == global steps unless fp16 skipped some
+            step = int(state.global_step)
+            logger.warning("%s has no %s; restarting the RST schedule at step %d", self.resume_from, path.name, step)
+        self._tuner().set_reset_step(step)
+
+    def on_save(self, args, state, control, **kwargs):
+        if not args.should_save:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            payload = {"reset_step": self._tuner().reset_step(), "global_step": state.global_step}
+            atomic_write_text(folder / RESET_STEP_FILENAME, json.dumps(payload) + "\n")
+
+
+def _world_size() -> int:
+    from accelerate import PartialState
+
+    return PartialState().num_processes
+
+
+def build_trainer(
+    cfg: RunConfig,
+    model,
+    data: TaskData,
+    task_dir: str | os.PathLike,
+    callbacks: Sequence[TrainerCallback] = (),
+    resume_from: str | os.PathLike | None = None,
+):
+    """`CMKDTrainer` (as :class:`RecipeTrainer`) with the benchmark's optimisation settings.
+
+    ``cfg.batch_size`` is the *global* per-domain batch (the paper's 32 + 32): under ``accelerate launch`` with N
+    processes each process takes batch / N, which the trainer turns into exactly the one-process run.
+    """
+    bench, opt = cfg.benchmark, cfg.benchmark.optim
+    world = _world_size()
+    if cfg.batch_size % world:
+        raise RecipeError(f"--batch_size {cfg.batch_size} must be a multiple of the {world} processes")
+    eval_batch = max(1, bench.training.eval_batch_size // world)
+    num_workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
+    logging_steps = cfg.extra.get("logging_steps") or min(50, cfg.eval_interval)
+    args = CMKDTrainingArguments(
+        output_dir=str(task_dir),
+        mode="cmkd_fixmatch" if cfg.fixmatch else MODES[cfg.method],
+        learning_rate=cfg.lr,
+        head_lr_multiplier=cfg.backbone.head_lr_multiplier,
+        sgd_momentum=opt.momentum,
+        sgd_nesterov=opt.nesterov,
+        weight_decay=opt.weight_decay,
+        lr_decay_gamma=opt.lr_gamma,
+        lr_decay_power=opt.lr_power,
+        max_steps=cfg.iterations,
+        per_device_train_batch_size=cfg.batch_size // world,
+        per_device_eval_batch_size=eval_batch,
+        iterations_per_epoch=cfg.eval_interval,
+        eval_steps=cfg.eval_interval,
+        save_steps=cfg.eval_interval,
+        save_total_limit=None if cfg.extra.get("keep_checkpoints") else 1,  # 1: the best and the latest survive
+        load_best_model_at_end=True,  # release: the best target accuracy over the evaluations is reported
+        metric_for_best_model=bench.metric,
+        partial_set=cfg.partial,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        fp16=bool(bench.training.mixed_precision and torch.cuda.is_available()),
+        dataloader_num_workers=num_workers,
+        dataloader_persistent_workers=num_workers > 0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        logging_steps=logging_steps,
+        report_to="none",
+        disable_tqdm=bool(cfg.extra.get("quiet")),
+    )
+    callbacks = list(callbacks)
+    if cfg.rst:  # first, so the step is in the checkpoint before any other callback sees the save
+        callbacks.insert(0, RSTResetStepCallback(model, resume_from))
+    return RecipeTrainer(
+        model,
+        args,
+        source_dataset=data.source,
+        target_dataset=data.target,
+        eval_dataset=data.eval,
+        cmkd_config=cmkd_config(cfg),
+        callbacks=callbacks,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 4. Train (with resume) and evaluate
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _checkpoints(task_dir: Path) -> list[Path]:
+    if not task_dir.is_dir():
+        return []
+    found = [p for p in task_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def resume_checkpoint(cfg: RunConfig, task_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint this task resumes from (``--resume_from_checkpoint``), or None for a fresh start.
+
+    A task folder holding an interrupted run's checkpoints is never silently trained over: pass
+    ``--resume_from_checkpoint`` to continue it or ``--overwrite`` to start again.
+    """
+    task_dir = Path(task_dir)
+    wanted = cfg.extra.get("resume_from_checkpoint")
+    found = _checkpoints(task_dir)
+    if wanted is None:
+        if found and not cfg.overwrite:
+            raise RecipeError(
+                f"{task_dir} holds checkpoints of an interrupted run (last: {found[-1].name}); pass "
+                "--resume_from_checkpoint to continue it, or --overwrite to start this task again"
+            )
+        return None
+    if wanted != "last":
+        return Path(wanted)
+    if not found:
+        raise RecipeError(
+            f"--resume_from_checkpoint: {task_dir} has no checkpoint-* folder to resume from; drop the flag to "
+            "start this task from scratch"
+        )
+    return found[-1]
+
+
+def train(cfg: RunConfig, trainer, resume_from: str | os.PathLike | None = None) -> None:
+    """``trainer.train()`` (nothing for --zero-shot), from ``resume_from`` when given."""
+    if cfg.method == "zero_shot":
+        return
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+
+def evaluate(cfg: RunConfig, trainer) -> dict[str, Any]:
+    """Target-domain scores of the final model: the benchmark's metric (accuracy or mean per-class accuracy), both
+    metrics, per-class accuracy and the zero-shot teacher's accuracy (the CLIP head on the adapted features)."""
+    raw = trainer.evaluate()
+    metric = cfg.benchmark.metric
+    per_class = raw.get("eval_per_class_accuracy")
+    classes = trainer.eval_dataset.classes
+    return {
+        "score": float(raw[f"eval_{metric}"]),
+        "accuracy": float(raw["eval_accuracy"]),
+        "mean_class_accuracy": float(raw["eval_mean_class_accuracy"]),
+        "teacher_accuracy": float(raw["eval_teacher_accuracy"]) if "eval_teacher_accuracy" in raw else None,
+        "per_class": {str(c): float(a) for c, a in zip(classes, per_class)} if per_class is not None else None,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 5. Save (+ model card) and push
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SavedTask:
+    source: str
+    target: str
+    path: Path | None  # adapter / model folder (None: zero-shot stores nothing)
+    dsp: int  # downstream parameters stored for this task (paper's DSP)
+    nbytes: int  # bytes on disk of what must be stored (adapter files / model weights)
+    kind: str  # "rst_adapter" | "model" | "none"
+    card_fields: dict[str, Any] = field(default_factory=dict)  # what the model card was rendered from
+    hub_repo: str | None = None
+
+    @property
+    def card(self) -> Path | None:
+        card = self.path / "README.md" if self.path else None
+        return card if card is not None and card.is_file() else None
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Swap a fully written temp folder in for ``final`` (never a half-written ``final``)."""
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, old / final.name)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def hub_repo_id(cfg: RunConfig, source: str, target: str) -> str:
+    """``--hub_model_id`` (default: the output folder's name), suffixed with the task when several are run."""
+    base = cfg.hub_model_id or cfg.output_dir.resolve().name
+    return f"{base}-{source}-{target}".lower() if len(cfg.tasks) > 1 else base
+
+
+def _card_fields(cfg: RunConfig, source: str, target: str, metrics: dict[str, Any], classes: Sequence[str]) -> dict:
+    """Model card fields of one task (peft_rst.model_card.CARD_FIELDS); DSP, sizes and tau are measured later."""
+    bench = cfg.benchmark
+    notes = (
+        f"Trained with `recipes/{bench.name}.py` ({cfg.method_label}): {cfg.iterations} iterations, batch "
+        f"{cfg.batch_size} source + {cfg.batch_size} target, SGD lr {cfg.lr:g} (head x"
+        f"{cfg.backbone.head_lr_multiplier:g}), seed {cfg.seed}, prompt `{bench.cmkd.prompt_template}`."
+    )
+    if metrics.get("teacher_accuracy") is not None:
+        notes += f" The zero-shot CLIP head on the adapted features scores {100 * metrics['teacher_accuracy']:.2f} %."
+    code = (
+        "from cmkd import CLIPAdaptationModel\n\n"
+        f"class_names = {list(classes)!r}\n"
+        f"base = CLIPAdaptationModel.from_clip({str(cfg.model)!r}, class_names, {bench.cmkd.prompt_template!r})"
+    )
+    return dict(
+        repo_id=hub_repo_id(cfg, source, target) if cfg.push_to_hub else None,
+        base_model=str(cfg.model),
+        dataset=bench.name,
+        source_domain=bench.domains[source].name,
+        target_domain=bench.domains[target].name,
+        accuracy=metrics["score"],
+        metric="balanced_accuracy" if bench.metric == "mean_class_accuracy" else "accuracy",
+        training_notes=notes,
+        base_loading_code=code,
+    )
+
+
+def save_task(
+    cfg: RunConfig, trainer, task_dir: str | os.PathLike, source: str, target: str, metrics: dict[str, Any]
+) -> SavedTask:
+    """Save what deploying this task needs, atomically, on the main process.
+
+    RST: ``task_dir/adapter`` (sparse backbone patch + head, ``adapter_config.json``) with its model card
+    (``peft_rst.write_model_card``: DSP, density, size and tau measured from the files). Full fine-tuning:
+    ``task_dir/model`` (the whole adapted model, loadable with ``AutoModel.from_pretrained``), DSP = all its
+    parameters. Zero-shot: nothing (DSP 0).
+    """
+    task_dir = Path(task_dir)
+    if cfg.method == "zero_shot":
+        return SavedTask(source, target, None, 0, 0, "none")
+    model = trainer.model
+    final = task_dir / (ADAPTER_DIRNAME if cfg.rst else MODEL_DIRNAME)
+    fields = _card_fields(cfg, source, target, metrics, trainer.eval_dataset.classes)
+    dsp = nbytes = 0
+    if trainer.args.should_save:
+        task_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=task_dir))
+        try:
+            if cfg.rst:
+                import peft_rst
+
+                model.save_pretrained(tmp, save_embedding_layers=False)
+                peft_rst.write_model_card(tmp, **{**fields, "repo_id": fields["repo_id"] or str(final)})
+                report = peft_rst.report(tmp).adapters[0]
+                dsp, nbytes = report.dsp, report.disk_nbytes or 0
+            else:
+                model.save_pretrained(tmp)
+                dsp = sum(p.numel() for p in model.parameters())
+                nbytes = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
+            _replace_dir(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    return SavedTask(source, target, final, int(dsp), int(nbytes), "rst_adapter" if cfg.rst else "model", fields)
+
+
+def push_task(cfg: RunConfig, saved: SavedTask) -> SavedTask:
+    """``--push_to_hub``: the RST adapter with its model card in one commit (`peft_rst.push_adapter_to_hub`), or
+    the full model folder. The token was checked when the flags were parsed."""
+    if not cfg.push_to_hub or saved.path is None:
+        return saved
+    from accelerate import PartialState
+
+    repo_id = hub_repo_id(cfg, saved.source, saved.target)
+    if PartialState().is_main_process:
+        if saved.kind == "rst_adapter":
+            import peft_rst
+
+            card = {**saved.card_fields, "repo_id": repo_id}
+            peft_rst.push_adapter_to_hub(saved.path, repo_id, card_data=card, token=cfg.hub_token)
+        else:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=cfg.hub_token)
+            api.create_repo(repo_id, exist_ok=True)
+            api.upload_folder(repo_id=repo_id, folder_path=str(saved.path), commit_message="Upload adapted CLIP")
+    PartialState().wait_for_everyone()
+    return dataclasses.replace(saved, hub_repo=repo_id)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 6. Results: per task, then the benchmark's table
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskResult:
+    task: str
+    method: str  # row label, e.g. "CMKD+RST"
+    score: float  # the benchmark's metric, fraction
+    dsp: int
+    nbytes: int
+    accuracy: float
+    mean_class_accuracy: float
+    teacher_accuracy: float | None = None
+    per_class: dict[str, float] | None = None
+    path: str | None = None
+    hub_repo: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def task_output_dir(cfg: RunConfig, source: str, target: str) -> Path:
+    return cfg.output_dir / f"{source}-{target}"
+
+
+def finished_task(cfg: RunConfig, task_dir: str | os.PathLike) -> TaskResult | None:
+    """The result of a task this run already finished (``task_result.json``, written last), unless --overwrite."""
+    path = Path(task_dir) / TASK_RESULT_FILENAME
+    if cfg.overwrite or not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if data.get("method") != cfg.method_label:
+        raise RecipeError(
+            f"{path} holds a finished {data.get('method')} run, but this run is {cfg.method_label}; use another "
+            "--output_dir or --overwrite"
+        )
+    return TaskResult(**data)
+
+
+def finish_task(cfg: RunConfig, saved: SavedTask, metrics: dict[str, Any], task_dir: str | os.PathLike) -> TaskResult:
+    """Write the task's ``task_result.json`` (its finished marker) and drop its Trainer checkpoints."""
+    task_dir = Path(task_dir)
+    result = TaskResult(
+        task=task_name(saved.source, saved.target),
+        method=cfg.method_label,
+        score=metrics["score"],
+        dsp=saved.dsp,
+        nbytes=saved.nbytes,
+        accuracy=metrics["accuracy"],
+        mean_class_accuracy=metrics["mean_class_accuracy"],
+        teacher_accuracy=metrics.get("teacher_accuracy"),
+        per_class=metrics.get("per_class"),
+        path=str(saved.path) if saved.path else None,
+        hub_repo=saved.hub_repo,
+    )
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        atomic_write_text(task_dir / TASK_RESULT_FILENAME, json.dumps(result.to_dict(), indent=2) + "\n")
+        if not cfg.extra.get("keep_checkpoints"):
+            for ckpt in _checkpoints(task_dir):
+                shutil.rmtree(ckpt, ignore_errors=True)
+    return result
+
+
+def start_run(cfg: RunConfig) -> dict[str, Any]:
+    """Empty results for the run. With --overwrite the old finished-run marker goes first, so an interrupted
+    overwrite is never mistaken for a finished run."""
+    from accelerate import PartialState
+
+    if cfg.overwrite and PartialState().is_main_process:
+        (cfg.output_dir / RESULTS_FILENAME).unlink(missing_ok=True)
+    results = new_results(cfg.benchmark, meta={"run": cfg.to_dict()})
+    results["tasks"] = list(cfg.task_names)  # the columns of this run (all of the paper's with --all)
+    return results
+
+
+def record_task(results: dict[str, Any], result: TaskResult) -> dict[str, Any]:
+    extra = {
+        "nbytes": result.nbytes,
+        "accuracy_plain": result.accuracy,
+        "mean_class_accuracy": result.mean_class_accuracy,
+    }
+    if result.teacher_accuracy is not None:
+        extra["teacher_accuracy"] = result.teacher_accuracy
+    if result.path:
+        extra["path"] = result.path
+    if result.hub_repo:
+        extra["hub_repo"] = result.hub_repo
+    add_result(results, result.method, result.task, result.score, result.dsp, result.per_class, **extra)
+    print(_task_line(result), flush=True)
+    return results
+
+
+def _task_line(r: TaskResult) -> str:
+    size = f", {r.nbytes:,} bytes stored" if r.nbytes else ""
+    teacher = f" (CLIP head {100 * r.teacher_accuracy:.1f} %)" if r.teacher_accuracy is not None else ""
+    return f"[{r.task}] {r.method}: {100 * r.score:.1f} %{teacher}, DSP {r.dsp / 1e6:.4f} M{size}"
+
+
+def finish_run(cfg: RunConfig, results: dict[str, Any]) -> dict[str, Path]:
+    """Markdown table (paper layout), accuracy-vs-DSP plot, then results.json: the run is finished."""
+    from accelerate import PartialState
+
+    paths: dict[str, Path] = {}
+    if PartialState().is_main_process:
+        paths = write_report(results, cfg.output_dir)
+        print(render_markdown(results), flush=True)
+        print(f"results: {paths['json']}  table: {paths['markdown']}  plot: {paths['plot']}", flush=True)
+    PartialState().wait_for_everyone()
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Entry point helper for recipes
+# --------------------------------------------------------------------------------------------------------------------
+
+USER_ERRORS = (ConfigError, DataError, RecipeError)
+
+
+def run_recipe(main, argv: Sequence[str] | None = None, **kwargs):
+    """Call a recipe's ``main`` and turn a user error (bad data, interrupted run, hub token...) into a one-line
+    message and exit status 1 instead of a traceback."""
+    from peft_rst import HubTokenError
+
+    try:
+        return main(argv, **kwargs)
+    except (*USER_ERRORS, HubTokenError) as exc:
+        raise SystemExit(f"error: {exc}") from exc

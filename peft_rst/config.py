@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -148,6 +149,26 @@ class RSTConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """`PeftConfig.from_pretrained` that refuses folders of other methods and local folders without weights."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if not isinstance(config, RSTConfig):
+            raise ValueError(
+                f"'{pretrained_model_name_or_path}' holds a {type(config).__name__} ({config.peft_type}) adapter, not "
+                "an RST one. Load it with `PeftModel.from_pretrained(base_model, path)`, which picks the right method."
+            )
+        folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        if os.path.isdir(folder) and not any(
+            os.path.exists(os.path.join(folder, name)) for name in ("adapter_model.safetensors", "adapter_model.bin")
+        ):
+            raise FileNotFoundError(
+                f"'{folder}' has adapter_config.json but no adapter_model.safetensors: the adapter weights are "
+                "missing. "
+                "Save the adapter again with `model.save_pretrained(folder)`, or copy the file next to the config."
+            )
+        return config
 
     def tau_at(self, step: int) -> float:
         """Threshold applied after optimizer step `step` (1-based)."""

@@ -13,7 +13,7 @@ import warnings
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
 from torch.func import functional_call
 
@@ -76,7 +76,9 @@ class RSTLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("rst_weight",)
     other_param_names = ("rst_sparse",)
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs: Any) -> None:
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config, shared: dict | None = None, **kwargs: Any
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.rst_weight = nn.ModuleDict({})  # trainable adapters: dense W per owned parameter
@@ -90,7 +92,9 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self._active_adapter = adapter_name
         self.kwargs = kwargs
-        self.update_layer(adapter_name, config)
+        # what peft's generic code and users read off a wrapped Linear/Conv/Embedding
+        self.in_features, self.out_features = _get_in_out_features(base_layer)
+        self.update_layer(adapter_name, config, shared)
 
     def __getattr__(self, name: str) -> Any:
         """Resolve the wrapped module's children through the wrapper.
@@ -110,13 +114,14 @@ class RSTLayer(nn.Module, BaseTunerLayer):
     def _base_parameters(self) -> dict[str, torch.Tensor]:
         return dict(self.get_base_layer().named_parameters(recurse=False))
 
-    def update_layer(self, adapter_name: str, config) -> None:
+    def update_layer(self, adapter_name: str, config, shared: dict[int, nn.Parameter] | None = None) -> None:
         """Create adapter `adapter_name`.
 
         Trainable adapters get W = w0 (identity; a perturbed copy with init_weights=False). Adapters created in
         inference mode (`PeftModel.from_pretrained` without `is_trainable=True`) keep only their encoded sparse
         patch: memory per extra adapter is its file size, and activating one writes its entries into the base
-        parameters in O(changed entries).
+        parameters in O(changed entries). `shared` maps id(base parameter) to the W already made for it by another
+        layer (tied weights, e.g. input and output embeddings), so that a tied weight stays one trained tensor.
         """
         self.restore_base_weights()
         if config.inference_mode:
@@ -125,6 +130,9 @@ class RSTLayer(nn.Module, BaseTunerLayer):
             return
         weights = nn.ParameterDict()
         for name, base in self._base_parameters().items():
+            if shared is not None and id(base) in shared:
+                weights[name] = shared[id(base)]
+                continue
             if base.device.type == "meta":
                 copy = torch.empty_like(base, device="meta")
             else:
@@ -134,6 +142,8 @@ class RSTLayer(nn.Module, BaseTunerLayer):
                     noise = torch.randn(copy.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
                     copy.add_((noise * 0.1).to(copy.dtype).to(copy.device))
             weights[name] = nn.Parameter(copy, requires_grad=base.dtype.is_floating_point)
+            if shared is not None:
+                shared[id(base)] = weights[name]
         self.rst_weight[adapter_name] = weights
         self.set_adapter(self.active_adapters)
 

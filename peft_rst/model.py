@@ -108,6 +108,7 @@ class RSTModel(BaseTuner):
                 "that owns parameters in this model. Check the names with `[n for n, _ in model.named_modules()]`."
             )
         self._owner_keys = set(owners)
+        self._shared_weights: dict[int, nn.Parameter] = {}  # id(w0) -> W for tied parameters, per injection
 
     def _check_target_module_exists(self, peft_config: RSTConfig, key: str) -> bool:
         return key in self._owner_keys
@@ -116,20 +117,17 @@ class RSTModel(BaseTuner):
         self, peft_config, adapter_name, target, target_name, parent, current_key, parameter_name=None
     ) -> None:
         if isinstance(target, RSTLayer):
-            target.update_layer(adapter_name, peft_config)
+            target.update_layer(adapter_name, peft_config, self._shared_weights)
             # nested wrappers below this one are skipped by peft's injection loop: add the adapter to them here
             for name, module in target.base_layer.named_modules(prefix=f"{current_key}.base_layer"):
                 if isinstance(module, RSTLayer) and name in self._owner_keys:
-                    module.update_layer(adapter_name, peft_config)
+                    module.update_layer(adapter_name, peft_config, self._shared_weights)
             return
-        new_module = RSTLayer(target, adapter_name, peft_config)
+        new_module = RSTLayer(target, adapter_name, peft_config, shared=self._shared_weights)
         if adapter_name not in self.active_adapters:
             new_module.set_adapter(self.active_adapters)  # a freshly added adapter is not trainable until set
         real_parent = parent.get_base_layer() if isinstance(parent, RSTLayer) else parent
         setattr(real_parent, target_name, new_module)
-
-    def _post_injection_hook(self, model: nn.Module, config: RSTConfig, adapter_name: str) -> None:
-        self._register_reset(adapter_name)
 
     def inject_adapter(
         self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False, state_dict=None
@@ -141,8 +139,7 @@ class RSTModel(BaseTuner):
             low_cpu_mem_usage=low_cpu_mem_usage,
             state_dict=state_dict,
         )
-        if adapter_name in self._reset_groups:  # add_adapter after construction: hooks are not re-run by peft
-            self._register_reset(adapter_name)
+        self._register_reset(adapter_name)  # also for adapters added after construction (add/load_adapter)
 
     def _register_reset(self, adapter_name: str) -> None:
         old = self._reset_groups.pop(adapter_name, None)
@@ -193,6 +190,8 @@ class RSTModel(BaseTuner):
         for key, layer in reversed(layers):  # innermost first, so that outer keys stay valid
             if merge:
                 layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            else:
+                layer.restore_base_weights()  # an active inference adapter is written into the base
             parent, _, target_name = _get_submodules(self.model, key)
             real_parent = parent.get_base_layer() if isinstance(parent, RSTLayer) else parent
             setattr(real_parent, target_name, layer.get_base_layer())

@@ -48,9 +48,12 @@ class ResetGroup:
         self.step = 0
 
     def targets(self) -> list[ResetTarget]:
-        found = []
+        found, seen = [], set()
         for layer in self.layers:
-            found.extend(layer.reset_targets(self.adapter_name))
+            for target in layer.reset_targets(self.adapter_name):
+                if id(target.weight) not in seen:  # a tied weight is one W shared by two layers
+                    seen.add(id(target.weight))
+                    found.append(target)
         return found
 
 

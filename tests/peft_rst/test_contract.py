@@ -202,11 +202,6 @@ def test_several_adapters_add_set_train_delete(rst_tools):
     rst_tools.assert_reset_invariant(model, TAU)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="peft_rst bug: RSTModel.inject_adapter only re-registers the reset for adapter names it already knows, so "
-    "an adapter added by add_adapter / load_adapter after construction is never reset",
-)
 @pytest.mark.parametrize("how", ["add_adapter", "load_adapter"])
 def test_adapter_added_later_is_reset_too(rst_tools, tmp_path, how):
     model = _trained(rst_tools)
@@ -288,11 +283,6 @@ def test_save_load_round_trip_is_bitwise(rst_tools, tmp_path, low_cpu_mem_usage)
     assert torch.equal(resumed.eval()(x), expected)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="peft_rst bug: RSTModel._unload_and_optionally_merge(merge=False) unwraps the layers without "
-    "restore_base_weights(), so unload() of an inference adapter returns the patched (adapted) weights",
-)
 def test_unload_of_a_loaded_adapter_returns_the_pretrained_weights(rst_tools, tmp_path):
     _trained(rst_tools).save_pretrained(tmp_path)
     pristine = _base()

@@ -289,11 +289,6 @@ def test_tiny_transformers_match_manual_reset(rst_tools, kind):
         assert "transformer.h.0.attn.c_attn.weight" in rst_tools.adapter_weights(model)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="peft_rst bug: tied weights (tie_word_embeddings) get two independent copies W, so RST trains them "
-    "untied (each copy sees only its own half of the gradient), unlike full fine-tuning + Algorithm 1",
-)
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_tied_embeddings_stay_tied(rst_tools, kind):
     base, _ = _tiny_transformer(kind, tie=True)

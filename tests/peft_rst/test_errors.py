@@ -101,11 +101,6 @@ def test_lora_folder_as_second_adapter_of_an_rst_model(folders):
         model.load_adapter(folders / "lora", adapter_name="lora")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="peft_rst gap: RSTConfig.from_pretrained(<LoRA folder>) silently returns a LoraConfig (peft picks the "
-    "class from peft_type); RSTConfig should refuse a folder of another method",
-)
 def test_rst_config_from_a_lora_folder(folders):
     with pytest.raises(ValueError, match=r"(?i)lora.*not.*rst|rst.*lora"):
         RSTConfig.from_pretrained(folders / "lora")
@@ -122,11 +117,6 @@ def test_missing_weights_file_names_the_folder(folders):
         PeftModel.from_pretrained(_base(), str(folders / "rst"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="peft_rst gap: a local RST folder without adapter_model.safetensors fails inside peft with "
-    "HFValidationError ('Repo id must be in the form ...'), which does not say the weights file is missing",
-)
 def test_missing_weights_file_says_which_file(folders):
     os.remove(folders / "rst" / "adapter_model.safetensors")
     with pytest.raises(FileNotFoundError, match=r"adapter_model\.safetensors.*save_pretrained"):

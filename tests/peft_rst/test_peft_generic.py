@@ -150,9 +150,6 @@ BY_DESIGN = (
     "a dense W, so the loaded model's state_dict keys differ from the trained model's, which these checks compare"
 )
 KNOWN = {
-    "test_in_features_out_features_exposed": (
-        "peft_rst bug: RSTLayer does not expose in_features / out_features like peft's other tuner layers"
-    ),
     "test_save_pretrained": BY_DESIGN,
     "test_parameters_after_loading_model": BY_DESIGN,
 }

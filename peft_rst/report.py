@@ -333,31 +333,10 @@ def _report_model(model, adapter_name: str | None) -> AdapterReport:
 # counting
 
 
-def _header_numel(hdr: torch.Tensor) -> int:
-    """Entries of the parameter a header describes, read without the base model.
-
-    Uses `peft_rst.format.read_header` when the format module offers it; otherwise reads the version-1 layout of
-    docs/adapter-format.md (4 single bytes, 8-byte fingerprint, LEB128 numel, LEB128 count, CRC-32). Anything
-    unexpected returns 0 and `decode_sparse` then rejects the header with the precise reason.
-    """
-    reader = getattr(rst_format, "read_header", None)
-    if reader is not None:
-        return int(reader(hdr).numel)
-    raw = hdr.cpu().contiguous().numpy().tobytes() if hdr.dtype == torch.uint8 and hdr.dim() == 1 else b""
-    if len(raw) < 18 or raw[0] != 1:
-        return 0
-    value = shift = 0
-    for byte in raw[12:-4]:
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return value
-    return 0
-
-
 def _rows(tensors: Mapping[str, torch.Tensor], modules_to_save, source: str) -> tuple[ModuleRow, ...]:
     """Group checkpoint tensors into module rows: sparse RST parameters and dense tensors counted whole."""
-    sparse = {key[: -len(".hdr")] for key in tensors if key.endswith(".hdr")}
+    # every RST parameter has an `idx` part (header + positions); `val` is absent when nothing changed
+    sparse = {key[: -len(".idx")] for key in tensors if key.endswith(".idx") and tensors[key].dtype == torch.uint8}
     # module -> kind, [parameter names], numel, changed, nbytes
     acc: dict[str, list] = {}
 
@@ -373,7 +352,7 @@ def _rows(tensors: Mapping[str, torch.Tensor], modules_to_save, source: str) -> 
     for stem in sorted(sparse):
         parts = {s: tensors[f"{stem}.{s}"] for s in rst_format.SUFFIXES if f"{stem}.{s}" in tensors}
         name = stem.removeprefix(_PEFT_PREFIX)
-        numel = _header_numel(parts["hdr"])
+        numel = rst_format.read_header(parts["idx"], name).numel
         data = rst_format.decode_sparse(parts, numel, name)  # validates header, positions, values and checksum
         # nested RST layers sit inside their parent's base_layer: report the model's own module names
         module, _, param = re.sub(r"\.base_layer(?=\.)", "", name).rpartition(".")

@@ -249,7 +249,7 @@ def _choose(pos: np.ndarray, numel: int, encoding: str | None) -> tuple[int, int
 
 
 def _crc(header_fields: bytes, *arrays: np.ndarray | None) -> int:
-    """CRC-32 of the header bytes before the CRC, then the raw (little-endian) bytes of `pos` and `val`."""
+    """CRC-32 of the header bytes before the CRC, then the position bytes, then the raw (little-endian) values."""
     crc = zlib.crc32(header_fields)
     for a in arrays:
         if a is not None:

@@ -190,7 +190,7 @@ def load_clip(cfg: RunConfig) -> CLIPBundle:
     try:
         model = AutoModel.from_pretrained(name)
         tokenizer = AutoTokenizer.from_pretrained(name)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # missing files / offline Hub; a folder that is not a transformers model
         local = Path(name).exists()
         hint = (
             "the folder must hold a CLIP saved with save_pretrained (config.json, weights, tokenizer files)"
@@ -529,17 +529,20 @@ def train(cfg: RunConfig, trainer, resume_from: str | os.PathLike | None = None)
 
 def evaluate(cfg: RunConfig, trainer) -> dict[str, Any]:
     """Target-domain scores of the final model: the benchmark's metric (accuracy or mean per-class accuracy), both
-    metrics, per-class accuracy and the zero-shot teacher's accuracy (the CLIP head on the adapted features)."""
+    metrics, per-class accuracy (classes present in the target) and the zero-shot teacher's accuracy (the CLIP head
+    on the adapted features; for --zero-shot it *is* the score)."""
     raw = trainer.evaluate()
-    metric = cfg.benchmark.metric
-    per_class = raw.get("eval_per_class_accuracy")
+    per_class = raw.get("eval_per_class_accuracy") or []
     classes = trainer.eval_dataset.classes
     return {
-        "score": float(raw[f"eval_{metric}"]),
+        "score": float(raw[f"eval_{cfg.benchmark.metric}"]),
         "accuracy": float(raw["eval_accuracy"]),
         "mean_class_accuracy": float(raw["eval_mean_class_accuracy"]),
         "teacher_accuracy": float(raw["eval_teacher_accuracy"]) if "eval_teacher_accuracy" in raw else None,
-        "per_class": {str(c): float(a) for c, a in zip(classes, per_class)} if per_class is not None else None,
+        "per_class": {str(c): float(a) for c, a in zip(classes, per_class) if a is not None},
+        "num_source": len(trainer.train_dataset) if trainer.train_dataset is not None else 0,
+        "num_target": len(trainer.target_dataset) if trainer.target_dataset is not None else 0,
+        "num_eval": len(trainer.eval_dataset),
     }
 
 
@@ -690,6 +693,9 @@ class TaskResult:
     mean_class_accuracy: float
     teacher_accuracy: float | None = None
     per_class: dict[str, float] | None = None
+    num_source: int = 0
+    num_target: int = 0
+    num_eval: int = 0
     path: str | None = None
     hub_repo: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -729,6 +735,9 @@ def finish_task(cfg: RunConfig, saved: SavedTask, metrics: dict[str, Any], task_
         mean_class_accuracy=metrics["mean_class_accuracy"],
         teacher_accuracy=metrics.get("teacher_accuracy"),
         per_class=metrics.get("per_class"),
+        num_source=metrics.get("num_source", 0),
+        num_target=metrics.get("num_target", 0),
+        num_eval=metrics.get("num_eval", 0),
         path=str(saved.path) if saved.path else None,
         hub_repo=saved.hub_repo,
     )
@@ -756,8 +765,9 @@ def start_run(cfg: RunConfig) -> dict[str, Any]:
 
 def record_task(results: dict[str, Any], result: TaskResult) -> dict[str, Any]:
     extra = {
+        "num_eval": result.num_eval,
         "nbytes": result.nbytes,
-        "accuracy_plain": result.accuracy,
+        "overall_accuracy": result.accuracy,
         "mean_class_accuracy": result.mean_class_accuracy,
     }
     if result.teacher_accuracy is not None:

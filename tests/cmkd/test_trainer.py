@@ -436,6 +436,12 @@ def test_cmkd_with_rst_saves_sparse_adapter_and_head(clip, data, tmp_path):
         assert torch.equal(weight[close], w0[close])
     out_dir = tmp_path / "final"
     peft_model.save_pretrained(out_dir)
+    from safetensors import safe_open
+
+    with safe_open(str(out_dir / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any(k.endswith("head.classifier.weight") for k in keys), "the dense head is saved with the adapter"
+    assert not any("text_features" in k or "logit_scale" in k for k in keys), "teacher buffers belong to the base"
     base = fresh_model(clip)
     base.load_state_dict(base_state)
     reloaded = PeftModel.from_pretrained(base, out_dir).eval()

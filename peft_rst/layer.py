@@ -43,6 +43,16 @@ class SparsePatch(nn.Module):
             out[name] = (idx.to(device=base.device, dtype=torch.long), self._buffers[f"{name}__val"].to(base.device))
         return out
 
+    def raw_entries(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions as stored, values) of parameter `name`; the hot path of adapter switching."""
+        idx = self._buffers.get(f"{name}__idx")
+        if idx is None:
+            raise RuntimeError(
+                f"No sparse entries were loaded for parameter '{name}' of this inference adapter; load it "
+                "with PeftModel.from_pretrained / load_adapter before using it."
+            )
+        return idx, self._buffers[f"{name}__val"]
+
     @property
     def is_loaded(self) -> bool:
         return bool(self._buffers)
@@ -112,7 +122,8 @@ class RSTLayer(nn.Module, BaseTunerLayer):
 
     # ------------------------------------------------------------------ adapters
     def _base_parameters(self) -> dict[str, torch.Tensor]:
-        return dict(self.get_base_layer().named_parameters(recurse=False))
+        # direct dict access: this runs for every layer on every adapter switch
+        return {k: v for k, v in self.get_base_layer()._parameters.items() if v is not None}
 
     def update_layer(self, adapter_name: str, config, shared: dict[int, nn.Parameter] | None = None) -> None:
         """Create adapter `adapter_name`.
@@ -182,11 +193,13 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         if wanted is None:
             return
         bases = self._base_parameters()
+        patch = self.rst_sparse[wanted]
         backup = {}
-        for name, (idx, values) in self.rst_sparse[wanted].entries(bases).items():
-            flat = bases[name].data.view(-1)
-            backup[name] = (idx, flat[idx].clone())
-            flat[idx] = values.to(flat.dtype)
+        for name, base in bases.items():
+            idx, values = patch.raw_entries(name)  # int32/int64 positions index directly, no conversion
+            flat = base.data.view(-1)
+            backup[name] = (idx, flat.index_select(0, idx))
+            flat.index_put_((idx,), values if values.dtype == flat.dtype else values.to(flat.dtype))
         self._patch_backup = backup
         self._patched = wanted
 
@@ -197,7 +210,7 @@ class RSTLayer(nn.Module, BaseTunerLayer):
             return
         bases = self._base_parameters()
         for name, (idx, previous) in self._patch_backup.items():
-            bases[name].data.view(-1)[idx] = previous
+            bases[name].data.view(-1).index_put_((idx,), previous)
         self._patch_backup = {}
         self._patched = None
 

@@ -33,7 +33,14 @@ def _matches(patterns, key: str) -> bool:
 
 
 def _under(key: str, roots: set[str]) -> bool:
-    return any(root == "" or key == root or key.startswith(root + ".") for root in roots)
+    """Whether `key` is one of `roots` or lies below one ("" is the whole model); O(depth), not O(len(roots))."""
+    if "" in roots:
+        return True
+    while key:
+        if key in roots:
+            return True
+        key = key.rpartition(".")[0]
+    return False
 
 
 def resolve_parameter_owners(config: RSTConfig, model: nn.Module) -> list[str]:

@@ -200,6 +200,19 @@ def test_gradient_accumulation_draws_one_pair_per_micro_batch(clip, data, tmp_pa
     assert calls == [4, 4, 4, 4] and trainer.state.global_step == 2
 
 
+def test_bf16_autocast_through_the_trainer(clip, data, tmp_path):
+    """bf16=True runs the forward under Accelerate's autocast (outputs come back as fp32 for the loss)."""
+    losses = {}
+    for bf16 in (False, True):
+        trainer = CMKDTrainer(
+            fresh_model(clip), make_args(tmp_path, max_steps=1, bf16=bf16), data["source"], data["target"]
+        )
+        trainer.train()
+        losses[bf16] = trainer.state.log_history[0]["loss"]
+    assert losses[True] != losses[False]
+    assert losses[True] == pytest.approx(losses[False], rel=2e-2)
+
+
 # ----------------------------------------------------------------------------------------------- modes
 def batch_inputs(seed: int, bs: int = 4, strong: bool = False):
     g = torch.Generator().manual_seed(seed)

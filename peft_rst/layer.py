@@ -197,6 +197,8 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         backup = {}
         for name, base in bases.items():
             idx, values = patch.raw_entries(name)  # int32/int64 positions index directly, no conversion
+            if idx.numel() == 0:  # most norm/bias tensors of a sparse adapter: nothing to write or restore
+                continue
             flat = base.data.view(-1)
             backup[name] = (idx, flat.index_select(0, idx))
             flat.index_put_((idx,), values if values.dtype == flat.dtype else values.to(flat.dtype))

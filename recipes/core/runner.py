@@ -412,12 +412,6 @@ class RSTResetStepCallback(TrainerCallback):
             atomic_write_text(folder / RESET_STEP_FILENAME, json.dumps(payload) + "\n")
 
 
-def _world_size() -> int:
-    from accelerate import PartialState
-
-    return PartialState().num_processes
-
-
 def build_trainer(
     cfg: RunConfig,
     model,
@@ -432,10 +426,6 @@ def build_trainer(
     processes each process takes batch / N, which the trainer turns into exactly the one-process run.
     """
     bench, opt = cfg.benchmark, cfg.benchmark.optim
-    world = _world_size()
-    if cfg.batch_size % world:
-        raise RecipeError(f"--batch_size {cfg.batch_size} must be a multiple of the {world} processes")
-    eval_batch = max(1, bench.training.eval_batch_size // world)
     num_workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
     logging_steps = cfg.extra.get("logging_steps") or min(50, cfg.eval_interval)
     args = CMKDTrainingArguments(
@@ -449,8 +439,8 @@ def build_trainer(
         lr_decay_gamma=opt.lr_gamma,
         lr_decay_power=opt.lr_power,
         max_steps=cfg.iterations,
-        per_device_train_batch_size=cfg.batch_size // world,
-        per_device_eval_batch_size=eval_batch,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=bench.training.eval_batch_size,
         iterations_per_epoch=cfg.eval_interval,
         eval_steps=cfg.eval_interval,
         save_steps=cfg.eval_interval,
@@ -464,10 +454,16 @@ def build_trainer(
         dataloader_num_workers=num_workers,
         dataloader_persistent_workers=num_workers > 0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),  # CPU-only: `accelerate launch` processes talk over gloo
         logging_steps=logging_steps,
         report_to="none",
         disable_tqdm=bool(cfg.extra.get("quiet")),
     )
+    world = args.world_size  # known once the arguments set up the (possibly distributed) devices
+    if cfg.batch_size % world:
+        raise RecipeError(f"--batch_size {cfg.batch_size} must be a multiple of the {world} processes")
+    args.per_device_train_batch_size = cfg.batch_size // world
+    args.per_device_eval_batch_size = max(1, bench.training.eval_batch_size // world)
     callbacks = list(callbacks)
     if cfg.rst:  # first, so the step is in the checkpoint before any other callback sees the save
         callbacks.insert(0, RSTResetStepCallback(model, resume_from))
@@ -777,7 +773,10 @@ def record_task(results: dict[str, Any], result: TaskResult) -> dict[str, Any]:
     if result.hub_repo:
         extra["hub_repo"] = result.hub_repo
     add_result(results, result.method, result.task, result.score, result.dsp, result.per_class, **extra)
-    print(_task_line(result), flush=True)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(_task_line(result), flush=True)
     return results
 
 

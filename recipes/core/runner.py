@@ -142,7 +142,18 @@ def parse(
         _check_run_flags(cfg)
     except ConfigError as exc:
         parser.error(str(exc))
+    if cfg.extra.get("quiet"):
+        _quiet()
     return cfg
+
+
+def _quiet() -> None:
+    """--quiet: no progress bars from the Trainer, transformers (loading / saving weights) or the Hub client."""
+    import huggingface_hub
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def _check_run_flags(cfg: RunConfig) -> None:

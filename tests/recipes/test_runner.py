@@ -375,3 +375,43 @@ def test_missing_data_and_models_are_one_line_errors(assets, tmp_path):
         runner.run_recipe(office_home.main, argv(assets, tmp_path / "b", "--model", str(tmp_path)))
     assert str(exc.value.code).startswith("error: cannot load CLIP")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# accelerate launch
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_two_cpu_processes_trains_like_one_process(assets, tmp_path):
+    """`accelerate launch recipes/office_home.py ...`: 2 processes x batch 2 give the losses of 1 process x batch 4.
+
+    Without MPI, accelerate starts several CPU processes through its torchrun launcher (--multi_gpu); the runner's
+    arguments put them on gloo.
+    """
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    flags = ["--keep_checkpoints", "--logging_steps", "1", "--baseline"]
+    office_home.main(argv(assets, tmp_path / "one", *flags))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(port), str(REPO / "recipes" / "office_home.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [*launch, *argv(assets, tmp_path / "two", *flags)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("[Ar->Cl] Baseline") == 1  # one process reports
+    logs = []
+    for run in ("one", "two"):
+        state = read_json(tmp_path / run / "Ar-Cl" / "checkpoint-2" / "trainer_state.json")
+        logs.append([h["loss"] for h in state["log_history"] if "loss" in h])
+    assert len(logs[0]) == 2
+    np.testing.assert_allclose(logs[1], logs[0], rtol=1e-5)
+    assert read_json(tmp_path / "two" / "results.json")["methods"]["Baseline"]["Ar->Cl"]["num_eval"] == 12

@@ -74,6 +74,16 @@ def labeled(n: int, seed: int, **kwargs):
     return with_image_transform(raw_dataset(n, seed), image_transform(32, train=False), **kwargs)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread. On shared cores, OpenMP threads waiting for each other cost far more than
+    they save (a 150-step tiny-CLIP run: ~10 s with 1 thread, minutes with 2 on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def clip():
     return tiny_clip()
@@ -347,7 +357,6 @@ def test_logs_terms_alpha_and_never_runs_the_text_tower(clip, data, tmp_path):
     assert len(evals) == 3 and all("eval_teacher_accuracy" in h for h in evals)  # 2 periodic + 1 final
 
 
-@pytest.mark.slow
 def test_best_checkpoint_is_kept_and_reloaded(clip, data, tmp_path):
     model = fresh_model(clip)
     args = make_args(
@@ -419,7 +428,6 @@ def test_wrong_batches_and_settings_are_clear_errors(clip, data, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- RST
-@pytest.mark.slow
 def test_cmkd_with_rst_saves_sparse_adapter_and_head(clip, data, tmp_path):
     pytest.importorskip("peft_rst")
     from peft import PeftModel, get_peft_model
@@ -524,7 +532,6 @@ def test_two_cpu_processes_match_one_process(tmp_path):
     assert acc1 == acc2 and len(acc1) == 1
 
 
-@pytest.mark.slow
 def test_resuming_from_a_checkpoint_continues_the_same_run(clip, data, tmp_path):
     """Streams are replayed from the seed, optimizer/scheduler restored: 2 + 2 resumed steps == 4 steps."""
     straight = fresh_model(clip)
@@ -572,10 +579,11 @@ def _digits_accuracy(mode: str, clip, tokenizer, shift, tmp_path) -> float:
 
 @pytest.mark.slow
 def test_cmkd_beats_source_only_on_the_digits_shift(tmp_path):
-    toy = pytest.importorskip("cmkd.toy")
-    if not (Path(toy.TINY_CLIP_PATH) / "config.json").exists():
-        pytest.skip("the shipped tiny CLIP (cmkd/assets/tiny_clip_digits) is not built yet")
+    """Shipped tiny CLIP, clean -> styled digits, 150 steps each: CMKD's target accuracy beats source-only by >= 5
+    points (measured: 65.0 % -> 72.8 % with these seeds; +8 to +10 points with other data seeds)."""
     from transformers import AutoTokenizer
+
+    from cmkd import toy
 
     clip = CLIPModel.from_pretrained(toy.TINY_CLIP_PATH).eval()
     tokenizer = AutoTokenizer.from_pretrained(toy.TINY_CLIP_PATH)
@@ -583,4 +591,4 @@ def test_cmkd_beats_source_only_on_the_digits_shift(tmp_path):
     source_only = _digits_accuracy("source_only", clip, tokenizer, shift, tmp_path)
     cmkd = _digits_accuracy("cmkd", clip, tokenizer, shift, tmp_path)
     print(f"digits shift, target accuracy: source-only {source_only:.3f}, CMKD {cmkd:.3f}")
-    assert cmkd >= source_only + 0.03, (source_only, cmkd)
+    assert cmkd >= source_only + 0.05, (source_only, cmkd)

@@ -103,7 +103,9 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         self._active_adapter = adapter_name
         self.kwargs = kwargs
         # what peft's generic code and users read off a wrapped Linear/Conv/Embedding
-        self.in_features, self.out_features = _get_in_out_features(base_layer)
+        with warnings.catch_warnings():  # peft warns for module kinds it does not know; RST wraps any kind
+            warnings.simplefilter("ignore", UserWarning)
+            self.in_features, self.out_features = _get_in_out_features(base_layer)
         self.update_layer(adapter_name, config, shared)
 
     def __getattr__(self, name: str) -> Any:

@@ -2,20 +2,23 @@
 
 A recipe (``recipes/office_home.py`` ...) reads top to bottom like accelerate's ``complete_cv_example.py``::
 
-    cfg = parse("office_home", argv)                  # YAML defaults + flags, validated before anything is written
-    clip = load_clip(cfg)                             # any CLIP on the Hub or a local folder
+    cfg = parse("office_home", argv)              # YAML defaults + flags, validated before anything is written
+    clip = load_clip(cfg)                         # any CLIP on the Hub or a local folder
     results = start_run(cfg)
     for source, target in cfg.tasks:
         task_dir = task_output_dir(cfg, source, target)
-        data = load_task_data(cfg, source, target, clip)        # source (labeled), target (unlabeled), eval view
-        model = build_model(cfg, clip, data.classes)            # tower + head + cached teacher (+ RST adapter)
-        trainer = build_trainer(cfg, model, data, task_dir)     # CMKDTrainer: Accelerate does devices / fp16 / DDP
-        train(cfg, trainer, task_dir)                           # resumable from the task's last checkpoint
-        metrics = evaluate(cfg, trainer)                        # target accuracy of the student (teacher: zero-shot)
-        saved = save_task(cfg, trainer, task_dir, source, target, metrics)   # adapter/model + model card
-        push_task(cfg, saved)                                   # --push_to_hub
-        record_task(results, cfg, finish_task(cfg, saved, metrics))
-    finish_run(cfg, results)                          # results.json (last), Markdown table, accuracy-vs-DSP plot
+        done = finished_task(cfg, task_dir)       # a restarted --all run keeps the tasks it finished
+        if done is None:
+            resume_from = resume_checkpoint(cfg, task_dir)                  # --resume_from_checkpoint
+            data = load_task_data(cfg, source, target, clip)                # source, target, target eval view
+            model = build_model(cfg, clip, data.classes)                    # tower + head + teacher (+ RST)
+            trainer = build_trainer(cfg, model, data, task_dir, callbacks, resume_from)   # CMKDTrainer
+            train(cfg, trainer, resume_from)
+            metrics = evaluate(cfg, trainer)                                # target scores
+            saved = push_task(cfg, save_task(cfg, trainer, task_dir, source, target, metrics))  # + model card
+            done = finish_task(cfg, saved, metrics, task_dir)               # task_result.json, last
+        record_task(results, done)
+    finish_run(cfg, results)                      # Markdown table, accuracy-vs-DSP plot, results.json (last)
 
 Reproducibility: training augmentations draw their randomness from ``(seed, batch number, position in the global
 batch)`` (:class:`RecipeTrainer`), not from a stateful stream, so an interrupted run resumed from its last

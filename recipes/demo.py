@@ -175,6 +175,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence = ()) -> dict:
             tau=cfg.tau if rst else None,
             fixmatch=cfg.fixmatch and method == "cmkd",
             push_to_hub=cfg.push_to_hub and rst,  # the demo pushes the RST adapter only
+            hub_model_id=cfg.hub_model_id or cfg.output_dir.resolve().name,
             output_dir=cfg.output_dir / folder,
         )
         task_dir = runner.task_output_dir(row, source, target)

@@ -507,9 +507,12 @@ def _checkpoints(task_dir: Path) -> list[Path]:
 def resume_checkpoint(cfg: RunConfig, task_dir: str | os.PathLike) -> Path | None:
     """The checkpoint this task resumes from (``--resume_from_checkpoint``), or None for a fresh start.
 
-    A task folder holding an interrupted run's checkpoints is never silently trained over: pass
-    ``--resume_from_checkpoint`` to continue it or ``--overwrite`` to start again.
+    Called when a task (re)starts. A task folder holding an interrupted run's checkpoints is never silently trained
+    over: pass ``--resume_from_checkpoint`` to continue it or ``--overwrite`` to start again, which removes them
+    together with an earlier run's task result (so an interrupted overwrite never leaves a stale finished task).
     """
+    from accelerate import PartialState
+
     task_dir = Path(task_dir)
     wanted = cfg.extra.get("resume_from_checkpoint")
     found = _checkpoints(task_dir)
@@ -519,6 +522,11 @@ def resume_checkpoint(cfg: RunConfig, task_dir: str | os.PathLike) -> Path | Non
                 f"{task_dir} holds checkpoints of an interrupted run (last: {found[-1].name}); pass "
                 "--resume_from_checkpoint to continue it, or --overwrite to start this task again"
             )
+        if cfg.overwrite and PartialState().is_main_process:
+            (task_dir / TASK_RESULT_FILENAME).unlink(missing_ok=True)
+            for ckpt in found:
+                shutil.rmtree(ckpt)
+        PartialState().wait_for_everyone()
         return None
     if wanted != "last":
         return Path(wanted)

@@ -103,3 +103,14 @@ def test_restarted_all_run_keeps_finished_tasks_and_does_the_rest(assets, tmp_pa
     assert first.stat().st_mtime_ns == stamp  # reused, not recomputed
     assert sorted(results["methods"]["CLIP"]) == ["Ar->Cl", "Cl->Ar", "Pr->Re"]
     assert json.loads((out / "results.json").read_text()) == results
+
+
+def test_interrupted_overwrite_leaves_no_stale_finished_task(assets, tmp_path):
+    out = tmp_path / "ow"
+    office_home.main(argv(assets, out, "--zero-shot"))
+    assert (out / "results.json").is_file() and (out / "Ar-Cl" / runner.TASK_RESULT_FILENAME).is_file()
+    with pytest.raises(KeyboardInterrupt):
+        office_home.main(argv(assets, out, "--zero-shot", "--overwrite"), callbacks=[Interrupt(at_eval=1)])
+    # neither the run nor the task counts as finished any more: the next run recomputes instead of reusing them
+    assert not (out / "results.json").exists() and not (out / "Ar-Cl" / runner.TASK_RESULT_FILENAME).exists()
+    assert office_home.main(argv(assets, out, "--zero-shot"))["methods"]["CLIP"]["Ar->Cl"]["num_eval"] == 12

@@ -220,6 +220,59 @@ def test_partial_set_evaluates_on_the_first_classes_in_alphabetical_order(assets
     assert (entry["accuracy"], entry["per_class"]) == saved_model_scores(saved, pixels, labels)
 
 
+def make_digits(root: Path, per_class: int = 2, seed: int = 0) -> Path:
+    """torchvision's on-disk formats: MNIST idx files (28x28) under MNIST/raw, USPS LIBSVM .bz2 files (16x16); the
+    test splits hold one more image per class than the training splits."""
+    import bz2
+    import struct
+
+    rng = np.random.default_rng(seed)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split in ("train", "t10k"):
+        labels = np.repeat(np.arange(10, dtype=np.uint8), per_class + (1 if split == "t10k" else 0))
+        images = rng.integers(0, 256, (len(labels), 28, 28), dtype=np.uint8)
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(
+            struct.pack(">iiii", 0x803, len(labels), 28, 28) + images.tobytes()
+        )
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 0x801, len(labels)) + labels.tobytes())
+    for name in ("usps.bz2", "usps.t.bz2"):
+        lines = []
+        for label in np.repeat(np.arange(10), per_class + (1 if name == "usps.t.bz2" else 0)):
+            values = rng.uniform(-1, 1, 256)
+            lines.append(f"{label + 1} " + " ".join(f"{i + 1}:{v:.4f}" for i, v in enumerate(values)))
+        with bz2.open(root / name, "wt") as fh:
+            fh.write("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.mark.slow
+def test_digits_trains_on_training_sets_and_scores_the_target_test_set(assets, tmp_path):
+    """U->M: USPS (its own source augmentation) -> MNIST; the recorded score is the saved model on MNIST's test set."""
+    from torchvision.datasets import MNIST, USPS
+    from transformers import AutoModel
+
+    data = make_digits(tmp_path / "digits")
+    out = tmp_path / "u_m"
+    flags = ["--data_dir", str(data), "--model", str(assets["clip"]), "--iterations", "2", "--eval_interval", "2"]
+    flags += ["--batch_size", "4", "--lr", "1e-3", "--num_workers", "0", "--quiet", "--baseline"]
+    results = digits.main([*flags, "-s", "usps", "-t", "mnist", "--output_dir", str(out)])
+    entry = results["methods"]["Baseline"]["U->M"]
+
+    test = MNIST(str(data), train=False)
+    pixels = []
+    for i in range(len(test)):
+        img = test[i][0].convert("RGB").resize((32, 32), Image.BILINEAR)  # digits_test: RGB, Resize(32)
+        pixels.append((np.asarray(img, dtype=np.float32) / 255.0 - MEAN) / STD)
+    pixels = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
+    labels = torch.as_tensor(test.targets)
+    saved = AutoModel.from_pretrained(out / "U-M" / "model")
+    predictions = saved.eval()(pixel_values=pixels).logits.argmax(-1)
+    assert entry["accuracy"] == sum((predictions == labels).tolist()) / len(labels)
+    task = read_json(out / "U-M" / runner.TASK_RESULT_FILENAME)
+    assert (task["num_source"], task["num_target"], task["num_eval"]) == (len(USPS(str(data))), 20, 30)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # --all with RST: adapters, model cards, results JSON, table, plot, push
 # ----------------------------------------------------------------------------------------------------------------

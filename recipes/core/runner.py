@@ -426,6 +426,12 @@ class RSTResetStepCallback(TrainerCallback):
             atomic_write_text(folder / RESET_STEP_FILENAME, json.dumps(payload) + "\n")
 
 
+def _has_accelerator() -> bool:
+    """A GPU (or other torch accelerator such as MPS/XPU) to train on."""
+    accelerator = getattr(torch, "accelerator", None)
+    return bool(accelerator.is_available()) if accelerator is not None else torch.cuda.is_available()
+
+
 def build_trainer(
     cfg: RunConfig,
     model,
@@ -468,7 +474,7 @@ def build_trainer(
         dataloader_num_workers=num_workers,
         dataloader_persistent_workers=num_workers > 0,
         dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=not torch.cuda.is_available(),  # CPU-only: `accelerate launch` processes talk over gloo
+        use_cpu=not _has_accelerator(),  # CPU only: `accelerate launch` processes talk over gloo
         logging_steps=logging_steps,
         report_to="none",
         disable_tqdm=bool(cfg.extra.get("quiet")),

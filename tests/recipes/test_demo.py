@@ -72,6 +72,30 @@ def test_quick_demo_runs_every_method_and_leaves_adapter_card_and_table(tmp_path
     assert rst["accuracy"] == sum(hits) / len(hits) and rst["num_eval"] == len(hits)
 
 
+@pytest.mark.slow
+def test_same_command_runs_a_real_benchmark_with_its_yaml(tmp_path):
+    """--benchmark office_home --model ... --data_dir ... --source Art --target Clipart: the benchmark's YAML and
+    folders (here a tiny CLIP and a tiny Office-Home tree, reduced by --config)."""
+    from test_runner import make_office_home, make_tiny_clip, write_small_config  # same folder: shared assets
+
+    clip, data = make_tiny_clip(tmp_path / "clip"), make_office_home(tmp_path / "OfficeHome")
+    out = tmp_path / "demo"
+    argv = [
+        "--output_dir",
+        str(out),
+        "--benchmark",
+        "office_home",
+        "--config",
+        str(write_small_config(tmp_path / "c.yaml")),
+    ]
+    argv += ["--model", str(clip), "--data_dir", str(data), "--source", "Art", "--target", "Clipart"]
+    results = demo.main([*argv, "--quick", "--batch_size", "4", "--num_workers", "0", "--quiet"])
+    assert results["benchmark"] == "office_home" and results["tasks"] == ["Ar->Cl"]
+    assert list(results["methods"]) == ["CLIP", "Baseline", "CMKD", "CMKD+RST"]
+    assert (out / "cmkd_rst" / "Ar-Cl" / "adapter" / "README.md").is_file()
+    assert not (out / "data").exists()  # the toy task is only written for the default benchmark
+
+
 def test_demo_refuses_single_method_flags_and_finished_folders(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         demo.main(["--output_dir", str(tmp_path / "a"), "--baseline"])

@@ -51,11 +51,14 @@ def build_model(small: bool):
 
 
 def run_variant(variant: str, steps: int, batch: int, small: bool, tau: float) -> dict:
+    import peft  # noqa: F401  (every variant pays the same imports, so peak memory compares training state only)
+
+    import peft_rst  # noqa: F401
+
     model, size = build_model(small)
     targeted_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     release_w0 = None
     if variant == "rst":
-        import peft_rst
         from peft import get_peft_model
 
         model = get_peft_model(model, peft_rst.RSTConfig(tau=tau))

@@ -178,20 +178,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence = ()) -> dict:
             hub_model_id=cfg.hub_model_id or cfg.output_dir.resolve().name,
             output_dir=cfg.output_dir / folder,
         )
-        task_dir = runner.task_output_dir(row, source, target)
-        done = runner.finished_task(row, task_dir)
-        if done is None:
-            print(f"--- {row.method_label}", flush=True)
-            resume_from = runner.resume_checkpoint(row, task_dir)
-            data = runner.load_task_data(row, source, target, clip)
-            model = runner.build_model(row, clip, data.classes)
-            trainer = runner.build_trainer(row, model, data, task_dir, callbacks, resume_from)
-            runner.train(row, trainer, resume_from)
-            metrics = runner.evaluate(row, trainer)
-            saved = runner.save_task(row, trainer, task_dir, source, target, metrics)
-            saved = runner.push_task(row, saved)
-            done = runner.finish_task(row, saved, metrics, task_dir)
-        runner.record_task(results, done)
+        runner.record_task(results, runner.run_task(row, clip, source, target, callbacks, announce=True))
 
     # 8. The comparison: results.json, results.md, accuracy_vs_dsp.png, and a summary on stdout
     runner.finish_run(cfg, results)

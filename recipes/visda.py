@@ -31,24 +31,8 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence = ()) -> dict:
     results = runner.start_run(cfg)
 
     for source, target in cfg.tasks:
-        task_dir = runner.task_output_dir(cfg, source, target)
-        done = runner.finished_task(cfg, task_dir)  # a restarted --all run keeps the tasks it finished
-        if done is None:
-            resume_from = runner.resume_checkpoint(cfg, task_dir)
-            # 2. Data: labeled source, unlabeled target, and the target's evaluation view
-            data = runner.load_task_data(cfg, source, target, clip)
-            # 3. Model: CLIP vision tower + task head + cached zero-shot teacher (+ the RST adapter with --rst)
-            model = runner.build_model(cfg, clip, data.classes)
-            # 4. Train with CMKDTrainer (Accelerate: devices, mixed precision, several processes)
-            trainer = runner.build_trainer(cfg, model, data, task_dir, callbacks, resume_from)
-            runner.train(cfg, trainer, resume_from)
-            # 5. Evaluate on the target domain
-            metrics = runner.evaluate(cfg, trainer)
-            # 6. Save the adapter (or model) with its model card, 7. optionally push it to the Hub
-            saved = runner.save_task(cfg, trainer, task_dir, source, target, metrics)
-            saved = runner.push_task(cfg, saved)
-            done = runner.finish_task(cfg, saved, metrics, task_dir)
-        runner.record_task(results, done)
+        # resume? -> 2. data -> 3. model (+RST) -> 4. CMKDTrainer.train -> 5. evaluate -> 6. save + card -> 7. push
+        runner.record_task(results, runner.run_task(cfg, clip, source, target, callbacks))
 
     # 8. Results JSON, the paper's table layout (per task, Avg., DSP(M)) and the accuracy-vs-DSP plot
     runner.finish_run(cfg, results)

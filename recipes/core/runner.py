@@ -6,18 +6,8 @@ A recipe (``recipes/office_home.py`` ...) reads top to bottom like accelerate's 
     clip = load_clip(cfg)                         # any CLIP on the Hub or a local folder
     results = start_run(cfg)
     for source, target in cfg.tasks:
-        task_dir = task_output_dir(cfg, source, target)
-        done = finished_task(cfg, task_dir)       # a restarted --all run keeps the tasks it finished
-        if done is None:
-            resume_from = resume_checkpoint(cfg, task_dir)                  # --resume_from_checkpoint
-            data = load_task_data(cfg, source, target, clip)                # source, target, target eval view
-            model = build_model(cfg, clip, data.classes)                    # tower + head + teacher (+ RST)
-            trainer = build_trainer(cfg, model, data, task_dir, callbacks, resume_from)   # CMKDTrainer
-            train(cfg, trainer, resume_from)
-            metrics = evaluate(cfg, trainer)                                # target scores
-            saved = push_task(cfg, save_task(cfg, trainer, task_dir, source, target, metrics))  # + model card
-            done = finish_task(cfg, saved, metrics, task_dir)               # task_result.json, last
-        record_task(results, done)
+        # run_task: resume? -> data -> model (+RST) -> CMKDTrainer.train -> evaluate -> save + card -> push
+        record_task(results, run_task(cfg, clip, source, target, callbacks))
     finish_run(cfg, results)                      # Markdown table, accuracy-vs-DSP plot, results.json (last)
 
 Reproducibility: training augmentations draw their randomness from ``(seed, batch number, position in the global
@@ -78,6 +68,7 @@ __all__ = [
     "finish_run",
     "finish_task",
     "finished_task",
+    "run_task",
     "load_clip",
     "load_task_data",
     "parse",
@@ -785,6 +776,30 @@ def start_run(cfg: RunConfig) -> dict[str, Any]:
     results = new_results(cfg.benchmark, meta={"run": cfg.to_dict()})
     results["tasks"] = list(cfg.task_names)  # the columns of this run (all of the paper's with --all)
     return results
+
+
+def run_task(
+    cfg: RunConfig, clip: CLIPBundle, source: str, target: str, callbacks: Sequence = (), announce: bool = False
+) -> TaskResult:
+    """One transfer task, start to end: the steps every recipe shares.
+
+    A task already finished in this output folder is read back instead of trained again (a restarted ``--all`` run
+    keeps what it finished); an interrupted one resumes with ``--resume_from_checkpoint``.
+    """
+    task_dir = task_output_dir(cfg, source, target)
+    done = finished_task(cfg, task_dir)
+    if done is not None:
+        return done
+    if announce:
+        print(f"--- {cfg.method_label}", flush=True)
+    resume_from = resume_checkpoint(cfg, task_dir)
+    data = load_task_data(cfg, source, target, clip)  # labeled source, unlabeled target, target evaluation view
+    model = build_model(cfg, clip, data.classes)  # vision tower + task head + cached zero-shot teacher (+ RST)
+    trainer = build_trainer(cfg, model, data, task_dir, callbacks, resume_from)  # CMKDTrainer (Accelerate)
+    train(cfg, trainer, resume_from)
+    metrics = evaluate(cfg, trainer)  # target accuracy / mean per-class accuracy
+    saved = push_task(cfg, save_task(cfg, trainer, task_dir, source, target, metrics))  # adapter + model card
+    return finish_task(cfg, saved, metrics, task_dir)  # task_result.json, written last
 
 
 def record_task(results: dict[str, Any], result: TaskResult) -> dict[str, Any]:

@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from cmkd.fixmatch import RandAugmentMstd  # the release's rand-n2-m10-mstd0.5, one implementation
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 REFERENCE_SIZE = 224  # the release's input size; other sizes scale the release's resize sizes by size / 224
@@ -28,66 +30,6 @@ class ToRGB:
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}()"
-
-
-class RandAugmentMstd(T.RandAugment):
-    """torchvision RandAugment driven like timm's ``rand-n{N}-m{M}-mstd{S}`` string (what the release uses).
-
-    torchvision's RandAugment has a fixed integer magnitude out of ``num_magnitude_bins`` and always applies its ops.
-    timm's, as used by the release (``rand-n2-m10-mstd0.5``), draws the magnitude per op from N(M, S) clipped to
-    [0, 10] (10 = strongest) and applies each op with probability 0.5. Here: ``magnitude`` is on timm's 0..10
-    scale, mapped onto ``resolution + 1`` torchvision bins (so m=10 is torchvision's strongest setting, not 10 of
-    31), redrawn per op with ``magnitude_std``, and each op is applied with ``apply_prob``.
-    Differences that remain: the op set is torchvision's (it has Identity; timm has Invert and SolarizeAdd), and
-    timm's plain Solarize/Posterize levels grow weaker with magnitude while torchvision's grow stronger.
-    """
-
-    def __init__(
-        self,
-        num_ops: int = 2,
-        magnitude: float = 10.0,
-        magnitude_std: float = 0.5,
-        apply_prob: float = 0.5,
-        max_magnitude: float = 10.0,
-        resolution: int = 100,
-        interpolation: T.InterpolationMode = T.InterpolationMode.NEAREST,
-        fill: list[float] | None = None,
-    ) -> None:
-        if not 0 <= magnitude <= max_magnitude:
-            raise ValueError(f"magnitude must be in [0, {max_magnitude}], got {magnitude}")
-        if not 0 <= apply_prob <= 1:
-            raise ValueError(f"apply_prob must be in [0, 1], got {apply_prob}")
-        # the parent applies exactly one op per call; this class loops num_ops times with a fresh magnitude each
-        super().__init__(
-            num_ops=1, magnitude=resolution, num_magnitude_bins=resolution + 1, interpolation=interpolation, fill=fill
-        )
-        self.total_ops = num_ops
-        self.mean_magnitude = magnitude
-        self.magnitude_std = magnitude_std
-        self.apply_prob = apply_prob
-        self.max_magnitude = max_magnitude
-        self.resolution = resolution
-
-    def _draw_bin(self) -> int:
-        m = self.mean_magnitude
-        if self.magnitude_std > 0:
-            m = m + self.magnitude_std * float(torch.randn(()))
-        m = min(max(m, 0.0), self.max_magnitude)
-        return int(round(m / self.max_magnitude * self.resolution))
-
-    def forward(self, img: Any) -> Any:
-        for _ in range(self.total_ops):
-            if self.apply_prob < 1 and float(torch.rand(())) >= self.apply_prob:
-                continue
-            self.magnitude = self._draw_bin()
-            img = super().forward(img)
-        return img
-
-    def __repr__(self) -> str:
-        return (
-            f"{self.__class__.__name__}(num_ops={self.total_ops}, magnitude={self.mean_magnitude}, "
-            f"magnitude_std={self.magnitude_std}, apply_prob={self.apply_prob})"
-        )
 
 
 class FixMatchViews:

@@ -138,9 +138,9 @@ def test_train_transform_and_strong_view_shapes():
 def test_rand_augment_mstd_validates_and_restores_magnitude():
     with pytest.raises(ValueError, match="magnitude"):
         RandAugmentMstd(magnitude=11)
-    aug = RandAugmentMstd(num_ops=2, magnitude=10, magnitude_std=0.5)
+    aug = RandAugmentMstd(num_ops=2, magnitude=10, magnitude_std=0.5, apply_prob=1.0)
     aug(PILImage.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)))
-    assert aug.magnitude == 10 and aug.num_magnitude_bins == 11
+    assert aug.total_ops == 2 and aug.num_magnitude_bins == aug.resolution + 1
 
 
 def test_collate_errors_are_clear():

@@ -25,18 +25,8 @@ BENCHMARK = "office31"
 
 
 def main(argv: Sequence[str] | None = None, callbacks: Sequence = ()) -> dict:
-    # 1. Parse: YAML defaults + flags, checked (flags, data folder, output folder, Hub token) before anything runs
-    cfg = runner.parse(BENCHMARK, argv)
-    clip = runner.load_clip(cfg)  # the pretrained CLIP: vision tower to adapt, text tower for the zero-shot teacher
-    results = runner.start_run(cfg)
-
-    for source, target in cfg.tasks:
-        # resume? -> 2. data -> 3. model (+RST) -> 4. CMKDTrainer.train -> 5. evaluate -> 6. save + card -> 7. push
-        runner.record_task(results, runner.run_task(cfg, clip, source, target, callbacks))
-
-    # 8. Results JSON, the paper's table layout (per task, Avg., DSP(M)) and the accuracy-vs-DSP plot
-    runner.finish_run(cfg, results)
-    return results
+    """parse -> load CLIP -> per task: data, model (+RST), CMKDTrainer, evaluate, save + card, push -> tables."""
+    return runner.run_benchmark(BENCHMARK, argv, callbacks)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The steps every benchmark recipe runs, one function per step, in the order a recipe calls them.
 
-A recipe (``recipes/office_home.py`` ...) reads top to bottom like accelerate's ``complete_cv_example.py``::
+Every recipe (``recipes/office_home.py`` ...) is ``run_benchmark``, which reads top to bottom like accelerate's
+``complete_cv_example.py``::
 
     cfg = parse("office_home", argv)              # YAML defaults + flags, validated before anything is written
     clip = load_clip(cfg)                         # any CLIP on the Hub or a local folder
@@ -68,6 +69,7 @@ __all__ = [
     "finish_run",
     "finish_task",
     "finished_task",
+    "run_benchmark",
     "run_task",
     "load_clip",
     "load_task_data",
@@ -775,6 +777,20 @@ def start_run(cfg: RunConfig) -> dict[str, Any]:
         (cfg.output_dir / RESULTS_FILENAME).unlink(missing_ok=True)
     results = new_results(cfg.benchmark, meta={"run": cfg.to_dict()})
     results["tasks"] = list(cfg.task_names)  # the columns of this run (all of the paper's with --all)
+    return results
+
+
+def run_benchmark(benchmark: str, argv: Sequence[str] | None = None, callbacks: Sequence = ()) -> dict[str, Any]:
+    """A benchmark recipe from command line to results: every ``recipes/<benchmark>.py`` is this call."""
+    # 1. Parse: YAML defaults + flags, checked (flags, data folder, output folder, Hub token) before anything runs
+    cfg = parse(benchmark, argv)
+    clip = load_clip(cfg)  # the pretrained CLIP: vision tower to adapt, text tower for the zero-shot teacher
+    results = start_run(cfg)
+    for source, target in cfg.tasks:
+        # resume? -> 2. data -> 3. model (+RST) -> 4. CMKDTrainer.train -> 5. evaluate -> 6. save + card -> 7. push
+        record_task(results, run_task(cfg, clip, source, target, callbacks))
+    # 8. Results JSON, the paper's table layout (per task, Avg., DSP(M)) and the accuracy-vs-DSP plot
+    finish_run(cfg, results)
     return results
 
 

@@ -6,7 +6,6 @@ import enum
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Literal
 
 from peft.config import PeftConfig
 
@@ -21,7 +20,6 @@ class RSTPeftType(str, enum.Enum):
     RST = "RST"
 
 
-ScheduleKind = Literal["constant", "linear", "exponential"]
 _SCHEDULES = ("constant", "linear", "exponential")
 
 

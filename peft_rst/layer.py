@@ -87,7 +87,7 @@ class RSTLayer(nn.Module, BaseTunerLayer):
     other_param_names = ("rst_sparse",)
 
     def __init__(
-        self, base_layer: nn.Module, adapter_name: str, config, shared: dict | None = None, **kwargs: Any
+        self, base_layer: nn.Module, adapter_name: str, config, shared: dict | None = None
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -101,7 +101,6 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
         self._active_adapter = adapter_name
-        self.kwargs = kwargs
         # what peft's generic code and users read off a wrapped Linear/Conv/Embedding
         with warnings.catch_warnings():  # peft warns for module kinds it does not know; RST wraps any kind
             warnings.simplefilter("ignore", UserWarning)

@@ -24,16 +24,6 @@ from cmkd.partial import class_counts, estimate_label_set
 NAMES = ["cat", "dog", "bird"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread. On shared cores, OpenMP threads waiting for each other cost far more than
-    they save (a 150-step tiny-CLIP run: ~10 s with 1 thread, minutes with 2 on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _image_dataset(n: int, seed: int = 0, size: int = 16) -> Dataset:
     rng = np.random.default_rng(seed)
     images = [PILImage.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]

@@ -12,16 +12,6 @@ from cmkd.model import CLIPAdaptationConfig, CLIPAdaptationModel, build_prompts,
 NAMES = ["Big_Cat", "dog", "bird"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread. On shared cores, OpenMP threads waiting for each other cost far more than
-    they save (a 150-step tiny-CLIP run: ~10 s with 1 thread, minutes with 2 on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def clip():
     return tiny_clip()

@@ -45,16 +45,6 @@ def labeled(n: int, seed: int, **kwargs):
     return with_image_transform(raw_dataset(n, seed), image_transform(32, train=False), **kwargs)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread. On shared cores, OpenMP threads waiting for each other cost far more than
-    they save (a 150-step tiny-CLIP run: ~10 s with 1 thread, minutes with 2 on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def clip():
     return tiny_clip()

@@ -92,8 +92,8 @@ def main() -> None:
     held = {}
     for module in peft_model.modules():
         if isinstance(module, peft_rst.RSTLayer):
-            for name, patch in module.rst_sparse.items():
-                held[name] = held.get(name, 0) + sum(b.numel() * b.element_size() for b in patch.buffers())
+            for name in module.rst_sparse.keys():
+                held[name] = held.get(name, 0) + module.rst_sparse.nbytes(name)
 
     switch_times = []
     with torch.no_grad():

@@ -10,74 +10,111 @@ the weight of a fully fine-tuned model would be, which is what makes the reset o
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
+from torch.autograd.graph import increment_version
 from torch.func import functional_call
 
 from . import format as rst_format
 from .reset import ResetTarget
 
 
-class SparsePatch(nn.Module):
-    """The changed entries of one inference adapter for one layer: flat positions and new values per parameter.
+class SparseEntries(NamedTuple):
+    """The changed entries of one parameter of one inference adapter, decoded once at load time."""
 
-    Decoded once at load time (positions as int32 where they fit), so switching adapters costs only the scatter;
-    memory is ~8 bytes per changed entry, about 1.5x the compact file. Buffers are named `<parameter>__idx`,
-    `<parameter>__val` and `<parameter>__meta` (numel, base fingerprint); their sizes are only known once a
-    checkpoint is loaded, so loading replaces the buffers instead of copying into fixed shapes.
+    indices: torch.Tensor  # flat positions, int32 where they fit (index_put_ takes them as they are)
+    values: torch.Tensor  # the adapted values, bit for bit
+    numel: int  # size of the parameter the positions index
+    base_fingerprint: int  # of the w0 the adapter was trained from; written back unchanged on re-saving
+
+    @classmethod
+    def from_data(cls, data: rst_format.SparseTensorData, device: torch.device | None = None) -> SparseEntries:
+        indices = data.indices.to(torch.int32) if data.numel < 2**31 else data.indices
+        return cls(indices.to(device), data.values.to(device), data.numel, data.base_fingerprint)
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The encoded form, as `save_pretrained` writes it."""
+        return rst_format.encode_sparse(self.indices.long().cpu(), self.values.cpu(), self.numel, self.base_fingerprint)
+
+
+class SparseAdapters(nn.Module):
+    """Every inference adapter of one layer: adapter name -> {parameter name: `SparseEntries`}.
+
+    One module per layer however many adapters are loaded, so that the module walks of peft and torch
+    (`set_adapter`, `load_adapter`, `load_state_dict`, `.eval()`) cost the same with 1 or 50 domains. Memory is ~8
+    bytes per changed entry. The tensors stay out of `state_dict()` (saving goes through RST's sparse encoder,
+    loading through `RSTModel`), and follow the module through `.to()` / `.half()` via `_apply`. An adapter is
+    created empty by peft's injection and filled when its checkpoint is loaded.
     """
 
-    def entries(self, bases: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """(flat int64 indices, values) for each base parameter in `bases`."""
-        out = {}
-        for name, base in bases.items():
-            idx = self._buffers.get(f"{name}__idx")
-            if idx is None:
-                raise RuntimeError(
-                    f"No sparse entries were loaded for parameter '{name}' of this inference adapter; load it "
-                    "with PeftModel.from_pretrained / load_adapter before using it."
-                )
-            out[name] = (idx.to(device=base.device, dtype=torch.long), self._buffers[f"{name}__val"].to(base.device))
-        return out
+    def __init__(self) -> None:
+        super().__init__()
+        self._adapters: dict[str, dict[str, SparseEntries]] = {}
+        # the non-empty entries in patching order, per adapter: the hot loop of switching reads only this
+        self._patch_lists: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
 
-    def raw_entries(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(positions as stored, values) of parameter `name`; the hot path of adapter switching."""
-        idx = self._buffers.get(f"{name}__idx")
-        if idx is None:
-            raise RuntimeError(
-                f"No sparse entries were loaded for parameter '{name}' of this inference adapter; load it "
-                "with PeftModel.from_pretrained / load_adapter before using it."
-            )
-        return idx, self._buffers[f"{name}__val"]
+    def add(self, adapter_name: str) -> None:
+        self._adapters[adapter_name] = {}
+        self._patch_lists[adapter_name] = []
 
-    @property
-    def is_loaded(self) -> bool:
-        return bool(self._buffers)
+    def fill(self, adapter_name: str, entries: dict[str, SparseEntries]) -> None:
+        self._adapters[adapter_name] = dict(entries)
+        self._index(adapter_name)
 
-    @staticmethod
-    def state_from(data: rst_format.SparseTensorData) -> dict[str, torch.Tensor]:
-        """Buffers (by suffix) holding one decoded parameter."""
-        small = data.numel < 2**31
-        return {
-            "idx": data.indices.to(torch.int32) if small else data.indices,
-            "val": data.values,
-            "meta": torch.tensor([data.numel, data.base_fingerprint], dtype=torch.int64),
-        }
+    def _index(self, adapter_name: str) -> None:
+        self._patch_lists[adapter_name] = [
+            (name, e.indices, e.values) for name, e in self._adapters[adapter_name].items() if e.indices.numel()
+        ]
 
-    def parts(self, name: str) -> dict[str, torch.Tensor]:
-        """The encoded form of parameter `name`, as `save_pretrained` writes it."""
-        numel, fingerprint = (int(v) for v in self._buffers[f"{name}__meta"])
-        return rst_format.encode_sparse(
-            self._buffers[f"{name}__idx"].long().cpu(), self._buffers[f"{name}__val"].cpu(), numel, fingerprint
+    def is_loaded(self, adapter_name: str) -> bool:
+        return bool(self._adapters.get(adapter_name))
+
+    def nbytes(self, adapter_name: str) -> int:
+        """Memory held by adapter `adapter_name` in this layer (positions + values)."""
+        return sum(
+            e.indices.numel() * e.indices.element_size() + e.values.numel() * e.values.element_size()
+            for e in self._adapters[adapter_name].values()
         )
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
-        for key in list(state_dict):
-            if key.startswith(prefix) and "." not in key[len(prefix) :]:
-                self.register_buffer(key[len(prefix) :], state_dict[key].clone())
+    def patch_list(self, adapter_name: str) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        return self._patch_lists[adapter_name]
+
+    # dict interface, as peft's BaseTunerLayer expects of `other_param_names` containers
+    def __getitem__(self, adapter_name: str) -> dict[str, SparseEntries]:
+        return self._adapters[adapter_name]
+
+    def __delitem__(self, adapter_name: str) -> None:
+        del self._adapters[adapter_name]
+        del self._patch_lists[adapter_name]
+
+    def __contains__(self, adapter_name: object) -> bool:
+        return adapter_name in self._adapters
+
+    def __iter__(self):
+        return iter(self._adapters)
+
+    def __len__(self) -> int:
+        return len(self._adapters)
+
+    def keys(self):
+        return self._adapters.keys()
+
+    def items(self):
+        return self._adapters.items()
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        for adapter_name, params in self._adapters.items():
+            for name, e in params.items():
+                params[name] = e._replace(indices=fn(e.indices), values=fn(e.values))
+            self._index(adapter_name)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self._adapters)}"
 
 
 class RSTLayer(nn.Module, BaseTunerLayer):
@@ -92,10 +129,10 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         super().__init__()
         self.base_layer = base_layer
         self.rst_weight = nn.ModuleDict({})  # trainable adapters: dense W per owned parameter
-        self.rst_sparse = nn.ModuleDict({})  # inference adapters: the encoded sparse patch, as saved
+        self.rst_sparse = SparseAdapters()  # inference adapters: their changed entries only
         # inference adapter currently written into the base parameters, and the base values it replaced
         self._patched: str | None = None
-        self._patch_backup: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._patch_backup: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         # adapter name -> list of (flat indices, previous values) per merged parameter, to unmerge bit-exactly
         self._merge_backup: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.merged_adapters: list[str] = []
@@ -135,11 +172,11 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         parameters in O(changed entries). `shared` maps id(base parameter) to the W already made for it by another
         layer (tied weights, e.g. input and output embeddings), so that a tied weight stays one trained tensor.
         """
-        self.restore_base_weights()
         if config.inference_mode:
-            self.rst_sparse[adapter_name] = SparsePatch()
+            self.rst_sparse.add(adapter_name)
             self.set_adapter(self.active_adapters)
             return
+        self.restore_base_weights()  # W starts from w0, not from a patched-in inference adapter
         weights = nn.ParameterDict()
         for name, base in self._base_parameters().items():
             if shared is not None and id(base) in shared:
@@ -171,50 +208,52 @@ class RSTLayer(nn.Module, BaseTunerLayer):
     # ------------------------------------------------------------------ forward
     def _wanted_patch(self) -> str | None:
         """The inference adapter that should be written into the base parameters right now, if any."""
-        if self.disable_adapters or self.merged:
+        if self._disable_adapters or self.merged_adapters:
             return None
+        active = self.active_adapters
         # an inference adapter is patched in once its entries are loaded (peft creates it empty, then loads)
-        sparse = [a for a in self.active_adapters if a in self.rst_sparse and self.rst_sparse[a].is_loaded]
+        sparse = [a for a in active if self.rst_sparse.is_loaded(a)]
         if not sparse:
             return None
-        if len(self.active_adapters) > 1:
+        if len(active) > 1:
             raise ValueError(
-                f"Adapters {self.active_adapters} are active together, which RST supports only for trainable "
-                "adapters. Activate one inference adapter at a time, or load them with is_trainable=True."
+                f"Adapters {active} are active together, which RST supports only for trainable adapters. "
+                "Activate one inference adapter at a time, or load them with is_trainable=True."
             )
         return sparse[0]
 
-    @torch.no_grad()
     def sync_patch(self) -> None:
-        """Make the base parameters hold w0 patched by the wanted inference adapter (O(changed entries))."""
+        """Make the base parameters hold w0 patched by the wanted inference adapter (O(changed entries)).
+
+        This runs for every layer on every adapter switch, so it stays lean: direct dict access, `.data` views
+        (outside autograd, no grad-mode context needed), and only the parameters the adapter changes.
+        """
         wanted = self._wanted_patch()
         if wanted == self._patched:
             return
         self.restore_base_weights()
         if wanted is None:
             return
-        bases = self._base_parameters()
-        patch = self.rst_sparse[wanted]
-        backup = {}
-        for name, base in bases.items():
-            idx, values = patch.raw_entries(name)  # int32/int64 positions index directly, no conversion
-            if idx.numel() == 0:  # most norm/bias tensors of a sparse adapter: nothing to write or restore
-                continue
-            flat = base.data.view(-1)
-            backup[name] = (idx, flat.index_select(0, idx))
+        params = self._modules["base_layer"]._parameters
+        backup = []
+        for name, idx, values in self.rst_sparse.patch_list(wanted):
+            flat = params[name].data.view(-1)
+            backup.append((name, idx, flat.index_select(0, idx)))  # int32/int64 positions index directly
             flat.index_put_((idx,), values if values.dtype == flat.dtype else values.to(flat.dtype))
         self._patch_backup = backup
         self._patched = wanted
 
-    @torch.no_grad()
     def restore_base_weights(self) -> None:
         """Undo the patch of an inference adapter, bit-exactly (base values were kept at the patched positions)."""
         if self._patched is None:
             return
-        bases = self._base_parameters()
-        for name, (idx, previous) in self._patch_backup.items():
-            bases[name].data.view(-1).index_put_((idx,), previous)
-        self._patch_backup = {}
+        params = self._modules["base_layer"]._parameters
+        for name, idx, previous in self._patch_backup:
+            flat = params[name].data.view(-1)
+            if previous.dtype != flat.dtype or previous.device != flat.device:  # the model was moved or cast since
+                idx, previous = idx.to(flat.device), previous.to(device=flat.device, dtype=flat.dtype)
+            flat.index_put_((idx,), previous)
+        self._patch_backup = []
         self._patched = None
 
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
@@ -237,13 +276,23 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         self.restore_base_weights()
         bases = self._base_parameters()
         if adapter_name in self.rst_sparse:
-            return self.rst_sparse[adapter_name].entries(bases)
+            return {name: self._sparse_entries(adapter_name, name, base) for name, base in bases.items()}
         entries = {}
         for name, w in self.rst_weight[adapter_name].items():
             flat = w.detach().reshape(-1)
             idx = torch.nonzero(flat != bases[name].detach().reshape(-1).to(flat.dtype), as_tuple=True)[0]
             entries[name] = (idx, flat[idx])
         return entries
+
+    def _sparse_entries(self, adapter_name: str, name: str, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flat int64 indices, values) of parameter `name` of inference adapter `adapter_name`."""
+        entries = self.rst_sparse[adapter_name].get(name)
+        if entries is None:
+            raise RuntimeError(
+                f"Inference adapter '{adapter_name}' has no entries for parameter '{name}': it was created but never "
+                "loaded. Load it with PeftModel.from_pretrained / load_adapter before using it."
+            )
+        return entries.indices.to(device=base.device, dtype=torch.long), entries.values.to(base.device)
 
     def _effective_parameters(self, adapter_names: list[str]) -> dict[str, torch.Tensor]:
         """Parameters to run the base layer with: W of the active adapter (w0 + sum of deltas if several)."""
@@ -320,12 +369,13 @@ class RSTLayer(nn.Module, BaseTunerLayer):
                 backup[name] = (idx, flat_base[idx].clone())
             for name, (idx, new) in updates.items():
                 bases[name].data.view(-1)[idx] = new
+                increment_version(bases[name])  # the base now differs from w0: cached fingerprints must not match
             self._merge_backup[adapter] = backup
             self.merged_adapters.append(adapter)
 
     def _entries_against(self, adapter: str, name: str, original: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if adapter in self.rst_sparse:
-            return self.rst_sparse[adapter].entries({name: original})[name]
+            return self._sparse_entries(adapter, name, original)
         flat = self.rst_weight[adapter][name].detach().reshape(-1)
         idx = torch.nonzero(flat != original.to(flat.dtype), as_tuple=True)[0]
         return idx, flat[idx]
@@ -348,6 +398,7 @@ class RSTLayer(nn.Module, BaseTunerLayer):
             adapter = self.merged_adapters.pop()
             for name, (idx, previous) in self._merge_backup.pop(adapter).items():
                 bases[name].data.view(-1)[idx] = previous
+                increment_version(bases[name])
 
     def __repr__(self) -> str:
         return "rst." + super().__repr__()

@@ -6,13 +6,14 @@ import re
 import weakref
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, _get_submodules
+from peft.tuners.tuners_utils import BaseTuner, _extend_unique, _get_submodules
 from peft.utils import AuxiliaryTrainingWrapper
+from peft.utils.other import set_additional_trainable_modules
 from torch import nn
 
 from . import format as rst_format
 from .config import RSTConfig
-from .layer import RSTLayer, SparsePatch
+from .layer import RSTLayer, SparseEntries
 from .reset import ResetGroup, register, unregister
 
 PREFIX = "rst_"
@@ -139,14 +140,45 @@ class RSTModel(BaseTuner):
     def inject_adapter(
         self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False, state_dict=None
     ):
-        super().inject_adapter(
-            model,
-            adapter_name,
-            autocast_adapter_dtype=autocast_adapter_dtype,
-            low_cpu_mem_usage=low_cpu_mem_usage,
-            state_dict=state_dict,
-        )
+        if state_dict is not None or not self._add_inference_adapter_to_existing_layers(model, adapter_name):
+            super().inject_adapter(
+                model,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                state_dict=state_dict,
+            )
         self._register_reset(adapter_name)  # also for adapters added after construction (add/load_adapter)
+
+    def _add_inference_adapter_to_existing_layers(self, model: nn.Module, adapter_name: str) -> bool:
+        """Fast path of `load_adapter` for one more domain patch: add an inference adapter to the RST layers in place.
+
+        Applies when the new adapter is loaded for inference and every module it targets is an RST layer already
+        (the deployment case: N domain patches of one base). The result is what peft's generic injection gives
+        (same layers, targeted names, requires_grad flags, modules_to_save wrappers; tested side by side), without
+        its module-by-module matching, which costs more than reading and decoding the adapter itself. Returns
+        False, changing nothing, when the generic path is needed.
+        """
+        config = self.peft_config[adapter_name]
+        if not config.inference_mode or getattr(config, "modules_to_tie", None):
+            return False
+        owners = resolve_parameter_owners(config, model)
+        layers = [model.get_submodule(name) for name in owners]
+        if not layers or not all(isinstance(layer, RSTLayer) for layer in layers):
+            return False
+        self._check_new_adapter_config(config)
+        self._check_tied_modules(model, config)
+        for layer in layers:
+            layer.update_layer(adapter_name, config)
+        _extend_unique(self.targeted_module_names, [name.replace(".base_layer.", ".") for name in owners])
+        set_additional_trainable_modules(
+            model=model,
+            peft_config=config,
+            model_config=BaseTuner.get_model_config(self),
+            adapter_name=adapter_name,
+            activate_adapter=adapter_name in self.active_adapters,
+        )
+        return True
 
     def _register_reset(self, adapter_name: str) -> None:
         old = self._reset_groups.pop(adapter_name, None)
@@ -219,18 +251,20 @@ class RSTModel(BaseTuner):
         return super()._remove_adapter_name_from_key(key, adapter_name)
 
     @staticmethod
-    def _rst_entries(model: nn.Module, adapter_name: str):
-        """(layer, state-dict key of W, parameter name, w0) for every parameter adapter `adapter_name` covers.
+    def _rst_entries(model: nn.Module, adapter_name: str, restore: bool = True):
+        """(layer, state-dict key of W, parameter name, base) for every parameter adapter `adapter_name` covers.
 
         The key is the one a trainable adapter's W has; inference adapters are saved under the same key so that a
-        checkpoint does not depend on how the adapter was held in memory.
+        checkpoint does not depend on how the adapter was held in memory. With `restore`, the base holds w0
+        (an active inference adapter is taken out first); without, it may hold a patched-in adapter.
         """
         for module_name, module in model.named_modules():
             if not isinstance(module, RSTLayer):
                 continue
             if adapter_name not in module.rst_weight and adapter_name not in module.rst_sparse:
                 continue
-            module.restore_base_weights()
+            if restore:
+                module.restore_base_weights()
             module_name = module_name.removeprefix("_fsdp_wrapped_module.")
             for param_name, base in module.get_base_layer().named_parameters(recurse=False):
                 key = f"{module_name}.{_CONTAINER}.{adapter_name}.{param_name}"
@@ -242,7 +276,13 @@ class RSTModel(BaseTuner):
         result = {}
         for layer, key, param_name, base in cls._rst_entries(model, adapter_name):
             if adapter_name in layer.rst_sparse:
-                parts = layer.rst_sparse[adapter_name].parts(param_name)
+                entries = layer.rst_sparse[adapter_name].get(param_name)
+                if entries is None:
+                    raise RuntimeError(
+                        f"Inference adapter '{adapter_name}' was created but never loaded ({key} has no entries); "
+                        "load it with PeftModel.from_pretrained / load_adapter before saving it."
+                    )
+                parts = entries.parts()
             else:
                 # prefer the state_dict's tensor: under FSDP / DeepSpeed it is the gathered full weight
                 dense = state_dict.get(key, layer.rst_weight[adapter_name][param_name]).detach()
@@ -283,7 +323,9 @@ class RSTModel(BaseTuner):
     def _remap_checked(cls, model, config, adapter_name, state_dict):
         result = dict(state_dict)
         decoded = []
-        for layer, model_key, param_name, base in cls._rst_entries(model, adapter_name):
+        # the base is restored to w0 only where needed (a fingerprint not cached, a dense W to build), so that
+        # loading one more domain does not take out and put back the active one
+        for layer, model_key, param_name, base in cls._rst_entries(model, adapter_name, restore=False):
             checkpoint_key = cls._remove_adapter_name_from_key(model_key, adapter_name)
             parts = cls._pop_parts(result, checkpoint_key)
             if not parts:
@@ -298,7 +340,9 @@ class RSTModel(BaseTuner):
         if not decoded:
             raise ValueError(f"Adapter '{adapter_name}' has no RST layers in this model; nothing to load.")
         if config.check_base_fingerprint:
-            mismatched = [key for _, key, _, base, data in decoded if data.base_fingerprint != base_fingerprint(base)]
+            mismatched = [
+                key for layer, key, _, base, data in decoded if data.base_fingerprint != _w0_fingerprint(layer, base)
+            ]
             if mismatched:
                 names = ", ".join(cls._remove_adapter_name_from_key(k, adapter_name) for k in mismatched[:3])
                 raise BaseWeightsMismatchError(
@@ -307,16 +351,21 @@ class RSTModel(BaseTuner):
                     "or, to load it anyway: `cfg = PeftConfig.from_pretrained(path); cfg.check_base_fingerprint = "
                     "False; PeftModel.from_pretrained(model, path, config=cfg)`."
                 )
+        sparse: dict[RSTLayer, dict[str, SparseEntries]] = {}
         for layer, model_key, param_name, base, data in decoded:
             if adapter_name in layer.rst_sparse:
-                module_key = model_key.rpartition(f".{_CONTAINER}.")[0]
-                for suffix, tensor in SparsePatch.state_from(data).items():
-                    result[f"{module_key}.rst_sparse.{adapter_name}.{param_name}__{suffix}"] = tensor
+                # inference adapters are installed here, not through load_state_dict: their entries are not
+                # module state (see SparseAdapters), and every check above has passed
+                sparse.setdefault(layer, {})[param_name] = SparseEntries.from_data(data, base.device)
                 continue
+            layer.restore_base_weights()
             weight = layer.rst_weight[adapter_name][param_name]
             dense = base.detach().to(dtype=weight.dtype, copy=True).reshape(-1)
             dense[data.indices.to(dense.device)] = data.values.to(device=dense.device, dtype=dense.dtype)
             result[model_key] = dense.view(base.shape)
+        for layer, entries in sparse.items():
+            layer.rst_sparse.fill(adapter_name, entries)
+            layer.sync_patch()  # an active adapter is written into the base right away
         return result
 
 
@@ -334,6 +383,18 @@ def _discard_adapter(model: nn.Module, adapter_name: str) -> None:
 _PEFT_PREFIX = "base_model.model."
 # id(tensor) -> (weakref, version, fingerprint): loading N adapters onto one base fingerprints each tensor once
 _fingerprints: dict[int, tuple[weakref.ref, int, int]] = {}
+
+
+def _w0_fingerprint(layer: RSTLayer, base: torch.Tensor) -> int:
+    """Fingerprint of w0 of `base`, owned by `layer`: from the cache, else computed with the layer's patch taken out.
+
+    Patching writes through `.data` and leaves the tensor's version alone, so a cached value (always computed on
+    w0) stays valid while an inference adapter is patched in.
+    """
+    cached = _fingerprints.get(id(base))
+    if cached is None or cached[0]() is not base or cached[1] != base.detach()._version:
+        layer.restore_base_weights()
+    return base_fingerprint(base)
 
 
 def base_fingerprint(base: torch.Tensor) -> int:

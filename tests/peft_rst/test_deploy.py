@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 import peft_rst  # noqa: F401  (registers RST)
-from peft_rst import BaseWeightsMismatchError, RSTConfig, RSTLayer
+from peft_rst import BaseWeightsMismatchError, RSTConfig, RSTLayer, RSTModel
 from peft_rst.format import RSTFormatError
 
 CONFIG = CLIPVisionConfig(
@@ -99,17 +99,16 @@ def test_inference_adapters_hold_their_file_not_a_dense_copy(domains):
         for module in model.modules():
             if isinstance(module, RSTLayer):
                 assert f"d{i}" not in module.rst_weight  # no dense W for inference adapters
-                held += sum(b.numel() * b.element_size() for b in module.rst_sparse[f"d{i}"].buffers())
+                held += module.rst_sparse.nbytes(f"d{i}")
         on_disk = os.path.getsize(folder / "adapter_model.safetensors")
         changed = sum(
-            m.rst_sparse[f"d{i}"].get_buffer(n).numel()
+            e.indices.numel()
             for m in model.modules()
             if isinstance(m, RSTLayer)
-            for n, _ in m.rst_sparse[f"d{i}"].named_buffers()
-            if n.endswith("__idx")
+            for e in m.rst_sparse[f"d{i}"].values()
         )
-        # decoded positions (int32) + fp32 values + 16 bytes of metadata per parameter: ~1.5x the compact file
-        assert held <= 8 * changed + 16 * 200 and held < 2 * on_disk < dense_bytes
+        # decoded positions (int32) + fp32 values: ~1.3x the compact file
+        assert held == 8 * changed and held < 2 * on_disk < dense_bytes
 
 
 def test_switch_touches_only_changed_entries(domains):
@@ -117,7 +116,7 @@ def test_switch_touches_only_changed_entries(domains):
     model = load_all(state, folders)
     model.set_adapter("d1")
     layer = next(m for m in model.modules() if isinstance(m, RSTLayer) and m._patched == "d1")
-    changed = sum(idx.numel() for idx, _ in layer._patch_backup.values())
+    changed = sum(idx.numel() for _, idx, _ in layer._patch_backup)
     total = sum(p.numel() for p in layer.get_base_layer().parameters(recurse=False))
     assert 0 < changed < total
 
@@ -222,3 +221,96 @@ def test_broken_files_are_clear_errors_and_leave_the_model_unchanged(domains, tm
         model.load_adapter(broken, adapter_name="bad")
     assert list(model.peft_config) == ["good"]
     assert torch.equal(model(pixel_values=PIXELS).image_embeds, outputs[1])
+
+
+def test_a_merged_base_is_not_the_base_the_adapters_were_trained_from(domains):
+    state, folders, _ = domains
+    merged = PeftModel.from_pretrained(fresh_base(state), folders[0]).merge_and_unload()
+    with pytest.raises(BaseWeightsMismatchError, match="trained from different base weights"):
+        PeftModel.from_pretrained(merged, folders[1])
+
+
+def test_loading_a_domain_keeps_the_active_one_patched_in(domains):
+    state, folders, outputs = domains
+    model = PeftModel.from_pretrained(fresh_base(state), folders[0], adapter_name="d0")
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=PIXELS).image_embeds, outputs[0])
+        model.load_adapter(folders[1], adapter_name="d1")
+        assert torch.equal(model(pixel_values=PIXELS).image_embeds, outputs[0])
+        model.set_adapter("d1")
+        assert torch.equal(model(pixel_values=PIXELS).image_embeds, outputs[1])
+
+
+def test_casting_the_model_casts_the_loaded_domains(domains):
+    state, folders, outputs = domains
+    model = load_all(state, folders)
+    model.set_adapter("d1")
+    model.double()  # while d1 is patched in: its backup of w0 is cast on restore
+    layers = [m for m in model.modules() if isinstance(m, RSTLayer)]
+    assert all(e.values.dtype == torch.float64 for m in layers for e in m.rst_sparse["d2"].values())
+    with torch.no_grad():
+        for name in ("d2", "d1"):
+            model.set_adapter(name)
+            out = model(pixel_values=PIXELS.double()).image_embeds
+            torch.testing.assert_close(out, outputs[int(name[1])].double(), rtol=1e-5, atol=1e-6)
+        model.base_model.disable_adapter_layers()
+    for key, value in model.get_base_model().state_dict().items():
+        assert torch.equal(value, state[key.replace("base_layer.", "")].double()), key
+
+
+def _train_with_head(state, seed: int, folder) -> None:
+    torch.manual_seed(seed)
+    model = get_peft_model(fresh_base(state), RSTConfig(tau=1e-3, modules_to_save=["visual_projection"]))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        model(pixel_values=torch.randn(4, 3, 16, 16) * (seed + 1)).image_embeds.pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder)
+
+
+def _snapshot(model: PeftModel, names: list[str]) -> dict:
+    outputs = {}
+    with torch.no_grad():
+        for name in names:
+            model.set_adapter(name)
+            outputs[name] = model(pixel_values=PIXELS).image_embeds
+    return {
+        "targeted": sorted(model.base_model.targeted_module_names),
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "state_keys": sorted(model.state_dict()),
+        "outputs": outputs,
+    }
+
+
+@pytest.mark.parametrize("with_head", [False, True], ids=["backbone", "backbone+modules_to_save"])
+def test_loading_more_domains_by_the_fast_path_equals_peft_generic_injection(
+    domains, tmp_path, monkeypatch, with_head
+):
+    state, folders, _ = domains
+    if with_head:
+        folders = [tmp_path / f"head{seed}" for seed in range(3)]
+        for seed, folder in enumerate(folders):
+            _train_with_head(state, seed, folder)
+    names = [f"d{i}" for i in range(len(folders))]
+
+    taken = []
+    fast_path = RSTModel._add_inference_adapter_to_existing_layers
+
+    def spy(self, model, adapter_name):
+        taken.append(fast_path(self, model, adapter_name))
+        return taken[-1]
+
+    monkeypatch.setattr(RSTModel, "_add_inference_adapter_to_existing_layers", spy)
+    fast = _snapshot(load_all(state, folders), names)
+    assert taken[1:] == [True, True]  # the first adapter wraps the model; the further ones take the fast path
+
+    monkeypatch.setattr(RSTModel, "_add_inference_adapter_to_existing_layers", lambda *args: False)
+    generic = _snapshot(load_all(state, folders), names)
+
+    assert fast["targeted"] == generic["targeted"]
+    assert fast["requires_grad"] == generic["requires_grad"]
+    assert fast["state_keys"] == generic["state_keys"]
+    for name in names:
+        assert torch.equal(fast["outputs"][name], generic["outputs"][name]), name
+    assert len({tuple(out.flatten().tolist()) for out in fast["outputs"].values()}) == len(names)

@@ -37,7 +37,9 @@ class SparseEntries(NamedTuple):
 
     def parts(self) -> dict[str, torch.Tensor]:
         """The encoded form, as `save_pretrained` writes it."""
-        return rst_format.encode_sparse(self.indices.long().cpu(), self.values.cpu(), self.numel, self.base_fingerprint)
+        return rst_format.encode_sparse(
+            self.indices.long().cpu(), self.values.cpu(), self.numel, self.base_fingerprint
+        )
 
 
 class SparseAdapters(nn.Module):
@@ -123,9 +125,7 @@ class RSTLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("rst_weight",)
     other_param_names = ("rst_sparse",)
 
-    def __init__(
-        self, base_layer: nn.Module, adapter_name: str, config, shared: dict | None = None
-    ) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, shared: dict | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.rst_weight = nn.ModuleDict({})  # trainable adapters: dense W per owned parameter

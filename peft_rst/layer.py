@@ -173,8 +173,9 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         layer (tied weights, e.g. input and output embeddings), so that a tied weight stays one trained tensor.
         """
         if config.inference_mode:
+            # no parameters to create or to (un)freeze: other adapters' requires_grad flags are left as they are
             self.rst_sparse.add(adapter_name)
-            self.set_adapter(self.active_adapters)
+            self.sync_patch()
             return
         self.restore_base_weights()  # W starts from w0, not from a patched-in inference adapter
         weights = nn.ParameterDict()

@@ -314,3 +314,20 @@ def test_loading_more_domains_by_the_fast_path_equals_peft_generic_injection(
     for name in names:
         assert torch.equal(fast["outputs"][name], generic["outputs"][name]), name
     assert len({tuple(out.flatten().tolist()) for out in fast["outputs"].values()}) == len(names)
+
+
+def test_loading_a_domain_next_to_a_trainable_adapter_keeps_its_requires_grad_flags(domains, monkeypatch):
+    state, folders, _ = domains
+
+    def flags_after_loading() -> dict[str, bool]:
+        model = get_peft_model(fresh_base(state), RSTConfig(tau=1e-3))
+        frozen = next(p for n, p in model.named_parameters() if "fc1.rst_weight.default.weight" in n)
+        frozen.requires_grad_(False)  # a user freezing part of the trainable adapter
+        model.load_adapter(folders[0], adapter_name="d0")
+        return {n: p.requires_grad for n, p in model.named_parameters()}
+
+    fast = flags_after_loading()
+    monkeypatch.setattr(RSTModel, "_add_inference_adapter_to_existing_layers", lambda *args: False)
+    generic = flags_after_loading()
+    assert fast == generic
+    assert sum(fast.values()) == sum(1 for n in fast if ".rst_weight.default." in n) - 1

@@ -146,8 +146,9 @@ PERTURBED = [
     "test_peft_model_device_map",
 ]
 BY_DESIGN = (
-    "RST by design: an adapter loaded for inference keeps its encoded sparse patch (rst_sparse buffers) instead of "
-    "a dense W, so the loaded model's state_dict keys differ from the trained model's, which these checks compare"
+    "RST by design: an adapter loaded for inference keeps only its changed entries (held by the layer, outside "
+    "state_dict) instead of a dense W, so the loaded model's state_dict keys differ from the trained model's, which "
+    "these checks compare"
 )
 KNOWN = {
     "test_save_pretrained": BY_DESIGN,

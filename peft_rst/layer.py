@@ -257,6 +257,13 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         self._patch_backup = []
         self._patched = None
 
+    def load_sparse(self, adapter_name: str, entries: dict[str, SparseEntries]) -> None:
+        """Give inference adapter `adapter_name` its changed entries (replacing any it had) and patch it in if active."""
+        if self._patched == adapter_name:
+            self.restore_base_weights()  # the base holds the entries being replaced
+        self.rst_sparse.fill(adapter_name, entries)
+        self.sync_patch()
+
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
         super().set_adapter(adapter_names, inference_mode=inference_mode)
         if self._modules.get("rst_sparse") is not None and len(self.rst_sparse):

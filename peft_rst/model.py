@@ -364,8 +364,7 @@ class RSTModel(BaseTuner):
             dense[data.indices.to(dense.device)] = data.values.to(device=dense.device, dtype=dense.dtype)
             result[model_key] = dense.view(base.shape)
         for layer, entries in sparse.items():
-            layer.rst_sparse.fill(adapter_name, entries)
-            layer.sync_patch()  # an active adapter is written into the base right away
+            layer.load_sparse(adapter_name, entries)
         return result
 
 

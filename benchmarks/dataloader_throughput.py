@@ -62,18 +62,11 @@ def loader_rate(dataset, batch_size: int, num_workers: int, batches: int) -> flo
 
 
 def make_step(num_layers: int, batch_size: int):
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionModelWithProjection
+    from vit_b16 import vit_b16_config
 
     torch.manual_seed(0)
-    cfg = CLIPVisionConfig(
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=num_layers,
-        num_attention_heads=12,
-        image_size=224,
-        patch_size=16,
-        projection_dim=512,
-    )
+    cfg = vit_b16_config(num_hidden_layers=num_layers)
     model = CLIPVisionModelWithProjection(cfg).train()
     head = torch.nn.Linear(512, 65)
     opt = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=1e-6, momentum=0.9, nesterov=True)

@@ -39,17 +39,10 @@ DTYPES = {"float32": (torch.float32, 32), "bfloat16": (torch.bfloat16, 16), "flo
 
 
 def vit_b16_shapes() -> list[tuple[str, tuple[int, ...]]]:
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionModelWithProjection
+    from vit_b16 import vit_b16_config
 
-    config = CLIPVisionConfig(
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        image_size=224,
-        patch_size=16,
-        projection_dim=512,
-    )
+    config = vit_b16_config()
     with torch.device("meta"):
         model = CLIPVisionModelWithProjection(config)
     shapes = [(name, tuple(p.shape)) for name, p in model.named_parameters()]

@@ -19,24 +19,15 @@ import time
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import CLIPVisionModelWithProjection
+from vit_b16 import vit_b16_config
 
 import peft_rst
-
-VIT_B16 = CLIPVisionConfig(
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    image_size=224,
-    patch_size=16,
-    projection_dim=512,
-)
 
 
 def base_model() -> CLIPVisionModelWithProjection:
     torch.manual_seed(0)
-    return CLIPVisionModelWithProjection(VIT_B16).eval()
+    return CLIPVisionModelWithProjection(vit_b16_config()).eval()
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ VARIANTS = ("full", "rst", "release", "lora")
 
 def build_model(small: bool):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from vit_b16 import vit_b16_config
 
     if small:
         config = CLIPVisionConfig(
@@ -37,15 +38,7 @@ def build_model(small: bool):
             projection_dim=128,
         )
     else:  # ViT-B/16 as in CLIP (paper Appendix C: 86,192,640 parameters incl. projection)
-        config = CLIPVisionConfig(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            image_size=224,
-            patch_size=16,
-            projection_dim=512,
-        )
+        config = vit_b16_config()
     torch.manual_seed(0)
     return CLIPVisionModelWithProjection(config), config.image_size
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import string
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from .files import atomic_write_text
 
 __all__ = ["CARD_FIELDS", "DEFAULT_TEMPLATE", "PAPER_CITATION", "render_model_card", "write_model_card"]
 
@@ -105,17 +106,7 @@ def write_model_card(folder: str | os.PathLike, template_path: str | os.PathLike
         dsp=measured.dsp,
         adapter_nbytes=measured.disk_nbytes,
     )
-    target = folder / CARD_NAME
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{CARD_NAME}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
+    return atomic_write_text(folder / CARD_NAME, text)
 
 
 # ----------------------------------------------------------------------------------------------------------------

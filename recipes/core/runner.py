@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import TrainerCallback
 
 from cmkd import CLIPAdaptationModel, CMKDConfig, CMKDTrainer, CMKDTrainingArguments
+from peft_rst.files import atomic_write_text
 
 from .config import RESULTS_FILENAME, BenchmarkConfig, ConfigError, RunConfig, build_parser, parse_args, task_name
 from .data import (
@@ -48,7 +49,7 @@ from .data import (
     load_domain,
     partial_target,
 )
-from .tables import add_result, atomic_write_text, new_results, render_markdown, write_report
+from .tables import add_result, new_results, render_markdown, write_report
 from .transforms import eval_transform, train_transform
 
 __all__ = [

@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from peft_rst.files import atomic_write_bytes, atomic_write_text
 
 from .config import RESULTS_FILENAME, TASK_SEPARATOR, BenchmarkConfig
 
@@ -28,33 +29,6 @@ MARKDOWN_FILENAME = "results.md"
 PLOT_FILENAME = "accuracy_vs_dsp.png"
 ARROW = "→"
 MISSING = "–"
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Atomic files
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to a temp file beside ``path`` and ``os.replace`` it in: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # --------------------------------------------------------------------------------------------------------------------

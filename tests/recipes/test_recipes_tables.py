@@ -5,11 +5,9 @@ import os
 
 import pytest
 
-from recipes.core import tables
 from recipes.core.config import ConfigError, check_output_dir, load_benchmark_config
 from recipes.core.tables import (
     add_result,
-    atomic_write_text,
     load_results,
     new_results,
     plot_accuracy_vs_dsp,
@@ -118,22 +116,11 @@ def test_json_roundtrip(tmp_path, office31_results):
         load_results(tmp_path / "other.json")
 
 
-def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch, office31_results):
-    path = tmp_path / "results.md"
-    atomic_write_text(path, "old")
-
-    def boom(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(tables.os, "replace", boom)
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write_text(path, "new")
-    monkeypatch.undo()
-    assert path.read_text() == "old" and os.listdir(tmp_path) == ["results.md"]
+def test_unserialisable_results_write_nothing(tmp_path, office31_results):
     office31_results["meta"]["bad"] = object()  # not JSON-serialisable: fails before anything is written
     with pytest.raises(TypeError):
         save_results(office31_results, tmp_path / "results.json")
-    assert os.listdir(tmp_path) == ["results.md"]
+    assert os.listdir(tmp_path) == []
 
 
 def test_plot_and_report(tmp_path, office31_results):

@@ -1,9 +1,10 @@
 """peft's own generic tuner tests (`PeftCommonTester` via `TestPeftCustomModel`), run with RST configs.
 
-peft's source distribution ships its test suite. At test time the sdist of the installed peft version is fetched
-from PyPI once (`pip download --no-binary :all:`), its `tests/` folder is cached outside the repository (nothing of
-peft is vendored here) and a representative subset of the custom-model checks is called on peft's small models
-(MLP, Conv2d, Embedding + GPT-2 Conv1D). Without network access and without a cache the module is skipped.
+peft's source distribution ships its test suite; nothing of peft is vendored here. `python
+scripts/fetch_peft_tests.py` (a step of `.ci/run`) downloads the sdist of the installed peft version once and caches
+its `tests/` folder; this module only reads that cache and calls a representative subset of the custom-model checks
+on peft's small models (MLP, Conv2d, Embedding + GPT-2 Conv1D). Without the cache the module skips, naming the
+command. The tests themselves never download.
 
 Cache: `$PEFT_RST_UPSTREAM_TESTS` if set (a folder holding peft's `tests/`), else ~/.cache/peft_rst/.
 """
@@ -12,12 +13,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.machinery
-import os
-import shutil
-import subprocess
+import importlib.util
 import sys
-import tarfile
-import tempfile
 import types
 from pathlib import Path
 
@@ -29,53 +26,31 @@ from peft_rst import RSTConfig
 pytestmark = pytest.mark.slow
 
 _PACKAGE = "peft_upstream_tests"
+_FETCH_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "fetch_peft_tests.py"
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "peft_rst" / f"peft-{peft.__version__}-tests"
+def _fetch_module() -> types.ModuleType:
+    """scripts/fetch_peft_tests.py, the one place that knows where peft's tests are cached."""
+    spec = importlib.util.spec_from_file_location("fetch_peft_tests", _FETCH_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _fetch_upstream_tests() -> Path:
-    """peft's tests/ folder for the installed version, downloaded once (skip the module if impossible)."""
-    override = os.environ.get("PEFT_RST_UPSTREAM_TESTS")
-    if override:
-        return Path(override)
-    target = _cache_dir()
-    if (target / "testing_common.py").exists():
-        return target
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet"]
-        cmd += [f"peft=={peft.__version__}", "-d", tmp]
-        try:
-            result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            pytest.skip(f"could not download the peft {peft.__version__} sdist from PyPI: {err}")
-        sdists = list(Path(tmp).glob("peft-*.tar.gz"))
-        if result.returncode != 0 or not sdists:
-            pytest.skip(f"could not download the peft {peft.__version__} sdist from PyPI: {result.stderr[-500:]}")
-        prefix = f"peft-{peft.__version__}/tests/"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
-        with tarfile.open(sdists[0]) as tar:
-            members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.isfile()]
-            if not any(m.name.endswith("/testing_common.py") for m in members):
-                shutil.rmtree(staging)
-                pytest.skip(f"the peft {peft.__version__} sdist ships no tests/testing_common.py")
-            for member in members:
-                member.name = member.name[len(prefix) :]
-                tar.extract(member, staging, filter="data")
-        if target.exists():
-            shutil.rmtree(staging)
-        else:
-            os.replace(staging, target)
-    return target
+_fetch = _fetch_module()
+UPSTREAM = _fetch.upstream_tests_dir()
+if not (UPSTREAM / _fetch.MARKER).is_file():
+    pytest.skip(
+        f"peft {peft.__version__}'s own tests are not in {UPSTREAM}; fetch them once with `{_fetch.COMMAND}` "
+        f"(downloads the peft sdist from PyPI), or set {_fetch.ENV_VAR} to a folder holding peft's tests/",
+        allow_module_level=True,
+    )
 
 
 @pytest.fixture(scope="module")
 def upstream():
     """peft's `test_custom_models` module, imported as a package of its own from the cached folder."""
-    folder = _fetch_upstream_tests()
+    folder = UPSTREAM
     stubbed = False
     if importlib.util.find_spec("diffusers") is None:
         # testing_common imports diffusers at the top for its stable-diffusion checks, which are not used here

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -85,6 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 template_path=args.template_path,
             )
             print(info.commit_url)
+    except BrokenPipeError:
+        # the reader stopped early (`peft-rst report ... | head -3`): exit quietly, as the Python docs advise, with
+        # stdout pointed at devnull so that the interpreter's final flush does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except (OSError, ValueError, RuntimeError) as err:  # bad input (RSTFormatError is a ValueError), Hub errors
         print(f"error: {err}", file=sys.stderr)
         return 2

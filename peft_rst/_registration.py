@@ -4,11 +4,17 @@ peft's `register_peft_method` only accepts names of its closed `PeftType` enum, 
 itself with a str-Enum key (accepted upstream, peft issue #2634). Saving and loading go through the tuner-class hooks
 that peft 0.21 introduced; older or reshaped peft versions are refused here, at import, rather than failing later
 with a confusing error inside `save_pretrained`.
+
+`PeftModel.from_pretrained` / `load_adapter` read `peft_type` from adapter_config.json with peft's
+`PeftConfig._get_peft_type` before any RST code runs; for a local file RST puts its config check in front of it, so
+an empty, `null` or non-object file, or a mis-cased `"rst"`, is a clear error naming the file instead of a
+`JSONDecodeError`, `TypeError` or `KeyError: 'rst'` from inside peft. Valid files are read exactly as before.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 
 import peft
 from packaging.version import Version
@@ -72,3 +78,27 @@ def register_rst() -> None:
     mapping.PEFT_TYPE_TO_CONFIG_MAPPING[key] = RSTConfig
     mapping.PEFT_TYPE_TO_TUNER_MAPPING[key] = RSTModel
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[key] = PREFIX
+    _guard_peft_type_lookup()
+
+
+def _guard_peft_type_lookup() -> None:
+    """Check a local adapter_config.json (see `config.read_config_file`) before peft's `_get_peft_type` reads it."""
+    from peft.config import PeftConfigMixin
+
+    original = PeftConfigMixin.__dict__["_get_peft_type"]
+    if getattr(original, "_rst_guard", False):
+        return
+    lookup = original.__func__
+
+    def _get_peft_type(cls, model_id, **hf_hub_download_kwargs):
+        from .config import CONFIG_NAME, read_config_file
+
+        if isinstance(model_id, (str, os.PathLike)):
+            path = os.path.join(model_id, hf_hub_download_kwargs.get("subfolder") or "", CONFIG_NAME)
+            if os.path.isfile(path):
+                read_config_file(path)
+        return lookup(cls, model_id, **hf_hub_download_kwargs)
+
+    guarded = classmethod(_get_peft_type)
+    guarded._rst_guard = True
+    PeftConfigMixin._get_peft_type = guarded

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import enum
+import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
@@ -21,6 +23,73 @@ class RSTPeftType(str, enum.Enum):
 
 
 _SCHEDULES = ("constant", "linear", "exponential")
+CONFIG_NAME = "adapter_config.json"
+_BOOL_FIELDS = ("bias_only", "init_weights", "check_base_fingerprint", "inference_mode")
+
+
+class AdapterConfigError(ValueError):
+    """An adapter_config.json that cannot describe an RST adapter; the message names the file and the field."""
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """The JSON object in `path`, with the RST fields checked (`AdapterConfigError` naming the file otherwise).
+
+    Configs of other PEFT methods pass through unchecked apart from being a JSON object with a `peft_type`.
+    """
+    try:
+        text = open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise AdapterConfigError(f"Cannot read '{path}' ({err}); re-save the adapter.") from err
+    if not text.strip():
+        raise AdapterConfigError(f"'{path}' is empty; re-save the adapter with save_pretrained.")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise AdapterConfigError(f"'{path}' is not valid JSON ({err}); re-save the adapter.") from err
+    if not isinstance(data, dict):
+        raise AdapterConfigError(
+            f"'{path}' must hold a JSON object of adapter settings, got {type(data).__name__} ({text.strip()[:40]})."
+        )
+    peft_type = data.get("peft_type")
+    if not isinstance(peft_type, str):
+        raise AdapterConfigError(f"'{path}': field 'peft_type' must be a string such as \"RST\", got {peft_type!r}.")
+    if peft_type != RSTPeftType.RST.value and peft_type.strip().upper() == RSTPeftType.RST.value:
+        raise AdapterConfigError(
+            f"'{path}': field 'peft_type' must be exactly \"RST\" (upper case), got {peft_type!r}."
+        )
+    if peft_type == RSTPeftType.RST.value:
+        problem = _field_problem(data)
+        if problem:
+            raise AdapterConfigError(f"'{path}': {problem}")
+    return data
+
+
+def _names_problem(name: str, value, *, regex: bool) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not regex:
+            return f"field '{name}' must be a list of module names, got the string {value!r} (write [{value!r}])."
+        try:
+            re.compile(value)
+        except re.error as err:
+            return f"field '{name}' is not a valid regular expression ({value!r}: {err})."
+        return None
+    if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) and v for v in value):
+        return None
+    return f"field '{name}' must be {'a regex string or ' if regex else ''}a list of module names, got {value!r}."
+
+
+def _field_problem(data: dict) -> str | None:
+    """What is wrong with the RST-specific field types of a config dict, if anything."""
+    for name in _BOOL_FIELDS:
+        if name in data and not isinstance(data[name], bool):
+            return f"field '{name}' must be true or false, got {data[name]!r}."
+    for name in ("target_modules", "exclude_modules"):
+        problem = _names_problem(name, data.get(name), regex=True)
+        if problem:
+            return problem
+    return _names_problem("modules_to_save", data.get("modules_to_save"), regex=False)
 
 
 def _check_number(name: str, value: float, *, allow_zero: bool = True) -> None:
@@ -103,6 +172,14 @@ class RSTConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = RSTPeftType.RST
+        problem = _field_problem(
+            {
+                name: getattr(self, name)
+                for name in (*_BOOL_FIELDS, "target_modules", "exclude_modules", "modules_to_save")
+            }
+        )
+        if problem:
+            raise ValueError(f"RSTConfig: {problem}")
         _check_number("tau", self.tau)
         if self.tau_schedule not in _SCHEDULES:
             raise ValueError(f"RSTConfig.tau_schedule must be one of {_SCHEDULES}, got {self.tau_schedule!r}.")
@@ -150,14 +227,24 @@ class RSTConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
-        """`PeftConfig.from_pretrained` that refuses folders of other methods and local folders without weights."""
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        """`PeftConfig.from_pretrained` with clear errors: a bad local adapter_config.json (not JSON, not an object,
+        a wrong `peft_type`, a field of the wrong type or value) raises `AdapterConfigError` naming the file and
+        the field; folders of other methods and local folders without weights are refused."""
+        folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        config_file = os.path.join(folder, CONFIG_NAME)
+        if os.path.isfile(config_file):
+            read_config_file(config_file)
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except (TypeError, ValueError) as err:
+            if not os.path.isfile(config_file) or isinstance(err, AdapterConfigError):
+                raise
+            raise AdapterConfigError(f"'{config_file}': {err}") from err
         if not isinstance(config, RSTConfig):
             raise ValueError(
                 f"'{pretrained_model_name_or_path}' holds a {type(config).__name__} ({config.peft_type}) adapter, not "
                 "an RST one. Load it with `PeftModel.from_pretrained(base_model, path)`, which picks the right method."
             )
-        folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
         if os.path.isdir(folder) and not any(
             os.path.exists(os.path.join(folder, name)) for name in ("adapter_model.safetensors", "adapter_model.bin")
         ):

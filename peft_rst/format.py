@@ -1,4 +1,4 @@
-"""Compact, exact, versioned sparse encoding of RST adapter tensors.
+"""Compact, exact, versioned sparse encoding of RST adapter tensors, and the integrity record of a whole file.
 
 One RST parameter (the entries training moved away from w0) is stored as one or two plain tensors inside
 `adapter_model.safetensors`, so the file needs no pickle, no JSON side file and no safetensors metadata:
@@ -7,12 +7,17 @@ One RST parameter (the entries training moved away from w0) is stored as one or 
   CRC-32 of everything) followed by the changed positions, in whichever encoding is smallest for this tensor;
 - `val` (the parameter's float dtype, absent when nothing changed): the new values, bit for bit.
 
+Since version 2 the file also holds one `rst_integrity` tensor (uint8): the name, dtype, shape and CRC-32 of every
+other tensor in the file, so that dense tensors (a `modules_to_save` head) are covered too, and a tensor that is
+missing, added, renamed or reshaped is caught as well as a flipped byte.
+
 The byte-level specification (enough to read the file without this package) is `docs/adapter-format.md`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import zlib
 from dataclasses import dataclass
 
@@ -31,9 +36,14 @@ __all__ = [
     "encode_sparse",
     "decode_sparse",
     "encoded_nbytes",
+    "INTEGRITY_KEY",
+    "integrity_record",
+    "check_integrity",
+    "file_format_version",
 ]
 
-FORMAT_VERSION: int = 1
+FORMAT_VERSION: int = 2
+_READABLE_VERSIONS = (1, 2)
 SUFFIXES: tuple[str, ...] = ("idx", "val")
 
 _MAX_NUMEL = 1 << 48  # keeps every header field and position arithmetic well inside int64
@@ -432,8 +442,8 @@ def _parse_header(raw: bytes, name: str, where) -> tuple[int, int, int, int, int
             f"RST adapter tensor '{name}.idx' uses format version {raw[0]}, but this peft_rst reads versions up to "
             f"{FORMAT_VERSION}: upgrade peft_rst (pip install -U rst-cmkd) to load this adapter."
         )
-    if raw[0] == 0:
-        raise where("format version 0 does not exist: the header is corrupted")
+    if raw[0] not in _READABLE_VERSIONS:
+        raise where(f"format version {raw[0]} does not exist: the header is corrupted")
     if len(raw) < _MIN_HEADER_NBYTES:
         raise where(f"has {len(raw)} bytes, fewer than any version-{FORMAT_VERSION} header: it is truncated")
     numel, i = _read_uvarint(raw, 12, len(raw) - 4)
@@ -461,8 +471,10 @@ def read_header(idx: torch.Tensor, name: str) -> HeaderInfo:
     def where_idx(problem: str) -> RSTFormatError:
         return RSTFormatError(f"RST adapter tensor '{name}.idx': {problem}; {_REDO}.")
 
-    if not isinstance(idx, torch.Tensor) or idx.dtype != torch.uint8 or idx.dim() != 1 or idx.numel() == 0:
-        raise where_idx(f"expected a 1-D uint8 tensor, got {getattr(idx, 'dtype', type(idx).__name__)}")
+    if not isinstance(idx, torch.Tensor):
+        raise where_idx(f"expected a 1-D uint8 tensor, got a {type(idx).__name__}")
+    if idx.dtype != torch.uint8 or idx.dim() != 1 or idx.numel() == 0:
+        raise where_idx(f"expected a non-empty 1-D uint8 tensor, got {idx.dtype} of shape {tuple(idx.shape)}")
     raw = _host_array(idx)[:_MAX_HEADER_NBYTES].tobytes()
     enc, dtype_code, param, fingerprint, numel, count, _ = _parse_header(raw, name, where_idx)
     if enc not in _ENCODING_NAMES or dtype_code not in _CODE_DTYPES:
@@ -548,3 +560,153 @@ def decode_sparse(parts: dict[str, torch.Tensor], numel: int, name: str) -> Spar
 def encoded_nbytes(parts: dict[str, torch.Tensor]) -> int:
     """Bytes of tensor data in an encoded parameter (excluding the safetensors per-key JSON header)."""
     return sum(t.numel() * t.element_size() for t in parts.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# integrity record of a whole adapter file (format version 2)
+
+INTEGRITY_KEY = "rst_integrity"  # no dot: peft's adapter-name handling leaves such a key alone
+_RECORD_MAGIC = b"RSTI"
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+    torch.uint8: "uint8",
+    torch.int8: "int8",
+    torch.int16: "int16",
+    torch.int32: "int32",
+    torch.int64: "int64",
+    torch.bool: "bool",
+}
+
+
+def _raw_bytes(t: torch.Tensor) -> np.ndarray:
+    """The tensor's bytes in row-major order, as safetensors stores them (little-endian)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _nonfinite(t: torch.Tensor) -> int:
+    if not t.dtype.is_floating_point:
+        return 0
+    return int(t.numel() - torch.isfinite(t.detach()).sum().item())
+
+
+def integrity_record(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The `rst_integrity` tensor of a file holding `tensors` (keys as written to the file).
+
+    Layout: b"RSTI", the format version byte, UTF-8 JSON `{key: [dtype, shape, crc32]}` (sorted keys, no spaces),
+    then a CRC-32 of all bytes before it. The CRC-32 of a tensor is zlib's over its raw little-endian bytes.
+    Non-finite float values are refused: they would make the adapter unusable.
+    """
+    entries = {}
+    for key in sorted(tensors):
+        t = tensors[key]
+        if t.dtype not in _DTYPE_NAMES:
+            raise RSTFormatError(f"Adapter tensor '{key}' has dtype {t.dtype}, which the RST format does not store.")
+        bad = _nonfinite(t)
+        if bad:
+            raise RSTFormatError(
+                f"Adapter tensor '{key}' holds {bad} NaN/inf values: the weights diverged, so there is nothing valid "
+                "to save (lower the learning rate or resume from a checkpoint)."
+            )
+        entries[key] = [_DTYPE_NAMES[t.dtype], list(t.shape), zlib.crc32(_raw_bytes(t))]
+    body = _RECORD_MAGIC + bytes([FORMAT_VERSION]) + json.dumps(entries, separators=(",", ":")).encode()
+    body += zlib.crc32(body).to_bytes(4, "little")
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8)
+
+
+def file_format_version(tensors: dict[str, torch.Tensor]) -> int:
+    """Newest RST format version among the `idx` headers in a file's tensors (0 if there are none)."""
+    versions = [
+        int(t[0])
+        for key, t in tensors.items()
+        if key.endswith(".idx")
+        and isinstance(t, torch.Tensor)
+        and t.dtype == torch.uint8
+        and t.dim() == 1
+        and t.numel()
+    ]
+    return max(versions, default=0)
+
+
+def _parse_record(record: torch.Tensor, source: str) -> dict[str, list]:
+    def bad(problem: str) -> RSTFormatError:
+        return RSTFormatError(f"{source}: the '{INTEGRITY_KEY}' tensor {problem}; {_REDO}.")
+
+    if not isinstance(record, torch.Tensor) or record.dtype != torch.uint8 or record.dim() != 1:
+        raise bad(
+            f"must be a 1-D uint8 tensor, got {getattr(record, 'dtype', type(record).__name__)} of shape "
+            f"{tuple(getattr(record, 'shape', ()))}"
+        )
+    raw = _raw_bytes(record).tobytes()
+    if len(raw) < 9 or raw[:4] != _RECORD_MAGIC:
+        raise bad("does not start with the record marker b'RSTI'")
+    if raw[4] > FORMAT_VERSION:
+        raise RSTFormatError(
+            f"{source}: the adapter file uses format version {raw[4]}, but this peft_rst reads versions up to "
+            f"{FORMAT_VERSION}: upgrade peft_rst (pip install -U rst-cmkd) to load this adapter."
+        )
+    if zlib.crc32(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+        raise bad("fails its checksum: it is truncated or corrupted")
+    try:
+        entries = json.loads(raw[5:-4].decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise bad(f"does not parse ({err})") from err
+    if not isinstance(entries, dict):
+        raise bad("does not hold a JSON object")
+    return entries
+
+
+def check_integrity(tensors: dict[str, torch.Tensor], source: str, *, rename=None) -> None:
+    """Check every tensor of an adapter file against its `rst_integrity` record (and that floats are finite).
+
+    `tensors` are the file's tensors, the record included under `INTEGRITY_KEY`. `rename` maps a key as written to
+    the key it has in `tensors` (loaders move some keys, e.g. peft's `modules_to_save`). Files of format version 1
+    have no record: only the finite check applies to them. Raises `RSTFormatError` naming the tensor.
+    """
+    rename = rename or (lambda key: key)
+    record = tensors.get(INTEGRITY_KEY)
+    others = {k: t for k, t in tensors.items() if k != INTEGRITY_KEY}
+    if record is None:
+        version = file_format_version(others)
+        if version >= 2:
+            raise RSTFormatError(
+                f"{source}: the adapter file is format version {version} but has no '{INTEGRITY_KEY}' tensor, which "
+                f"covers every tensor of the file with a checksum; {_REDO}."
+            )
+        for key, t in others.items():
+            if _nonfinite(t):
+                raise RSTFormatError(f"{source}: adapter tensor '{key}' contains NaN or inf values; {_REDO}.")
+        return
+    entries = _parse_record(record, source)
+    expected = {rename(k): k for k in entries}
+    missing = sorted(expected.keys() - others.keys())
+    if missing:
+        raise RSTFormatError(
+            f"{source}: {len(missing)} tensors listed in '{INTEGRITY_KEY}' are missing from the file (first: "
+            f"{expected[missing[0]]}); {_REDO}."
+        )
+    extra = sorted(others.keys() - expected.keys())
+    if extra:
+        raise RSTFormatError(
+            f"{source}: {len(extra)} tensors are not covered by the file's '{INTEGRITY_KEY}' checksums (first: "
+            f"{extra[0]}): they were added or renamed after saving; {_REDO}."
+        )
+    for key, saved_key in expected.items():
+        t = others[key]
+        entry = entries[saved_key]
+        if not (isinstance(entry, list) and len(entry) == 3):
+            raise RSTFormatError(f"{source}: the '{INTEGRITY_KEY}' entry of '{saved_key}' is malformed; {_REDO}.")
+        dtype, shape, crc = entry
+        if _DTYPE_NAMES.get(t.dtype) != dtype or list(t.shape) != shape:
+            raise RSTFormatError(
+                f"{source}: adapter tensor '{saved_key}' is {t.dtype} of shape {tuple(t.shape)}, but was saved as "
+                f"{dtype} of shape {tuple(shape) if isinstance(shape, list) else shape}; {_REDO}."
+            )
+        if zlib.crc32(_raw_bytes(t)) != crc:
+            raise RSTFormatError(
+                f"{source}: adapter tensor '{saved_key}' fails its checksum: it is corrupted; {_REDO}."
+            )
+        if _nonfinite(t):
+            raise RSTFormatError(f"{source}: adapter tensor '{saved_key}' contains NaN or inf values; {_REDO}.")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import weakref
+from dataclasses import dataclass
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, _extend_unique, _get_submodules
@@ -14,6 +16,7 @@ from torch import nn
 from . import format as rst_format
 from .config import RSTConfig
 from .layer import RSTLayer, SparseEntries
+from .loading import ModelSnapshot, current_load_call
 from .reset import ResetGroup, register, unregister
 
 PREFIX = "rst_"
@@ -140,15 +143,63 @@ class RSTModel(BaseTuner):
     def inject_adapter(
         self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False, state_dict=None
     ):
-        if state_dict is not None or not self._add_inference_adapter_to_existing_layers(model, adapter_name):
-            super().inject_adapter(
-                model,
-                adapter_name,
-                autocast_adapter_dtype=autocast_adapter_dtype,
-                low_cpu_mem_usage=low_cpu_mem_usage,
-                state_dict=state_dict,
+        """peft's injection as a transaction: any error leaves `model` exactly as it was.
+
+        Within `PeftModel.from_pretrained` / `load_adapter` of a local folder, the adapter file is read and checked
+        against the freshly injected layers here, before peft reads it again and copies anything: an unreadable,
+        corrupted or mismatched file is refused with the model unchanged (peft's own steps between injection and
+        loading, e.g. its `modules_to_save` key mapping, would otherwise fail half-way). For other loads (a Hub id)
+        the snapshot is kept until `_remap_adapter_state_dict_for_load` has checked the file.
+        """
+        snapshot = ModelSnapshot(self)
+        call = current_load_call()
+        try:
+            if state_dict is not None or not self._add_inference_adapter_to_existing_layers(model, adapter_name):
+                super().inject_adapter(
+                    model,
+                    adapter_name,
+                    autocast_adapter_dtype=autocast_adapter_dtype,
+                    low_cpu_mem_usage=low_cpu_mem_usage,
+                    state_dict=state_dict,
+                )
+            self._register_reset(adapter_name)  # also for adapters added after construction (add/load_adapter)
+            if call is not None and call.adapter_name == adapter_name and call.local_folder is not None:
+                self._check_file(model, adapter_name, call.local_folder)
+        except BaseException:
+            snapshot.restore()
+            raise
+        self._pending_load = (
+            (adapter_name, call, snapshot) if call is not None and call.adapter_name == adapter_name else None
+        )
+
+    def _check_file(self, model: nn.Module, adapter_name: str, folder: str) -> None:
+        """Read the adapter file in `folder` as peft will and check it against the model (see `_check_checkpoint`)."""
+        from peft.utils.save_and_load import load_peft_weights
+
+        names = [
+            n for n in ("adapter_model.safetensors", "adapter_model.bin") if os.path.isfile(os.path.join(folder, n))
+        ]
+        if not names:
+            raise FileNotFoundError(
+                f"'{folder}' has no adapter_model.safetensors: the adapter weights are missing. Save the adapter "
+                "again with `model.save_pretrained(folder)`, or copy the file next to its adapter_config.json."
             )
-        self._register_reset(adapter_name)  # also for adapters added after construction (add/load_adapter)
+        path = os.path.join(folder, names[0])
+        try:
+            weights = load_peft_weights(folder, device="cpu")
+        except Exception as err:  # safetensors raises its own SafetensorError for a bad header or size
+            raise rst_format.RSTFormatError(
+                f"'{path}' cannot be read ({type(err).__name__}: {err}): the file is truncated or corrupted; "
+                "re-save the adapter from the trained model, or re-download the file if it was copied."
+            ) from err
+        self._check_checkpoint(model, self.peft_config[adapter_name], adapter_name, weights, f"'{path}'")
+
+    def _take_pending_load(self, adapter_name: str) -> ModelSnapshot | None:
+        """The snapshot taken when this load injected `adapter_name`, if the load is still the one running."""
+        pending, self._pending_load = getattr(self, "_pending_load", None), None
+        if pending is None or pending[0] != adapter_name or not pending[1].is_active():
+            return None
+        return pending[2]
 
     def _add_inference_adapter_to_existing_layers(self, model: nn.Module, adapter_name: str) -> bool:
         """Fast path of `load_adapter` for one more domain patch: add an inference adapter to the RST layers in place.
@@ -168,6 +219,8 @@ class RSTModel(BaseTuner):
             return False
         self._check_new_adapter_config(config)
         self._check_tied_modules(model, config)
+        # like peft's injection: parameters that exist already keep their requires_grad flags exactly
+        flags = [(p, p.requires_grad) for p in model.parameters()]
         for layer in layers:
             layer.update_layer(adapter_name, config)
         _extend_unique(self.targeted_module_names, [name.replace(".base_layer.", ".") for name in owners])
@@ -178,6 +231,8 @@ class RSTModel(BaseTuner):
             adapter_name=adapter_name,
             activate_adapter=adapter_name in self.active_adapters,
         )
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
         return True
 
     def _register_reset(self, adapter_name: str) -> None:
@@ -293,90 +348,167 @@ class RSTModel(BaseTuner):
                 )
             for suffix, tensor in parts.items():
                 result[f"{key}.{suffix}"] = tensor
+        # the tensors peft adds next (modules_to_save), taken the way peft takes them, so that the integrity record
+        # covers every tensor of the file (format version 2)
+        written = {cls._remove_adapter_name_from_key(k, adapter_name): v for k, v in result.items()}
+        for name, module in model.named_modules():
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                name = name.removeprefix("_fsdp_wrapped_module.")
+                own = {k.removeprefix(f"{name}."): v for k, v in state_dict.items() if k.startswith(f"{name}.")}
+                for k, v in module.adapter_state_dict(adapter_name, own).items():
+                    written[cls._remove_adapter_name_from_key(f"{name}.{k}", adapter_name)] = v
+        result[rst_format.INTEGRITY_KEY] = rst_format.integrity_record(written)
         return result
-
-    @staticmethod
-    def _pop_parts(state_dict: dict, checkpoint_key: str) -> dict:
-        """Take the encoded parts of one parameter out of a checkpoint (keys with or without peft's prefix)."""
-        unprefixed = checkpoint_key.removeprefix(_PEFT_PREFIX)
-        for key in (checkpoint_key, _PEFT_PREFIX + unprefixed, unprefixed):
-            parts = {s: state_dict.pop(f"{key}.{s}") for s in rst_format.SUFFIXES if f"{key}.{s}" in state_dict}
-            if parts:
-                return parts
-        return {}
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Map saved sparse entries onto the adapter's storage, after checking they fit these base weights.
+        """Map saved sparse entries onto the adapter's storage, after checking the whole file against the model.
 
         Trainable adapters get dense W = w0 patched with the entries (so training resumes measuring distance from
-        the pretrained weights); inference adapters keep the encoded parts as they are. If the checkpoint is
-        rejected, the adapter peft injected for it is removed again, so the model is left as it was.
+        the pretrained weights); inference adapters keep the encoded parts as they are. Nothing is written before
+        every check has passed; if anything fails, the model is put back as it was before the load began (for a
+        load that injected a new adapter: before the injection), and an adapter loaded under an existing name keeps
+        its previous weights.
         """
+        raw, tuner = _raw_model(model)
+        pending = tuner._take_pending_load(adapter_name) if tuner is not None else None
+        snapshot = pending or ModelSnapshot(model)
         try:
-            return cls._remap_checked(model, config, adapter_name, state_dict)
-        except Exception:
-            _discard_adapter(model, adapter_name)
+            return cls._remap_checked(model, raw, config, adapter_name, state_dict)
+        except BaseException:
+            snapshot.restore()
             raise
 
     @classmethod
-    def _remap_checked(cls, model, config, adapter_name, state_dict):
-        result = dict(state_dict)
+    def _remap_checked(cls, model, raw, config, adapter_name, state_dict):
+        prefix = _PEFT_PREFIX if raw is not model else ""
+        # the file's keys as saved: peft's prefix dropped, its `modules_to_save` key renaming undone
+        renamed = _wrapper_key_map(raw, adapter_name)
+        saved_to_given: dict[str, str] = {}
+        for key in state_dict:
+            bare = key.removeprefix(_PEFT_PREFIX)
+            saved_to_given[key[: len(key) - len(bare)] + renamed.get(bare, bare)] = key
+        saved = {k: state_dict[g] for k, g in saved_to_given.items()}
+        decoded = cls._check_checkpoint(raw, config, adapter_name, saved, f"adapter '{adapter_name}'")
+        consumed = {f"{d.checkpoint_key}.{s}" for d in decoded for s in rst_format.SUFFIXES}
+        consumed.add(rst_format.INTEGRITY_KEY)
+        result = {g: state_dict[g] for k, g in saved_to_given.items() if k.removeprefix(_PEFT_PREFIX) not in consumed}
+        sparse: dict[RSTLayer, dict[str, SparseEntries]] = {}
+        for d in decoded:
+            if adapter_name in d.layer.rst_sparse:
+                # inference adapters are installed here, not through load_state_dict: their entries are not
+                # module state (see SparseAdapters), and every check above has passed
+                sparse.setdefault(d.layer, {})[d.param_name] = SparseEntries.from_data(d.data, d.base.device)
+                continue
+            d.layer.restore_base_weights()
+            weight = d.layer.rst_weight[adapter_name][d.param_name]
+            dense = d.base.detach().to(dtype=weight.dtype, copy=True).reshape(-1)
+            dense[d.data.indices.to(dense.device)] = d.data.values.to(device=dense.device, dtype=dense.dtype)
+            result[prefix + d.model_key] = dense.view(d.base.shape)
+        for layer, entries in sparse.items():
+            layer.load_sparse(adapter_name, entries)
+        return result
+
+    @classmethod
+    def _check_checkpoint(cls, raw, config, adapter_name: str, saved: dict, source: str) -> list[_Decoded]:
+        """Check a checkpoint (keys as in the file) against the model; change nothing visible.
+
+        Every tensor must pass the file's checksums, every targeted parameter must have its entries with this
+        parameter's size and (unless disabled) base fingerprint, every `modules_to_save` module its tensors with the
+        model's shapes, and nothing else may be in the file: entries the config does not target (e.g. after editing
+        target_modules in adapter_config.json) would otherwise be dropped silently.
+        """
+        rst_format.check_integrity(saved, source)
+        left = {k.removeprefix(_PEFT_PREFIX): v for k, v in saved.items() if k != rst_format.INTEGRITY_KEY}
         decoded = []
-        # the base is restored to w0 only where needed (a fingerprint not cached, a dense W to build), so that
-        # loading one more domain does not take out and put back the active one
-        for layer, model_key, param_name, base in cls._rst_entries(model, adapter_name, restore=False):
+        for layer, model_key, param_name, base in cls._rst_entries(raw, adapter_name, restore=False):
             checkpoint_key = cls._remove_adapter_name_from_key(model_key, adapter_name)
-            parts = cls._pop_parts(result, checkpoint_key)
+            parts = {
+                s: left.pop(f"{checkpoint_key}.{s}") for s in rst_format.SUFFIXES if f"{checkpoint_key}.{s}" in left
+            }
             if not parts:
                 raise ValueError(
-                    f"The adapter checkpoint has no entry for '{checkpoint_key}'. It was saved from another model or "
-                    "another PEFT method, or with different target_modules; load it onto the base model it was "
-                    "trained on, with its own adapter_config.json."
+                    f"{source}: the adapter checkpoint has no entry for '{checkpoint_key}'. It was saved from another "
+                    "model or another PEFT method, or with different target_modules; load it onto the base model it "
+                    "was trained on, with its own adapter_config.json."
                 )
             # validates the encoding and that the saved tensor has this parameter's size
             data = rst_format.decode_sparse(parts, base.numel(), checkpoint_key)
-            decoded.append((layer, model_key, param_name, base, data))
+            decoded.append(_Decoded(layer, model_key, checkpoint_key, param_name, base, data))
         if not decoded:
             raise ValueError(f"Adapter '{adapter_name}' has no RST layers in this model; nothing to load.")
+        missing = []
+        for name, module in raw.named_modules():
+            if not isinstance(module, AuxiliaryTrainingWrapper):
+                continue
+            key_map = module.adapter_state_dict_load_map(adapter_name)
+            name = name.removeprefix("_fsdp_wrapped_module.")
+            model_tensors = module.state_dict(keep_vars=True) if key_map else {}
+            for key, store in key_map.items():
+                tensor = left.pop(f"{name}.{key}", None)
+                if tensor is None:
+                    missing.append(f"{name}.{key}")
+                elif store in model_tensors and tuple(tensor.shape) != tuple(model_tensors[store].shape):
+                    raise ValueError(
+                        f"{source}: '{name}.{key}' has shape {tuple(tensor.shape)} in the checkpoint but "
+                        f"{tuple(model_tensors[store].shape)} in the model: the module was saved from another "
+                        "architecture (e.g. a head with another number of classes)."
+                    )
+        if missing:
+            raise ValueError(
+                f"{source}: modules_to_save={config.modules_to_save} expects {len(missing)} tensors "
+                f"the checkpoint lacks (first: '{missing[0]}'). adapter_config.json must list the modules_to_save "
+                "the adapter was saved with."
+            )
+        if left:
+            names = sorted(left)
+            raise ValueError(
+                f"{source}: the checkpoint holds {len(names)} entries that the adapter config does not target "
+                f"(first: {', '.join(names[:3])}). Loading would drop them silently: restore target_modules / "
+                "exclude_modules / modules_to_save in adapter_config.json to the values the adapter was saved with."
+            )
         if config.check_base_fingerprint:
-            mismatched = [
-                key for layer, key, _, base, data in decoded if data.base_fingerprint != _w0_fingerprint(layer, base)
-            ]
+            mismatched = [d for d in decoded if d.data.base_fingerprint != _w0_fingerprint(d.layer, d.base)]
             if mismatched:
-                names = ", ".join(cls._remove_adapter_name_from_key(k, adapter_name) for k in mismatched[:3])
+                names = ", ".join(d.checkpoint_key for d in mismatched[:3])
                 raise BaseWeightsMismatchError(
                     f"{len(mismatched)} of {len(decoded)} adapter tensors were trained from different base weights "
                     f"than this model's (first: {names}). Load the adapter onto the checkpoint it was trained from, "
                     "or, to load it anyway: `cfg = PeftConfig.from_pretrained(path); cfg.check_base_fingerprint = "
                     "False; PeftModel.from_pretrained(model, path, config=cfg)`."
                 )
-        sparse: dict[RSTLayer, dict[str, SparseEntries]] = {}
-        for layer, model_key, param_name, base, data in decoded:
-            if adapter_name in layer.rst_sparse:
-                # inference adapters are installed here, not through load_state_dict: their entries are not
-                # module state (see SparseAdapters), and every check above has passed
-                sparse.setdefault(layer, {})[param_name] = SparseEntries.from_data(data, base.device)
-                continue
-            layer.restore_base_weights()
-            weight = layer.rst_weight[adapter_name][param_name]
-            dense = base.detach().to(dtype=weight.dtype, copy=True).reshape(-1)
-            dense[data.indices.to(dense.device)] = data.values.to(device=dense.device, dtype=dense.dtype)
-            result[model_key] = dense.view(base.shape)
-        for layer, entries in sparse.items():
-            layer.load_sparse(adapter_name, entries)
-        return result
+        return decoded
 
 
-def _discard_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Remove a half-loaded adapter: delete it, or unwrap the model entirely if it was the only one."""
+@dataclass(frozen=True)
+class _Decoded:
+    layer: RSTLayer
+    model_key: str  # key of W in the raw model's state dict (trainable adapters)
+    checkpoint_key: str  # the same key as saved (no adapter name)
+    param_name: str
+    base: torch.Tensor
+    data: rst_format.SparseTensorData
+
+
+def _raw_model(model: nn.Module):
+    """(the wrapped model, the RSTModel tuner or None) behind a PeftModel, a tuner or a model with injected layers."""
     tuner = getattr(model, "base_model", None)
-    if not isinstance(tuner, RSTModel):
-        return
-    if len(tuner.peft_config) > 1:
-        model.delete_adapter(adapter_name)
-    else:
-        tuner.unload()
+    if isinstance(tuner, RSTModel):
+        return tuner.model, tuner
+    if isinstance(model, RSTModel):
+        return model.model, model
+    return model, None
+
+
+def _wrapper_key_map(raw: nn.Module, adapter_name: str) -> dict[str, str]:
+    """Key in the model -> key as saved, for what peft's `set_peft_model_state_dict` renames (modules_to_save)."""
+    renamed = {}
+    for name, module in raw.named_modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            name = name.removeprefix("_fsdp_wrapped_module.")
+            for key, store in module.adapter_state_dict_load_map(adapter_name).items():
+                renamed[f"{name}.{store}"] = f"{name}.{key}"
+    return renamed
 
 
 _PEFT_PREFIX = "base_model.model."

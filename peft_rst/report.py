@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from . import format as rst_format
+from .config import read_config_file
 
 __all__ = ["ADAPTER_FILES", "AdapterReport", "DSPReport", "ModuleRow", "report", "report_adapter"]
 
@@ -269,7 +270,15 @@ def report_adapter(source: Any, *, adapter_name: str | None = None) -> AdapterRe
 
 
 def _report_folder(path: Path) -> AdapterReport:
-    folder = path.parent if path.is_file() else path
+    if path.is_file():
+        if path.name not in ADAPTER_FILES:
+            raise NotADirectoryError(
+                f"'{path}' is a file; expected an adapter folder (the directory given to save_pretrained, holding "
+                f"{' and '.join(ADAPTER_FILES)})."
+            )
+        folder = path.parent
+    else:
+        folder = path
     weights, config_path = folder / WEIGHTS_NAME, folder / CONFIG_NAME
     if not folder.is_dir():
         raise FileNotFoundError(f"No adapter folder at '{path}': pass the directory given to save_pretrained.")
@@ -286,18 +295,22 @@ def _report_folder(path: Path) -> AdapterReport:
 
     from safetensors import safe_open
 
-    with safe_open(str(weights), framework="pt") as f:
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as err:  # safetensors' own SafetensorError: empty, truncated or garbled file
+        raise rst_format.RSTFormatError(
+            f"'{weights}' cannot be read as safetensors ({type(err).__name__}: {err}): the file is empty, truncated "
+            "or corrupted; re-save the adapter from the trained model, or re-download the file if it was copied."
+        ) from err
+    rst_format.check_integrity(tensors, f"'{weights}'")
     files = {name: os.path.getsize(folder / name) for name in ADAPTER_FILES}
     rows = _rows(tensors, config.get("modules_to_save"), str(weights))
     return AdapterReport(str(path), rows, config.get("tau"), config.get("base_model_name_or_path"), files)
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"Cannot read '{path}' as JSON ({err}); re-save the adapter.") from err
+    config = read_config_file(path)  # JSON object, peft_type and RST field types, or an error naming the file
     peft_type = config.get("peft_type")
     if peft_type != "RST":
         raise ValueError(
@@ -359,7 +372,7 @@ def _rows(tensors: Mapping[str, torch.Tensor], modules_to_save, source: str) -> 
         add(module.removesuffix(_CONTAINER), RST, param, numel, int(data.indices.numel()), _nbytes_of(parts.values()))
     grouped = {f"{stem}.{s}" for stem in sparse for s in rst_format.SUFFIXES}
     for key, tensor in tensors.items():
-        if key in grouped:
+        if key in grouped or key == rst_format.INTEGRITY_KEY:  # the checksums are not adapter parameters
             continue
         name = key.removeprefix(_PEFT_PREFIX)
         head = _head_module(name, modules_to_save)

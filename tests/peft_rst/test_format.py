@@ -1,5 +1,6 @@
 """Tests of `peft_rst.format` against a reference reader written from the byte-level spec (docs/adapter-format.md)."""
 
+import json
 import math
 import os
 import subprocess
@@ -15,12 +16,15 @@ from safetensors.torch import load_file, save_file
 import peft_rst.format
 from peft_rst.format import (
     FORMAT_VERSION,
+    INTEGRITY_KEY,
     SUFFIXES,
     RSTFormatError,
     SparseTensorData,
+    check_integrity,
     decode_sparse,
     encode_sparse,
     encoded_nbytes,
+    integrity_record,
     read_header,
     tensor_fingerprint,
 )
@@ -157,7 +161,7 @@ def assert_roundtrip(idx, val, n, fp=12345, encoding=None):
     assert (data.numel, data.base_fingerprint) == (n, fp)
     ref_idx, ref_val, fields = reference_decode(parts)
     assert ref_idx == idx.tolist() and ref_val == val.view(torch.uint8).numpy().tobytes()
-    assert (fields["version"], fields["numel"], fields["count"], fields["fingerprint"]) == (1, n, idx.numel(), fp)
+    assert (fields["version"], fields["numel"], fields["count"], fields["fingerprint"]) == (2, n, idx.numel(), fp)
     if encoding is not None:
         assert fields["encoding"] == ENCODING_IDS[encoding]
     return parts
@@ -256,13 +260,17 @@ def test_read_header_without_the_model():
     values = torch.randn(2, dtype=torch.float16)
     parts = encode_sparse(torch.tensor([3, 70_000]), values, 100_000, 77, encoding="gap16")
     info = read_header(parts["idx"], "w")
-    assert (info.version, info.encoding, info.dtype) == (1, "gap16", torch.float16)
+    assert (info.version, info.encoding, info.dtype) == (2, "gap16", torch.float16)
     assert (info.numel, info.count, info.base_fingerprint) == (100_000, 2, 77)
     assert read_header(encode_sparse(torch.zeros(0, dtype=torch.int64), torch.zeros(0), 5, 1)["idx"], "w").count == 0
     with pytest.raises(RSTFormatError, match="w.idx"):
         read_header(parts["idx"][:5], "w")
     with pytest.raises(RSTFormatError, match="upgrade"):
-        read_header(torch.cat([torch.tensor([2], dtype=torch.uint8), parts["idx"][1:]]), "w")
+        read_header(torch.cat([torch.tensor([3], dtype=torch.uint8), parts["idx"][1:]]), "w")
+    with pytest.raises(
+        RSTFormatError, match=r"w\.idx.*non-empty 1-D uint8 tensor, got torch\.uint8 of shape \(2, 2\)"
+    ):
+        read_header(torch.zeros(2, 2, dtype=torch.uint8), "w")
 
 
 def test_does_not_keep_callers_storage():
@@ -374,6 +382,13 @@ def decode_error(pieces_or_parts, numel=100_000) -> str:
 def test_tampering_helpers_are_faithful(pieces):
     data = decode_sparse(join(reseal(pieces)), 100_000, "w")
     assert data.indices.tolist() == [5, 300, 70_000, 70_001] and data.base_fingerprint == 42
+
+
+def test_version_1_records_still_decode(pieces):
+    """Files written before the integrity record (version 1, e.g. the committed fixture) keep loading."""
+    data = decode_sparse(join(reseal(with_header_byte(pieces, 0, 1))), 100_000, "w")
+    assert data.indices.tolist() == [5, 300, 70_000, 70_001] and data.base_fingerprint == 42
+    assert read_header(join(reseal(with_header_byte(pieces, 0, 1)))["idx"], "w").version == 1
 
 
 def test_unknown_version_asks_for_an_upgrade(pieces):
@@ -584,3 +599,119 @@ def test_fingerprint_is_the_same_in_another_process():
     out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, check=True, env=env)
     gen = torch.Generator().manual_seed(8)
     assert int(out.stdout.strip()) == tensor_fingerprint(torch.randn(300, 50, generator=gen).to(torch.bfloat16))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# integrity record of a whole file (version 2)
+
+
+def _file_tensors() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    parts = encode_sparse(torch.tensor([1, 7]), torch.randn(2, generator=gen), 10, 5)
+    return {
+        "enc.fc1.rst_weight.weight.idx": parts["idx"],
+        "enc.fc1.rst_weight.weight.val": parts["val"],
+        "head.weight": torch.randn(3, 4, generator=gen),
+        "head.bias": torch.randn(3, generator=gen).to(torch.bfloat16),
+    }
+
+
+def _with_record(tensors):
+    return {**tensors, INTEGRITY_KEY: integrity_record(tensors)}
+
+
+def _record_json(record: torch.Tensor) -> dict:
+    raw = record.numpy().tobytes()
+    assert raw[:4] == b"RSTI" and raw[4] == FORMAT_VERSION
+    assert zlib.crc32(raw[:-4]) == int.from_bytes(raw[-4:], "little")
+    return json.loads(raw[5:-4])
+
+
+def test_integrity_record_lists_every_tensor_with_an_independent_crc():
+    tensors = _file_tensors()
+    entries = _record_json(integrity_record(tensors))
+    assert sorted(entries) == sorted(tensors)
+    for key, t in tensors.items():
+        dtype, shape, crc = entries[key]
+        assert (dtype, shape) == (str(t.dtype).removeprefix("torch."), list(t.shape))
+        assert crc == zlib.crc32(t.contiguous().view(torch.uint8).numpy().tobytes())
+    check_integrity(_with_record(tensors), "f")  # an intact file passes
+
+
+def _flip(t: torch.Tensor, byte: int) -> torch.Tensor:
+    raw = t.contiguous().view(torch.uint8).reshape(-1).clone()
+    raw[byte % raw.numel()] ^= 0x10
+    return raw.view(t.dtype).reshape(t.shape)
+
+
+@pytest.mark.parametrize(
+    "edit, pattern",
+    [
+        (lambda f: f.update({"head.weight": _flip(f["head.weight"], 0)}), r"'head\.weight' fails its checksum"),
+        (lambda f: f.update({"head.bias": _flip(f["head.bias"], 1)}), r"'head\.bias' fails its checksum"),
+        (lambda f: f.update({"head.weight": f["head.weight"].reshape(4, 3)}), r"'head\.weight' is .* shape \(4, 3\)"),
+        (lambda f: f.update({"head.weight": f["head.weight"].double()}), r"'head\.weight' is torch\.float64"),
+        (lambda f: f.pop("head.bias"), r"missing from the file \(first: head\.bias\)"),
+        (lambda f: f.update({"extra.weight": torch.zeros(2)}), r"not covered .*extra\.weight"),
+        (lambda f: f.update({"head.w": f.pop("head.weight")}), r"missing|not covered"),
+        (lambda f: f.update({INTEGRITY_KEY: f[INTEGRITY_KEY][:-1]}), r"rst_integrity.*checksum"),
+        (lambda f: f.update({INTEGRITY_KEY: _flip(f[INTEGRITY_KEY], 9)}), r"rst_integrity.*checksum"),
+        (lambda f: f.pop(INTEGRITY_KEY), r"format version 2 but has no 'rst_integrity'"),
+    ],
+    ids=[
+        "flip-f32",
+        "flip-bf16",
+        "reshaped",
+        "retyped",
+        "missing",
+        "added",
+        "renamed",
+        "record-cut",
+        "record-flip",
+        "record-gone",
+    ],
+)
+def test_integrity_record_refuses_every_change(edit, pattern):
+    tensors = _with_record(_file_tensors())
+    edit(tensors)
+    with pytest.raises(RSTFormatError, match=pattern):
+        check_integrity(tensors, "f")
+
+
+def test_non_finite_dense_tensors_are_refused_when_saving_and_loading():
+    tensors = _file_tensors()
+    tensors["head.weight"][0, 0] = float("nan")
+    with pytest.raises(RSTFormatError, match=r"'head\.weight' holds 1 NaN/inf"):
+        integrity_record(tensors)
+    version_1 = {k: v for k, v in tensors.items() if not k.endswith(".idx")}  # no header says version 2
+    with pytest.raises(RSTFormatError, match=r"'head\.weight' contains NaN"):
+        check_integrity(version_1, "f")
+
+
+def test_records_of_a_newer_format_ask_for_an_upgrade():
+    record = integrity_record(_file_tensors()).clone()
+    raw = bytearray(record.numpy().tobytes())
+    raw[4] = FORMAT_VERSION + 1
+    raw[-4:] = zlib.crc32(bytes(raw[:-4])).to_bytes(4, "little")
+    with pytest.raises(RSTFormatError, match="upgrade peft_rst"):
+        check_integrity({**_file_tensors(), INTEGRITY_KEY: torch.frombuffer(raw, dtype=torch.uint8)}, "f")
+
+
+def test_record_check_in_the_docs_accepts_intact_files_and_refuses_changed_ones(tmp_path):
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "adapter-format.md").read_text()
+    code = doc.split("<!-- reader -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "adapter-format.md", "exec"), namespace)
+    save_file(_with_record(_file_tensors()), str(tmp_path / "a.safetensors"))
+    state = load_file(str(tmp_path / "a.safetensors"))
+    namespace["check_file"](state)
+    namespace["check_file"]({k: v for k, v in state.items() if k != INTEGRITY_KEY})  # version 1: nothing to check
+    for edit in (
+        lambda s: s.update({"head.weight": _flip(s["head.weight"], 5)}),
+        lambda s: s.pop("head.bias"),
+        lambda s: s.update({"head.weight": torch.full((3, 4), float("nan"))}),
+    ):
+        changed = dict(state)
+        edit(changed)
+        with pytest.raises(AssertionError):
+            namespace["check_file"](changed)

@@ -97,9 +97,11 @@ def test_folder_report_matches_independent_count_and_file_sizes(adapters):
         "adapter_model.safetensors": os.path.getsize(weights),
     }
     assert result.disk_nbytes == os.path.getsize(config) + os.path.getsize(weights)
-    # safetensors layout: 8-byte header length, JSON header, then the tensor data the rows account for
+    # safetensors layout: 8-byte header length, JSON header, then the tensor data the rows account for, and the
+    # file's checksum record (not an adapter parameter)
     (header_len,) = struct.unpack("<Q", weights.read_bytes()[:8])
-    assert result.tensor_nbytes == os.path.getsize(weights) - 8 - header_len
+    start, end = json.loads(weights.read_bytes()[8 : 8 + header_len])["rst_integrity"]["data_offsets"]
+    assert result.tensor_nbytes == os.path.getsize(weights) - 8 - header_len - (end - start)
 
 
 def test_live_model_report_matches_independent_count_and_folder(adapters):

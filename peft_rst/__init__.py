@@ -14,6 +14,7 @@ from .layer import RSTLayer  # noqa: E402
 from .model import BaseWeightsMismatchError, RSTModel  # noqa: E402
 from .model_card import render_model_card, write_model_card  # noqa: E402
 from .report import AdapterReport, DSPReport, ModuleRow, report  # noqa: E402
+from .transformers_integration import load_rst_adapter  # noqa: E402
 
 __all__ = [
     "AdapterReport",
@@ -26,6 +27,7 @@ __all__ = [
     "RSTLayer",
     "RSTModel",
     "RSTPeftType",
+    "load_rst_adapter",
     "push_adapter_to_hub",
     "render_model_card",
     "report",

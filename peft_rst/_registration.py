@@ -72,3 +72,8 @@ def register_rst() -> None:
     mapping.PEFT_TYPE_TO_CONFIG_MAPPING[key] = RSTConfig
     mapping.PEFT_TYPE_TO_TUNER_MAPPING[key] = RSTModel
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[key] = PREFIX
+
+    # transformers' `PreTrainedModel.load_adapter` has its own loader, which cannot read RST's sparse tensors
+    from .transformers_integration import install
+
+    install()

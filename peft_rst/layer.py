@@ -122,6 +122,7 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         # adapter name -> list of (flat indices, previous values) per merged parameter, to unmerge bit-exactly
         self._merge_backup: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.merged_adapters: list[str] = []
+        self._reset_groups: dict[str, Any] = {}  # adapter name -> its ResetGroup (see RSTModel._register_reset)
         self._disable_adapters = False
         self._active_adapter = adapter_name
         # what peft's generic code and users read off a wrapped Linear/Conv/Embedding
@@ -269,6 +270,7 @@ class RSTLayer(nn.Module, BaseTunerLayer):
     def delete_adapter(self, adapter_name: str) -> None:
         if self._patched == adapter_name:
             self.restore_base_weights()
+        self._reset_groups.pop(adapter_name, None)
         super().delete_adapter(adapter_name)
 
     def adapter_entries(self, adapter_name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -9,16 +9,19 @@ from ._registration import IncompatiblePeftError, register_rst
 register_rst()
 
 from .config import RSTConfig, RSTPeftType  # noqa: E402
+from .hotswap import HotswapError, hotswap_adapter  # noqa: E402
 from .hub import HubTokenError, push_adapter_to_hub  # noqa: E402
 from .layer import RSTLayer  # noqa: E402
 from .model import BaseWeightsMismatchError, RSTModel  # noqa: E402
 from .model_card import render_model_card, write_model_card  # noqa: E402
 from .report import AdapterReport, DSPReport, ModuleRow, report  # noqa: E402
+from .transformers_integration import load_rst_adapter  # noqa: E402
 
 __all__ = [
     "AdapterReport",
     "BaseWeightsMismatchError",
     "DSPReport",
+    "HotswapError",
     "HubTokenError",
     "ModuleRow",
     "IncompatiblePeftError",
@@ -26,6 +29,8 @@ __all__ = [
     "RSTLayer",
     "RSTModel",
     "RSTPeftType",
+    "hotswap_adapter",
+    "load_rst_adapter",
     "push_adapter_to_hub",
     "render_model_card",
     "report",

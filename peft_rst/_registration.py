@@ -80,6 +80,11 @@ def register_rst() -> None:
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[key] = PREFIX
     _guard_peft_type_lookup()
 
+    # transformers' `PreTrainedModel.load_adapter` has its own loader, which cannot read RST's sparse tensors
+    from .transformers_integration import install
+
+    install()
+
 
 def _guard_peft_type_lookup() -> None:
     """Check a local adapter_config.json (see `config.read_config_file`) before peft's `_get_peft_type` reads it."""

@@ -122,8 +122,10 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         # adapter name -> list of (flat indices, previous values) per merged parameter, to unmerge bit-exactly
         self._merge_backup: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.merged_adapters: list[str] = []
+        self._reset_groups: dict[str, Any] = {}  # adapter name -> its ResetGroup (see RSTModel._register_reset)
         self._disable_adapters = False
         self._active_adapter = adapter_name
+        self._dense_active = False  # whether an active adapter is trainable (dense W); kept by set_adapter
         # what peft's generic code and users read off a wrapped Linear/Conv/Embedding
         with warnings.catch_warnings():  # peft warns for module kinds it does not know; RST wraps any kind
             warnings.simplefilter("ignore", UserWarning)
@@ -258,6 +260,7 @@ class RSTLayer(nn.Module, BaseTunerLayer):
 
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
         super().set_adapter(adapter_names, inference_mode=inference_mode)
+        self._dense_active = any(a in self.rst_weight for a in self.active_adapters)
         if self._modules.get("rst_sparse") is not None and len(self.rst_sparse):
             self.sync_patch()
 
@@ -269,6 +272,7 @@ class RSTLayer(nn.Module, BaseTunerLayer):
     def delete_adapter(self, adapter_name: str) -> None:
         if self._patched == adapter_name:
             self.restore_base_weights()
+        self._reset_groups.pop(adapter_name, None)
         super().delete_adapter(adapter_name)
 
     def adapter_entries(self, adapter_name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -312,6 +316,14 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         return effective
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            # Read no Python state that names adapters: `set_adapter` / `enable_adapters` write inference adapters
+            # into the base eagerly, so switching domains reuses the compiled graph (see peft_rst/hotswap.py).
+            if self._disable_adapters or self.merged or not self._dense_active:
+                return self.base_layer(*args, **kwargs)
+            return functional_call(
+                self.base_layer, self._effective_parameters(self.active_adapters), args, kwargs, strict=False
+            )
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -319,7 +331,8 @@ class RSTLayer(nn.Module, BaseTunerLayer):
             return self.base_layer(*args, **kwargs)
         if len(self.rst_sparse):
             self.sync_patch()  # cheap when nothing changed; covers adapters toggled behind peft's back
-        if self.merged or not any(a in self.rst_weight for a in self.active_adapters):
+        self._dense_active = any(a in self.rst_weight for a in self.active_adapters)
+        if self.merged or not self._dense_active:
             return self.base_layer(*args, **kwargs)
         return functional_call(
             self.base_layer, self._effective_parameters(self.active_adapters), args, kwargs, strict=False

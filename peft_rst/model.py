@@ -242,6 +242,10 @@ class RSTModel(BaseTuner):
         group = ResetGroup(self.peft_config[adapter_name], adapter_name)
         group.layers = [m for m in self.model.modules() if isinstance(m, RSTLayer) and adapter_name in m.rst_weight]
         self._reset_groups[adapter_name] = group
+        # the registry holds groups weakly; the layers keep theirs alive too, because peft's
+        # `inject_adapter_in_model` (transformers' add_adapter / load_adapter) drops the tuner right away
+        for layer in group.layers:
+            layer._reset_groups[adapter_name] = group
         register(group)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:

@@ -8,6 +8,8 @@ with `CMKDTrainer` (a `transformers.Trainer`) on a labeled source and an unlabel
     trainer.train()
 """
 
+from .callbacks import NonFiniteGuardCallback, TrainingDivergedError
+from .checkpoints import IncompleteCheckpointError, checkpoint_problems, last_complete_checkpoint
 from .config import CMKDConfig
 from .data import (
     CLIP_MEAN,
@@ -49,7 +51,11 @@ __all__ = [
     "CMKDLossOutput",
     "CMKDTrainer",
     "CMKDTrainingArguments",
+    "IncompleteCheckpointError",
+    "NonFiniteGuardCallback",
+    "TrainingDivergedError",
     "build_prompts",
+    "checkpoint_problems",
     "check_class_lists",
     "compute_text_features",
     "dataset_class_names",
@@ -59,6 +65,7 @@ __all__ = [
     "format_class_name",
     "image_transform",
     "inverse_decay_lambda",
+    "last_complete_checkpoint",
     "load_uda_accuracy",
     "make_paired_dataloader",
     "strong_transform",

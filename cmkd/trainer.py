@@ -21,6 +21,7 @@ best-model tracking, progress bar) is the stock Trainer, configured by `CMKDTrai
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,8 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import EvalPrediction
 
+from .callbacks import NonFiniteGuardCallback, check_finite_loss
+from .checkpoints import IncompleteCheckpointError, checkpoint_problems, last_complete_checkpoint
 from .config import CMKDConfig
 from .data import check_class_lists, collate_images, dataset_class_names, make_paired_dataloader
 from .fixmatch import fixmatch_terms
@@ -97,6 +100,13 @@ class CMKDTrainingArguments(TrainingArguments):
     max_grad_norm: float = field(default=0.0, metadata={"help": "The release does not clip gradients."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Datasets are transformed lazily."})
     logging_steps: float = field(default=50, metadata={"help": "Log losses every this many steps."})
+    halt_on_nonfinite: bool = field(
+        default=True,
+        metadata={
+            "help": "Stop with TrainingDivergedError when a loss term or a trainable weight becomes inf/NaN "
+            "(before the next checkpoint, so the last good one is kept)."
+        },
+    )
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -190,6 +200,26 @@ class CMKDTrainer(Trainer):
         self._label_set_step = 0
         self._metric = None
         self._reset_term_logs()
+        if args.halt_on_nonfinite:
+            self.add_callback(NonFiniteGuardCallback())
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`; ``resume_from_checkpoint=True`` takes the newest *complete* checkpoint of
+        ``output_dir`` (one a killed save left half-written is skipped, with a warning), and a checkpoint path
+        must be complete (`cmkd.checkpoints.checkpoint_problems`)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint found in output directory ({self.args.output_dir})")
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            problems = checkpoint_problems(resume_from_checkpoint)
+            if problems:
+                raise IncompleteCheckpointError(
+                    f"cannot resume from {resume_from_checkpoint}: not a complete Trainer checkpoint "
+                    f"({'; '.join(problems)}); pass a complete checkpoint-N folder or resume_from_checkpoint=True"
+                )
+            resume_from_checkpoint = str(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ------------------------------------------------------------------ data
     def get_train_dataloader(self) -> DataLoader:
@@ -325,6 +355,8 @@ class CMKDTrainer(Trainer):
             cfg = self.cmkd_config
             ce = F.cross_entropy(student[0].float(), labels, label_smoothing=cfg.label_smoothing)
             loss = cfg.cls_weight * ce
+            if self.args.halt_on_nonfinite:
+                check_finite_loss(loss, {"source_ce": loss.detach()}, self.state.global_step, self.args)
             self._accumulate_terms({"source_ce": loss.detach()})
             return (loss, outputs) if return_outputs else loss
 
@@ -346,6 +378,8 @@ class CMKDTrainer(Trainer):
             )
             loss = loss + fm_loss
             terms.update(fm_logs)
+        if self.args.halt_on_nonfinite:
+            check_finite_loss(loss, terms, self.state.global_step, self.args)
         self._accumulate_terms(terms, result.alpha, result.lam)
         outputs.update(
             teacher_logits_source=teacher[0], student_logits_target=student[1], teacher_logits_target=teacher[1]

@@ -11,12 +11,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .ranges import FLAG_RANGES, YAML_RANGES, check_number
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 RESULTS_FILENAME = "results.json"  # written last by a finished run; its presence marks the folder as finished
@@ -175,17 +179,73 @@ def _section(cls, raw: Mapping[str, Any], where: str):
     if unknown:
         raise ConfigError(f"{where}: unknown keys {unknown}; allowed: {sorted(names)}")
     kwargs = {}
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in raw:
-            kwargs[f.name] = raw[f.name]
+            kwargs[f.name] = _conform(raw[f.name], hints[f.name], f"{where}.{f.name}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}: missing required key {f.name!r}")
     return cls(**kwargs)
 
 
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _describe_type(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        return "a list"
+    if origin in (Mapping, dict):
+        return "a mapping"
+    return _TYPE_NAMES.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _conform(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as the YAML field typed ``hint`` needs it (ints accepted as floats, lists as tuples), or a
+    :class:`ConfigError` naming the key: a quoted number or a list where a mapping belongs must not reach the code."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        for option in options:
+            try:
+                return _conform(value, option, where)
+            except ConfigError:
+                continue
+        wanted = " or ".join(_describe_type(a) for a in options)
+        raise ConfigError(f"{where} must be {wanted}{' (or null)' if type(None) in args else ''}, got {value!r}")
+    if hint is Any:
+        return value
+    if hint in _TYPE_NAMES:
+        ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if not ok:
+            raise ConfigError(
+                f"{where} must be {_TYPE_NAMES[hint]}, got {value!r} ({type(value).__name__}); fix the YAML value"
+            )
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r} ({type(value).__name__})")
+        return tuple(_conform(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a mapping, got {value!r} ({type(value).__name__})")
+        return {_conform(k, args[0], where): _conform(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    return value
+
+
 def _parse_domains(raw: Mapping[str, Any], where: str) -> dict[str, DomainSpec]:
+    if not isinstance(raw, Mapping) or not raw:
+        raise ConfigError(
+            f"{where}.domains must be a non-empty mapping of domain key -> {{name, folder}}, got {raw!r}"
+        )
     domains = {}
     for key, spec in raw.items():
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"{where}.domains.{key} must be a mapping with name and folder, got {spec!r}")
         spec = dict(spec)
         list_files = spec.pop("list_files", None)
         list_file = spec.pop("list_file", None)
@@ -195,9 +255,11 @@ def _parse_domains(raw: Mapping[str, Any], where: str) -> dict[str, DomainSpec]:
             key=str(key),
             name=str(_require(spec, "name", f"{where}.domains.{key}")),
             folder=str(_require(spec, "folder", f"{where}.domains.{key}")),
-            alt_folders=tuple(spec.get("alt_folders", ())),
-            list_files=dict(list_files),
-            aliases=tuple(str(a) for a in spec.get("aliases", ())),
+            alt_folders=_conform(spec.get("alt_folders", ()), tuple[str, ...], f"{where}.domains.{key}.alt_folders"),
+            list_files=_conform(list_files, Mapping[str, str], f"{where}.domains.{key}.list_files"),
+            aliases=tuple(
+                str(a) for a in _conform(spec.get("aliases", ()), tuple[Any, ...], f"{where}.domains.{key}")
+            ),
         )
         extra = set(spec) - {"name", "folder", "alt_folders", "aliases"}
         if extra:
@@ -216,15 +278,39 @@ def load_benchmark_config(name_or_path: str | os.PathLike) -> BenchmarkConfig:
         path = CONFIG_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         raise ConfigError(f"no benchmark config {str(name_or_path)!r}; available: {', '.join(available_benchmarks())}")
-    with open(path, encoding="utf-8") as fh:
-        raw = yaml.safe_load(fh)
-    where = path.name
+    return benchmark_from_dict(read_yaml(path), path.name, str(path))
+
+
+def read_yaml(path: str | os.PathLike, what: str = "benchmark config") -> Any:
+    """``yaml.safe_load`` of a UTF-8 file; syntax and encoding errors name the file, line and column."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{what} {str(path)!r} does not exist") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{what} {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+            f"{exc.start}); save it as UTF-8"
+        ) from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{what} {path} is not valid YAML{at}: {problem}") from exc
+
+
+def benchmark_from_dict(raw: Any, where: str, source_path: str = "") -> BenchmarkConfig:
+    """A parsed benchmark YAML -> validated :class:`BenchmarkConfig`; ``where`` names the file(s) in messages."""
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where}: expected a YAML mapping at the top level")
+        raise ConfigError(f"{where}: expected a YAML mapping at the top level, got {type(raw).__name__}")
 
     domains = _parse_domains(_require(raw, "domains", where), where)
     tasks = []
-    for text in _require(raw, "tasks", where):
+    raw_tasks = _require(raw, "tasks", where)
+    if not isinstance(raw_tasks, list) or not raw_tasks:
+        raise ConfigError(f"{where}: tasks must be a non-empty list of 'SRC->TGT' strings, got {raw_tasks!r}")
+    for text in raw_tasks:
         if TASK_SEPARATOR not in str(text):
             raise ConfigError(f"{where}: task {text!r} must look like 'SRC{TASK_SEPARATOR}TGT'")
         src, tgt = (s.strip() for s in str(text).split(TASK_SEPARATOR, 1))
@@ -234,14 +320,20 @@ def load_benchmark_config(name_or_path: str | os.PathLike) -> BenchmarkConfig:
         tasks.append((src, tgt))
 
     backbones = {}
-    for key, spec in _require(raw, "backbones", where).items():
+    raw_backbones = _require(raw, "backbones", where)
+    if not isinstance(raw_backbones, Mapping):
+        raise ConfigError(f"{where}: backbones must be a mapping of name -> {{model, lr, ...}}, got {raw_backbones!r}")
+    for key, spec in raw_backbones.items():
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"{where}.backbones.{key} must be a mapping, got {spec!r}")
         backbones[str(key)] = _section(BackboneSpec, {"key": str(key), **spec}, f"{where}.backbones.{key}")
 
-    aug_raw = dict(_require(raw, "augmentation", where))
+    aug_raw = _require(raw, "augmentation", where)
+    classes = _conform(raw.get("classes"), tuple[Any, ...] | None, f"{where}.classes")
     cfg = BenchmarkConfig(
         name=str(_require(raw, "name", where)),
         display_name=str(raw.get("display_name", raw["name"])),
-        num_classes=int(_require(raw, "num_classes", where)),
+        num_classes=_conform(_require(raw, "num_classes", where), int, f"{where}.num_classes"),
         domains=domains,
         tasks=tuple(tasks),
         metric=str(raw.get("metric", "accuracy")),
@@ -256,17 +348,33 @@ def load_benchmark_config(name_or_path: str | os.PathLike) -> BenchmarkConfig:
         partial=_section(PartialSpec, _require(raw, "partial", where), f"{where}.partial"),
         homepage=str(raw.get("homepage", "")),
         license=str(raw.get("license", "")),
-        classes=tuple(str(c) for c in raw["classes"]) if raw.get("classes") else None,
-        requires_image_lists=bool(raw.get("requires_image_lists", False)),
+        classes=tuple(str(c) for c in classes) if classes else None,
+        requires_image_lists=_conform(raw.get("requires_image_lists", False), bool, f"{where}.requires_image_lists"),
         loader=str(raw.get("loader", "files")),
         table_layout=str(raw.get("table_layout", "tasks")),
-        source_path=str(path),
+        source_path=source_path,
     )
     _validate_benchmark(cfg, where)
     return cfg
 
 
 def _validate_benchmark(cfg: BenchmarkConfig, where: str) -> None:
+    sections = {"optim": cfg.optim, "training": cfg.training, "cmkd": cfg.cmkd, "augmentation": cfg.augmentation}
+    sections.update(fixmatch=cfg.fixmatch, partial=cfg.partial)
+    for key, spec in YAML_RANGES.items():
+        section, _, name = key.rpartition(".")
+        if not section:
+            values = {key: getattr(cfg, name)}
+        elif section == "backbones":
+            values = {f"backbones.{b}.{name}": getattr(bb, name) for b, bb in cfg.backbones.items()}
+        else:
+            values = {key: getattr(sections[section], name)}
+        for label, value in values.items():
+            if value is not None:
+                try:
+                    check_number(f"{where}: {label}", value, spec)
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from None
     if cfg.metric not in METRICS:
         raise ConfigError(f"{where}: metric {cfg.metric!r} not in {METRICS}")
     if cfg.table_layout not in TABLE_LAYOUTS:
@@ -380,10 +488,18 @@ def build_parser(
     train.add_argument("--seed", type=int, help=f"random seed {dflt('seed')}")
 
     out = parser.add_argument_group("output")
-    out.add_argument("--output_dir", required=False, help="where checkpoints, results and tables go")
+    out.add_argument(
+        "--output_dir",
+        help="where checkpoints, results and tables go (default: runs/<benchmark>/<method>/<SRC>-<TGT>, "
+        "or runs/<benchmark>/<method>/all with --all; <method> is e.g. cmkd_rst, baseline, clip)",
+    )
     out.add_argument("--overwrite", action="store_true", help="allow writing into a folder holding a finished run")
     out.add_argument("--push_to_hub", action="store_true", help="push the adapted model / RST patch to the Hub")
-    out.add_argument("--hub_model_id", help="Hub repo id for --push_to_hub (default: the output folder's name)")
+    out.add_argument(
+        "--hub_model_id",
+        help="Hub repo id for --push_to_hub (default: the --output_dir folder's name, or "
+        "<benchmark>-<method>[-<src>-<tgt>] with the default output folder; --all adds -<src>-<tgt> per task)",
+    )
     out.add_argument("--hub_token", help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`)")
     return parser
 
@@ -461,28 +577,22 @@ class RunConfig:
 
 
 def _merge_yaml_override(cfg: BenchmarkConfig, override_path: str) -> BenchmarkConfig:
-    """Deep-merge a user YAML over the benchmark's own YAML and reload through the same validation."""
-    import tempfile
-
-    with open(cfg.source_path, encoding="utf-8") as fh:
-        base = yaml.safe_load(fh)
-    try:
-        with open(override_path, encoding="utf-8") as fh:
-            override = yaml.safe_load(fh) or {}
-    except FileNotFoundError as exc:
-        raise ConfigError(f"--config file {override_path!r} does not exist") from exc
+    """Deep-merge a user YAML over the benchmark's own YAML and validate the result like a benchmark YAML; messages
+    name the override file."""
+    base = read_yaml(cfg.source_path)
+    override = read_yaml(override_path, what="--config file")
+    if override is None:
+        override = {}
+    if not isinstance(override, Mapping):
+        raise ConfigError(f"--config file {override_path} must hold a YAML mapping, got {type(override).__name__}")
 
     def merge(a, b):
         if isinstance(a, dict) and isinstance(b, dict):
             return {k: merge(a.get(k), v) if k in a else v for k, v in {**a, **b}.items()}
         return b
 
-    merged = merge(base, override)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{cfg.name}.yaml"
-        path.write_text(yaml.safe_dump(merged), encoding="utf-8")
-        new = load_benchmark_config(path)
-    return dataclasses.replace(new, source_path=f"{cfg.source_path} + {override_path}")
+    where = f"{Path(override_path).name} (over {Path(cfg.source_path).name})"
+    return benchmark_from_dict(merge(base, override), where, f"{cfg.source_path} + {override_path}")
 
 
 def hub_token_available(explicit: str | None = None) -> str | None:
@@ -508,12 +618,41 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
-def _positive(value, flag: str, allow_zero: bool = False):
-    if value is None:
-        return value
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{flag} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-    return value
+DEFAULT_RUNS_DIR = "runs"
+
+
+def method_slug(method: str, args: argparse.Namespace) -> str:
+    """Folder name of a method (``cmkd_rst``, ``baseline``, ``clip``, ``cmkd_fixmatch_partial`` ...)."""
+    parts = ["clip" if method == "zero_shot" else method]
+    parts += [name for name in ("fixmatch", "rst", "partial") if getattr(args, name, False)]
+    return "_".join(parts)
+
+
+def default_output_dir(benchmark: str, method: str, tasks: Sequence[tuple[str, str]] | None) -> Path:
+    """``runs/<benchmark>/<method>/<SRC>-<TGT>`` for one task, ``runs/<benchmark>/<method>/all`` for ``--all``
+    (``tasks=None``): every README command runs without --output_dir, and two methods never share a folder."""
+    root = Path(DEFAULT_RUNS_DIR) / benchmark / method
+    if tasks is None:
+        return root / "all"
+    ((source, target),) = tasks
+    return root / f"{source}-{target}"
+
+
+def check_flag_numbers(args: argparse.Namespace, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """Every numeric flag (``ranges.FLAG_RANGES``), given or defaulted from the YAML, checked against its range:
+    ``{name: value}`` for the names in ``defaults`` (None stays None: the flag is unset and has no default)."""
+    out = {}
+    for name, default in defaults.items():
+        given = getattr(args, name, None)
+        value = default if given is None else given
+        if value is not None:
+            label = f"--{name}" if given is not None else f"the YAML default of --{name}"
+            try:
+                value = check_number(label, value, FLAG_RANGES[name])
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        out[name] = value
+    return out
 
 
 def resolve_run_config(args: argparse.Namespace, benchmark: str | BenchmarkConfig) -> RunConfig:
@@ -571,13 +710,20 @@ def resolve_run_config(args: argparse.Namespace, benchmark: str | BenchmarkConfi
             f"backbone {backbone_key!r} has no transformers checkpoint on the Hub; pass --model with a Hub id or a "
             "local path of a CLIPModel checkpoint"
         )
-    lr = _positive(args.lr, "--lr") or backbone.lr
-    tau = _positive(args.tau, "--tau") if args.tau is not None else (backbone.tau if args.rst else None)
-    iterations = _positive(args.iterations, "--iterations") or cfg.training.iterations
-    eval_interval = _positive(args.eval_interval, "--eval_interval") or cfg.training.eval_interval
-    batch_size = _positive(args.batch_size, "--batch_size") or cfg.training.batch_size
-    _positive(args.num_workers, "--num_workers", allow_zero=True)
-    seed = cfg.training.seed if args.seed is None else args.seed
+    numbers = check_flag_numbers(
+        args,
+        defaults={
+            "lr": backbone.lr,
+            "tau": backbone.tau if args.rst else None,
+            "iterations": cfg.training.iterations,
+            "eval_interval": cfg.training.eval_interval,
+            "batch_size": cfg.training.batch_size,
+            "seed": cfg.training.seed,
+            "num_workers": None,
+        },
+    )
+    lr, tau, iterations = numbers["lr"], numbers["tau"], numbers["iterations"]
+    eval_interval, batch_size, seed = numbers["eval_interval"], numbers["batch_size"], numbers["seed"]
 
     # --- data sources -------------------------------------------------------------------------------------------
     image_lists = {}
@@ -606,9 +752,17 @@ def resolve_run_config(args: argparse.Namespace, benchmark: str | BenchmarkConfi
         )
 
     # --- output / Hub -------------------------------------------------------------------------------------------
-    if not args.output_dir:
-        raise ConfigError("--output_dir is required (results, tables and checkpoints are written there)")
-    output_dir = check_output_dir(args.output_dir, args.overwrite)
+    if args.output_dir is not None and not str(args.output_dir).strip():
+        raise ConfigError("--output_dir is empty; pass a folder, or drop the flag for the default")
+    hub_model_id = args.hub_model_id
+    if args.output_dir is None:
+        slug = method_slug(method, args)
+        output_dir = default_output_dir(cfg.name, slug, tasks if not args.all else None)
+        if hub_model_id is None:  # the folder name ("Ar-Cl", "all") alone would be a poor repo name
+            hub_model_id = f"{cfg.name}-{slug}" + ("" if args.all else "-{}-{}".format(*tasks[0])).lower()
+    else:
+        output_dir = Path(args.output_dir)
+    output_dir = check_output_dir(output_dir, args.overwrite)
     token = None
     if args.push_to_hub:
         token = hub_token_available(args.hub_token)
@@ -657,7 +811,7 @@ def resolve_run_config(args: argparse.Namespace, benchmark: str | BenchmarkConfi
         verify_images=args.verify_images,
         num_workers=args.num_workers,
         push_to_hub=bool(args.push_to_hub),
-        hub_model_id=args.hub_model_id,
+        hub_model_id=hub_model_id,
         hub_token=token,
         extra=extra,
     )

@@ -9,6 +9,7 @@ out (docs/datasets.md has the long form).
 from __future__ import annotations
 
 import copy
+import io
 import os
 import random
 from collections.abc import Callable, Iterable, Sequence
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .checks import sentence
 from .config import BenchmarkConfig, ConfigError, DomainSpec, load_benchmark_config
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -273,6 +275,21 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[st
     return classes, samples
 
 
+def read_list_text(list_file: str | os.PathLike) -> str:
+    """An image-list file as text. Lists are UTF-8 (a BOM is fine); any other encoding is a :class:`DataError`
+    naming the file, the line and the byte, rather than a bare ``UnicodeDecodeError``."""
+    data = Path(list_file).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{list_file}:{line}: not UTF-8 text (byte {data[exc.start]:#04x}); image lists must be UTF-8. Convert "
+            f"the file, e.g. `iconv -f latin1 -t utf-8 {list_file} > fixed.txt` if it was written as Latin-1, and "
+            "check that its paths then match the file names on disk"
+        ) from exc
+
+
 def read_image_list(
     list_file: str | os.PathLike,
     root: str | os.PathLike | None = None,
@@ -286,7 +303,7 @@ def read_image_list(
     list_file = Path(list_file)
     root = Path(root) if root is not None else list_file.parent
     samples, missing = [], []
-    with open(list_file, encoding="utf-8") as fh:
+    with io.StringIO(read_list_text(list_file)) as fh:
         for lineno, line in enumerate(fh, 1):
             line = line.strip()
             if not line or line.startswith("#"):
@@ -459,7 +476,8 @@ def _load_torchvision_digits(cfg, spec, split, data_dir, download, transform) ->
             else "pass --download to let torchvision fetch it into --data_dir, or copy the files there"
         )
         raise DataNotFoundError(
-            f"{spec.name.upper()} ({split}) not found or unreadable under {data_dir} (expected {files}): {exc}. "
+            f"{spec.name.upper()} ({split}) not found or unreadable under {data_dir} (expected {files}): "
+            f"{sentence(exc)}. "
             f"{hint}. {_where_to_get(cfg)}"
         ) from exc
     classes = cfg.classes or [str(i) for i in range(cfg.num_classes)]
@@ -493,7 +511,7 @@ def _load_hub(cfg, spec, split, dataset_id, domain_column, hub_config, cache_dir
             if config_name
             else ""
         )
-        raise DataError(f"cannot load split {split!r} of {dataset_id!r}: {exc}.{hint}") from exc
+        raise DataError(f"cannot load split {split!r} of {dataset_id!r}: {sentence(exc)}.{hint}") from exc
 
     features = ds.features
     image_column = next((k for k, f in features.items() if isinstance(f, hfds.Image)), None)

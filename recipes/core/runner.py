@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -38,8 +39,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import TrainerCallback
 
 from cmkd import CLIPAdaptationModel, CMKDConfig, CMKDTrainer, CMKDTrainingArguments
+from cmkd.callbacks import TrainingDivergedError
+from cmkd.checkpoints import checkpoint_problems, complete_checkpoints
 from peft_rst.files import atomic_write_text
 
+from .checks import check_inputs, check_model_source, sentence
 from .config import RESULTS_FILENAME, BenchmarkConfig, ConfigError, RunConfig, build_parser, parse_args, task_name
 from .data import (
     DataError,
@@ -49,6 +53,7 @@ from .data import (
     load_domain,
     partial_target,
 )
+from .ranges import FLAG_RANGES, check_number
 from .tables import add_result, new_results, render_markdown, write_report
 from .transforms import eval_transform, train_transform
 
@@ -120,7 +125,7 @@ def add_runner_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         action="store_true",
         help="keep the Trainer checkpoints of finished tasks (default: deleted once the adapter/model is saved)",
     )
-    group.add_argument("--logging_steps", type=int, help="log losses every N iterations (default: min(50, eval))")
+    group.add_argument("--logging_steps", type=int, help="log losses every N >= 1 iterations (default: min(50, eval))")
     group.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -165,10 +170,45 @@ def _check_run_flags(cfg: RunConfig) -> None:
                 "--resume_from_checkpoint PATH names one task's checkpoint; with --all pass the flag without a value "
                 "(each task resumes from its own last checkpoint)"
             )
-        if not Path(resume).is_dir():
-            raise ConfigError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder")
-    if (cfg.extra.get("logging_steps") or 1) <= 0:
-        raise ConfigError("--logging_steps must be > 0")
+        check_resume_path(cfg, Path(resume))
+    if cfg.extra.get("logging_steps") is not None:
+        try:
+            check_number("--logging_steps", cfg.extra["logging_steps"], FLAG_RANGES["logging_steps"])
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    try:
+        cmkd_config(cfg)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{cfg.benchmark.source_path}: cmkd settings: {sentence(exc)}") from exc
+    if cfg.push_to_hub:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            raise ConfigError(
+                "--push_to_hub needs the network, but HF_HUB_OFFLINE=1 is set; unset it or drop the flag"
+            )
+
+
+def _required_checkpoint_files(cfg: RunConfig) -> tuple[str, ...]:
+    """Files a checkpoint of this run needs beyond the Trainer's own (RST: the reset schedule's step)."""
+    return (RESET_STEP_FILENAME,) if cfg.rst else ()
+
+
+def check_resume_path(cfg: RunConfig, path: Path) -> None:
+    """``--resume_from_checkpoint PATH`` must be a complete checkpoint of this kind of run."""
+    if not path.is_dir():
+        raise ConfigError(f"--resume_from_checkpoint {str(path)!r} is not a checkpoint folder (it does not exist)")
+    problems = checkpoint_problems(path, _required_checkpoint_files(cfg))
+    if problems:
+        complete, _ = complete_checkpoints(path, _required_checkpoint_files(cfg))
+        hint = (
+            f"; it holds complete checkpoints, e.g. {complete[-1]}"
+            if complete
+            else "; pass the flag without a value to resume each task from its last complete checkpoint"
+        )
+        raise ConfigError(
+            f"--resume_from_checkpoint {str(path)!r} is not a complete checkpoint ({'; '.join(problems)}){hint}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -195,9 +235,10 @@ def load_clip(cfg: RunConfig) -> CLIPBundle:
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
     name = str(cfg.model)
+    source = check_model_source(name)  # local folder / cached / reachable Hub: fails in seconds, not after retries
     try:
-        model = AutoModel.from_pretrained(name)
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModel.from_pretrained(name, **source)
+        tokenizer = AutoTokenizer.from_pretrained(name, **source)
     except (OSError, ValueError) as exc:  # missing files / offline Hub; a folder that is not a transformers model
         local = Path(name).exists()
         hint = (
@@ -206,14 +247,14 @@ def load_clip(cfg: RunConfig) -> CLIPBundle:
             else "without internet the model must already be in the Hugging Face cache (HF_HUB_OFFLINE=1), or pass "
             "--model with a local folder"
         )
-        raise RecipeError(f"cannot load CLIP {name!r}: {exc}. {hint}") from exc
+        raise RecipeError(f"cannot load CLIP {name!r}: {sentence(exc)}. {hint}") from exc
     if not (hasattr(model, "get_text_features") and hasattr(model, "visual_projection")):
         raise RecipeError(
             f"--model {name!r} is a {type(model).__name__}, not a CLIP dual encoder (vision + text tower with "
             "projections); pass a CLIPModel checkpoint such as openai/clip-vit-base-patch16"
         )
     try:
-        processor = AutoImageProcessor.from_pretrained(name)
+        processor = AutoImageProcessor.from_pretrained(name, **source)
     except (OSError, ValueError):
         processor = None  # CLIP's normalisation is used
     return CLIPBundle(name, model.eval(), tokenizer, processor)
@@ -267,6 +308,22 @@ def load_task_data(cfg: RunConfig, source: str, target: str, clip: CLIPBundle | 
         eval=tgt_eval.with_transform(eval_transform(bench, **size_kw)).as_dicts(),
         classes=list(src.classes),
     )
+
+
+def check_batch_fits(cfg: RunConfig, data: TaskData, source: str, target: str) -> None:
+    """Every step draws one full batch from each training domain, so ``--batch_size`` cannot exceed either."""
+    sizes = {f"source domain {source}": len(data.source)}
+    if cfg.method != "baseline":
+        sizes[f"target domain {target}"] = len(data.target)
+    if cfg.method == "zero_shot":
+        return
+    for what, size in sizes.items():
+        if cfg.batch_size > size:
+            smallest = min(sizes.values())
+            raise ConfigError(
+                f"--batch_size {cfg.batch_size} is larger than the {what} ({size} images): every step draws a full "
+                f"batch from each domain; pass --batch_size {smallest} or less"
+            )
 
 
 def build_model(cfg: RunConfig, clip: CLIPBundle, classes: Sequence[str]):
@@ -530,12 +587,49 @@ def resume_checkpoint(cfg: RunConfig, task_dir: str | os.PathLike) -> Path | Non
         return None
     if wanted != "last":
         return Path(wanted)
-    if not found:
-        raise RecipeError(
-            f"--resume_from_checkpoint: {task_dir} has no checkpoint-* folder to resume from; drop the flag to "
-            "start this task from scratch"
+    complete, incomplete = complete_checkpoints(task_dir, _required_checkpoint_files(cfg))
+    last = complete[-1] if complete else None
+    if PartialState().is_main_process:
+        for path, problems in incomplete:  # a killed save; the resumed run writes this step again
+            logger.warning(
+                "skipping incomplete checkpoint %s (%s): its save was interrupted; removing it",
+                path,
+                "; ".join(problems),
+            )
+            shutil.rmtree(path, ignore_errors=True)
+    PartialState().wait_for_everyone()
+    if last is None:
+        logger.warning(
+            "--resume_from_checkpoint: %s has no complete checkpoint; starting this task from scratch", task_dir
         )
-    return found[-1]
+    return last
+
+
+INTERRUPTED_DIRS = (".adapter.tmp-*", ".model.tmp-*", ".adapter.old-*", ".model.old-*")  # save_task / _replace_dir
+INTERRUPTED_FILES = ".*.tmp"  # peft_rst.files.atomic_write_*
+
+
+def clean_interrupted_writes(folder: str | os.PathLike) -> list[Path]:
+    """Remove what a killed save left in ``folder``: temp / old folders of the final adapter or model swap and temp
+    files of atomic writes. Never a finished file: those are only ever renamed into place. Main process only."""
+    from accelerate import PartialState
+
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir() or not PartialState().is_main_process:
+        return removed
+    for pattern in INTERRUPTED_DIRS:
+        for path in folder.glob(pattern):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    for path in folder.glob(INTERRUPTED_FILES):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    for path in removed:
+        logger.warning("removed %s, left by an interrupted save", path)
+    return removed
 
 
 def train(cfg: RunConfig, trainer, resume_from: str | os.PathLike | None = None) -> None:
@@ -680,19 +774,41 @@ def push_task(cfg: RunConfig, saved: SavedTask) -> SavedTask:
 
     repo_id = hub_repo_id(cfg, saved.source, saved.target)
     if PartialState().is_main_process:
-        if saved.kind == "rst_adapter":
-            import peft_rst
+        try:
+            if saved.kind == "rst_adapter":
+                import peft_rst
 
-            card = {**saved.card_fields, "repo_id": repo_id}
-            peft_rst.push_adapter_to_hub(saved.path, repo_id, card_data=card, token=cfg.hub_token)
-        else:
-            from huggingface_hub import HfApi
+                card = {**saved.card_fields, "repo_id": repo_id}
+                peft_rst.push_adapter_to_hub(saved.path, repo_id, card_data=card, token=cfg.hub_token)
+            else:
+                from huggingface_hub import HfApi
 
-            api = HfApi(token=cfg.hub_token)
-            api.create_repo(repo_id, exist_ok=True)
-            api.upload_folder(repo_id=repo_id, folder_path=str(saved.path), commit_message="Upload adapted CLIP")
+                api = HfApi(token=cfg.hub_token)
+                api.create_repo(repo_id, exist_ok=True)
+                api.upload_folder(repo_id=repo_id, folder_path=str(saved.path), commit_message="Upload adapted CLIP")
+        except Exception as exc:  # noqa: BLE001 - only network / Hub failures are turned into a message
+            if not _is_hub_failure(exc):
+                raise
+            from huggingface_hub import constants
+
+            raise RecipeError(
+                f"could not push {saved.path} to {repo_id} on {constants.ENDPOINT}: {type(exc).__name__}: "
+                f"{sentence(exc)}. The task is trained and saved there; rerun the same command with "
+                f"--resume_from_checkpoint to push it (no training is repeated), or upload the folder with "
+                f"`hf upload {repo_id} {saved.path}`"
+            ) from exc
     PartialState().wait_for_everyone()
     return dataclasses.replace(saved, hub_repo=repo_id)
+
+
+def _is_hub_failure(exc: BaseException) -> bool:
+    """A failure to reach or be served by the Hub (connection, timeout, HTTP error), not a bug in the caller."""
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    network_modules = ("httpx", "httpx2", "httpcore", "requests", "urllib3")
+    return isinstance(exc, (OSError, HfHubHTTPError, HFValidationError)) or (
+        type(exc).__module__.split(".")[0] in network_modules
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -776,6 +892,7 @@ def start_run(cfg: RunConfig) -> dict[str, Any]:
 
     if cfg.overwrite and PartialState().is_main_process:
         (cfg.output_dir / RESULTS_FILENAME).unlink(missing_ok=True)
+    clean_interrupted_writes(cfg.output_dir)
     results = new_results(cfg.benchmark, meta={"run": cfg.to_dict()})
     results["tasks"] = list(cfg.task_names)  # the columns of this run (all of the paper's with --all)
     return results
@@ -785,6 +902,7 @@ def run_benchmark(benchmark: str, argv: Sequence[str] | None = None, callbacks: 
     """A benchmark recipe from command line to results: every ``recipes/<benchmark>.py`` is this call."""
     # 1. Parse: YAML defaults + flags, checked (flags, data folder, output folder, Hub token) before anything runs
     cfg = parse(benchmark, argv)
+    check_inputs(cfg)  # every task's data and the output folder, before a model is loaded
     clip = load_clip(cfg)  # the pretrained CLIP: vision tower to adapt, text tower for the zero-shot teacher
     results = start_run(cfg)
     for source, target in cfg.tasks:
@@ -804,6 +922,7 @@ def run_task(
     keeps what it finished); an interrupted one resumes with ``--resume_from_checkpoint``.
     """
     task_dir = task_output_dir(cfg, source, target)
+    clean_interrupted_writes(task_dir)  # a run killed while saving leaves temp folders / files behind
     done = finished_task(cfg, task_dir)
     if done is not None:
         return done
@@ -811,6 +930,7 @@ def run_task(
         print(f"--- {cfg.method_label}", flush=True)
     resume_from = resume_checkpoint(cfg, task_dir)
     data = load_task_data(cfg, source, target, clip)  # labeled source, unlabeled target, target evaluation view
+    check_batch_fits(cfg, data, source, target)
     model = build_model(cfg, clip, data.classes)  # vision tower + task head + cached zero-shot teacher (+ RST)
     trainer = build_trainer(cfg, model, data, task_dir, callbacks, resume_from)  # CMKDTrainer (Accelerate)
     train(cfg, trainer, resume_from)
@@ -863,15 +983,19 @@ def finish_run(cfg: RunConfig, results: dict[str, Any]) -> dict[str, Path]:
 # Entry point helper for recipes
 # --------------------------------------------------------------------------------------------------------------------
 
-USER_ERRORS = (ConfigError, DataError, RecipeError)
+USER_ERRORS = (ConfigError, DataError, RecipeError, TrainingDivergedError)
 
 
 def run_recipe(main, argv: Sequence[str] | None = None, **kwargs):
-    """Call a recipe's ``main`` and turn a user error (bad data, interrupted run, hub token...) into a one-line
-    message and exit status 1 instead of a traceback."""
+    """Call a recipe's ``main`` and turn a user error into a one-line message instead of a traceback: exit status 2
+    for a bad flag or YAML value (like argparse), 1 for the rest (bad data, interrupted run, diverged training,
+    Hub token or upload)."""
     from peft_rst import HubTokenError
 
     try:
         return main(argv, **kwargs)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from exc
     except (*USER_ERRORS, HubTokenError) as exc:
         raise SystemExit(f"error: {exc}") from exc

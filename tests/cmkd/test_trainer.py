@@ -553,3 +553,124 @@ def test_cmkd_beats_source_only_on_the_digits_shift(tmp_path):
     cmkd = _digits_accuracy("cmkd", clip, tokenizer, shift, tmp_path)
     print(f"digits shift, target accuracy: source-only {source_only:.3f}, CMKD {cmkd:.3f}")
     assert cmkd >= source_only + 0.05, (source_only, cmkd)
+
+
+# ----------------------------------------------------------------------------------------------- divergence
+class PoisonAt(TrainerCallback):
+    """Turns one head weight into ``value`` before step ``step`` (1-based): the next loss is non-finite."""
+
+    def __init__(self, step: int, value: float = float("nan")):
+        self.step, self.value = step, value
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            with torch.no_grad():
+                model.head.classifier.weight[0, 0] = self.value
+
+
+def _saved(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {name: load_file(folder / name) for name in ("model.safetensors",)}
+
+
+@pytest.mark.parametrize("mode", ["cmkd", "source_only"])
+def test_a_non_finite_loss_stops_training_naming_step_and_term_and_keeps_the_last_checkpoint(
+    clip, data, tmp_path, mode
+):
+    from cmkd import TrainingDivergedError, checkpoint_problems
+
+    args = make_args(tmp_path, mode=mode, max_steps=6, save_strategy="steps", save_steps=2, save_total_limit=1)
+    trainer = CMKDTrainer(
+        fresh_model(clip),
+        args,
+        source_dataset=data["source"],
+        target_dataset=data["target"],
+        callbacks=[PoisonAt(step=3)],
+    )
+    with pytest.raises(TrainingDivergedError) as exc:
+        trainer.train()
+    message = str(exc.value)
+    assert exc.value.step == 3 and "training diverged at step 3" in message
+    assert "source cross-entropy (source_ce = nan)" in message  # the head feeds every term; CE is named first
+    assert f"the last good checkpoint is {tmp_path / 'checkpoint-2'}" in message
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]  # nothing saved after it
+    assert checkpoint_problems(tmp_path / "checkpoint-2") == []
+    assert all(torch.isfinite(t).all() for t in _saved(tmp_path / "checkpoint-2")["model.safetensors"].values())
+
+
+def test_non_finite_distillation_term_is_named(clip, data, tmp_path):
+    """A NaN teacher (text features) poisons only the target-side CMKD terms, not the source CE."""
+    from cmkd import TrainingDivergedError
+
+    model = fresh_model(clip)
+    model.text_features[0, 0] = float("nan")
+    trainer = CMKDTrainer(model, make_args(tmp_path), source_dataset=data["source"], target_dataset=data["target"])
+    with pytest.raises(TrainingDivergedError, match="training diverged at step 1: non-finite") as exc:
+        trainer.train()
+    assert "source_ce" not in exc.value.terms and "distill" in exc.value.terms
+    assert "distillation term (distill = nan)" in str(exc.value)
+    assert "no checkpoint was saved before" in str(exc.value)
+
+
+class BlowUpUpdate(TrainerCallback):
+    """Makes the optimizer update of step 1 put an inf into the projection, as an overflowing update would."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0:
+            with torch.no_grad():
+                model.visual_projection.weight[0, 0] = float("inf")
+
+
+def test_an_update_that_makes_weights_non_finite_stops_before_the_checkpoint(clip, data, tmp_path):
+    """The loss of step 1 is finite, its update is not: stopped before checkpoint-1 is written."""
+    from cmkd import TrainingDivergedError
+
+    args = make_args(tmp_path, save_strategy="steps", save_steps=1)
+    trainer = CMKDTrainer(
+        fresh_model(clip),
+        args,
+        source_dataset=data["source"],
+        target_dataset=data["target"],
+        callbacks=[BlowUpUpdate()],
+    )
+    with pytest.raises(TrainingDivergedError) as exc:
+        trainer.train()
+    message = str(exc.value)
+    assert "training diverged at step 1: 1 of" in message and "hold inf/NaN after the optimizer update" in message
+    assert "(visual_projection.weight)" in message and "Lower the learning rate (now 0.001)" in message
+    assert not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_the_guard_can_be_turned_off(clip, data, tmp_path):
+    args = make_args(tmp_path, learning_rate=1e30, halt_on_nonfinite=False, max_steps=2)
+    trainer = CMKDTrainer(fresh_model(clip), args, source_dataset=data["source"], target_dataset=data["target"])
+    trainer.train()  # the user asked for it: no check, the weights are what the updates made them
+    assert not all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------- complete checkpoints
+def test_resume_true_skips_a_half_written_checkpoint(clip, data, tmp_path, caplog):
+    from cmkd import IncompleteCheckpointError, checkpoint_problems, last_complete_checkpoint
+
+    args = make_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, save_total_limit=None)
+    CMKDTrainer(fresh_model(clip), args, source_dataset=data["source"], target_dataset=data["target"]).train()
+    # a kill during checkpoint-4's save: weights and optimizer written, RNG state and trainer_state.json not yet
+    (tmp_path / "checkpoint-4" / "trainer_state.json").unlink()
+    (tmp_path / "checkpoint-4" / "rng_state.pth").unlink()
+    assert checkpoint_problems(tmp_path / "checkpoint-4") == ["no trainer_state.json", "no rng_state.pth"]
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    truncated = tmp_path / "checkpoint-2" / "trainer_state.json"
+    assert "truncated" not in " ".join(checkpoint_problems(truncated.parent))
+
+    trainer = CMKDTrainer(fresh_model(clip), args, source_dataset=data["source"], target_dataset=data["target"])
+    with caplog.at_level("WARNING"):
+        trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 4
+    assert "skipping incomplete checkpoint" in caplog.text and "checkpoint-4" in caplog.text
+
+    truncated.write_text(truncated.read_text()[:40])
+    assert checkpoint_problems(truncated.parent) == ["trainer_state.json is truncated or not JSON"]
+    again = CMKDTrainer(fresh_model(clip), args, source_dataset=data["source"], target_dataset=data["target"])
+    with pytest.raises(IncompleteCheckpointError, match="checkpoint-2: not a complete Trainer checkpoint"):
+        again.train(resume_from_checkpoint=str(truncated.parent))

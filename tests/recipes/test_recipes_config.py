@@ -2,6 +2,8 @@
 
 import itertools
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -190,9 +192,17 @@ def test_backbone_without_transformers_checkpoint_needs_model(base):
         ("office_home", ["-s", "Ar"], "give --source and --target"),
         ("office_home", ["-s", "Ar", "-t", "Kitchen"], "valid domains: Ar \\(Art\\), Cl \\(Clipart\\)"),
         ("office_home", ["-s", "Art", "-t", "ar"], "same domain"),
-        ("office_home", ["--all", "--lr", "-1"], "--lr must be > 0"),
-        ("office_home", ["--all", "--rst", "--tau", "0"], "--tau must be > 0"),
-        ("office_home", ["--all", "--num_workers", "-2"], "--num_workers must be >= 0"),
+        ("office_home", ["--all", "--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
+        ("office_home", ["--all", "--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+        ("office_home", ["--all", "--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+        ("office_home", ["--all", "--rst", "--tau", "0"], "--tau must be a finite number > 0"),
+        ("office_home", ["--all", "--rst", "--tau", "nan"], "--tau must be a finite number > 0, got nan"),
+        ("office_home", ["--all", "--num_workers", "-2"], "--num_workers must be an integer >= 0"),
+        ("office_home", ["--all", "--seed", "-1"], "--seed must be an integer in \\[0, 4.29497e\\+09\\], got -1"),
+        ("office_home", ["--all", "--seed", str(2**32)], "--seed must be an integer in"),
+        ("office_home", ["--all", "--iterations", "0"], "--iterations must be an integer >= 1, got 0"),
+        ("office_home", ["--all", "--eval_interval", "0"], "--eval_interval must be an integer >= 1"),
+        ("office_home", ["--all", "--batch_size", "0"], "--batch_size must be an integer >= 1"),
         ("office_home", ["--all", "--download"], "--download only applies"),
         ("office_home", ["--all", "--dataset_id", "u/oh", "--image_list_dir", "x"], "drop --image_list_dir"),
         ("office_home", ["--all", "--domain_column", "domain"], "only apply with --dataset_id"),
@@ -209,8 +219,39 @@ def test_invalid_combinations(base, benchmark, argv, message):
 def test_missing_data_and_output(tmp_path):
     with pytest.raises(ConfigError, match="no data given"):
         _resolve("office_home", ["--all", "--output_dir", str(tmp_path)])
-    with pytest.raises(ConfigError, match="--output_dir is required"):
-        _resolve("office_home", ["--all", "--data_dir", str(tmp_path)])
+
+
+def test_output_dir_defaults_to_runs_benchmark_method_task(tmp_path, monkeypatch):
+    """The README's `accelerate launch recipes/office_home.py ... --rst` lines have no --output_dir."""
+    monkeypatch.chdir(tmp_path)
+    data = ["--data_dir", str(tmp_path)]
+    one = _resolve("office_home", ["--source", "Art", "--target", "Clipart", "--rst", *data])
+    assert one.output_dir == Path("runs/office_home/cmkd_rst/Ar-Cl")
+    every = _resolve("office_home", ["--all", "--rst", *data])
+    assert every.output_dir == Path("runs/office_home/cmkd_rst/all")
+    assert _resolve("office_home", ["--all", "--baseline", *data]).output_dir == Path("runs/office_home/baseline/all")
+    fm = _resolve("office_home", ["-s", "Pr", "-t", "Re", "--fixmatch", "--partial", *data])
+    assert fm.output_dir == Path("runs/office_home/cmkd_fixmatch_partial/Pr-Re")
+    zs = _resolve("office_home", ["-s", "Pr", "-t", "Re", "--zero-shot", *data])
+    assert zs.output_dir == Path("runs/office_home/clip/Pr-Re")
+    # the default folder's name alone ("Ar-Cl", "all") would be a poor Hub repo name
+    pushed = _resolve("office_home", ["-s", "Ar", "-t", "Cl", "--rst", "--push_to_hub", "--hub_token", "x", *data])
+    assert pushed.hub_model_id == "office_home-cmkd_rst-ar-cl"
+    assert _resolve("office_home", ["--all", "--output_dir", "mine", *data]).output_dir == Path("mine")
+    with pytest.raises(ConfigError, match="--output_dir is empty"):
+        _resolve("office_home", ["--all", "--output_dir", "", *data])
+    # a finished default folder is refused like any other
+    (tmp_path / "runs/office_home/cmkd_rst/all").mkdir(parents=True)
+    (tmp_path / "runs/office_home/cmkd_rst/all" / RESULTS_FILENAME).write_text("{}")
+    with pytest.raises(ConfigError, match="already holds a finished run"):
+        _resolve("office_home", ["--all", "--rst", *data])
+
+
+def test_help_documents_the_default_output_dir(capsys):
+    with pytest.raises(SystemExit):
+        build_parser("office_home").parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: runs/<benchmark>/<method>/<SRC>-<TGT>, or runs/<benchmark>/<method>/all with --all" in text
 
 
 def test_finished_output_dir_is_refused_unless_overwrite(tmp_path, base):
@@ -268,3 +309,61 @@ def test_config_override_yaml(tmp_path, base):
         _resolve("office_home", ["--all", "--config", str(override), *base])
     with pytest.raises(ConfigError, match="does not exist"):
         _resolve("office_home", ["--all", "--config", str(tmp_path / "nope.yaml"), *base])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Broken YAML: one-line errors naming the file and the key, never a traceback from deeper code
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("training:\n  iterations: 10\n bad indent: [\n", "over.yaml is not valid YAML at line 3"),
+        ("training: {iterations: [1, 2}\n", "over.yaml is not valid YAML at line 1"),
+        (
+            "training:\n  iterations: ten\n",
+            "over.yaml \\(over office_home.yaml\\).training.iterations must be an integer, got 'ten'",
+        ),
+        ("training:\n  batch_size: '32'\n", "training.batch_size must be an integer, got '32'"),
+        ("training:\n  seed: 1.5\n", "training.seed must be an integer, got 1.5"),
+        ("optim:\n  nesterov: 'false'\n", "optim.nesterov must be true or false, got 'false'"),
+        ("cmkd:\n  lambda1: high\n", "cmkd.lambda1 must be a number, got 'high'"),
+        ("cmkd:\n  lambda1: -1\n", "cmkd settings: CMKDConfig.lambda1 must be in"),
+        ("cmkd:\n  prompt_template: 5\n", "cmkd.prompt_template must be a string, got 5"),
+        ("training:\n  iterations: 0\n", "training.iterations must be an integer >= 1, got 0"),
+        ("optim:\n  momentum: .nan\n", "optim.momentum must be a finite number in \\[0, 1\\], got nan"),
+        ("backbones:\n  vit_b16:\n    lr: -3\n", "backbones.vit_b16.lr must be a finite number > 0"),
+        ("training: 5\n", "training: expected a mapping, got int"),
+        ("tasks: Ar->Cl\n", "tasks must be a non-empty list"),
+        ("domains: [Ar, Cl]\n", "domains must be a non-empty mapping"),
+        ("domains:\n  Ar: Art\n", "domains.Ar must be a mapping"),
+        ("classes: 5\n", "classes must be a list"),
+        ("num_classes: '65'\n", "num_classes must be an integer, got '65'"),
+        ("- a\n- b\n", "--config file .*over.yaml must hold a YAML mapping, got list"),
+    ],
+)
+def test_broken_yaml_is_a_one_line_error_naming_file_and_key(tmp_path, base, capsys, text, message):
+    from recipes.core import runner
+
+    override = tmp_path / "over.yaml"
+    override.write_text(text)
+    with pytest.raises(SystemExit) as exc:  # the recipes' parser: a usage error (exit status 2), before any loading
+        runner.parse("office_home", ["--all", "--config", str(override), *base])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and re.search(message, err), err
+    assert len(err.strip().splitlines()[-1]) > 20 and "Traceback" not in err
+
+
+def test_yaml_in_another_encoding_names_the_file(tmp_path, base):
+    override = tmp_path / "over.yaml"
+    override.write_bytes("cmkd:\n  prompt_template: 'une photo d\u00e9 {}'\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="over.yaml is not UTF-8 text \\(byte 0xe9"):
+        _resolve("office_home", ["--all", "--config", str(override), *base])
+
+
+def test_benchmark_yaml_syntax_error_names_the_file(tmp_path):
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("name: x\ndomains: {A: {name: a, folder: a}\n")
+    with pytest.raises(ConfigError, match="mine.yaml is not valid YAML at line 3"):
+        load_benchmark_config(bad)

@@ -426,13 +426,26 @@ def compute_validators(inputs: ValidationInputs, names: Sequence[str] | None = N
     unknown = [n for n in names if n not in VALIDATORS]
     if unknown:
         raise ValueError(f"unknown validator(s) {unknown}; known: {sorted(VALIDATORS)}.")
-    out: dict[str, float] = {}
     for name in names:
         validator = VALIDATORS[name]
         if not validator.available(inputs):
             missing = [f for f in validator.needs if getattr(inputs, f) is None]
             raise ValueError(f"validator {name!r} needs {missing}, which this evaluation did not produce.")
-        out[name] = validator.compute(inputs)
+    out: dict[str, float] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ValidatorWarning)
+        for name in names:
+            out[name] = VALIDATORS[name].compute(inputs)
+    # one warning per problem, naming every validator it affects (not one copy per validator)
+    by_problem: dict[str, list[str]] = {}
+    for w in caught:
+        if not issubclass(w.category, ValidatorWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            continue
+        name, _, problem = str(w.message).partition(": ")
+        by_problem.setdefault(problem, []).append(name)
+    for problem, affected in by_problem.items():
+        warnings.warn(f"{', '.join(affected)}: {problem}", ValidatorWarning, stacklevel=2)
     return out
 
 

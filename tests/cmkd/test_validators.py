@@ -18,6 +18,7 @@ from cmkd.validators import (
     dev_score,
     greater_is_better,
     information_maximization,
+    logistic_regression_proba,
     prediction_entropy,
     soft_neighborhood_density,
     source_accuracy,
@@ -82,6 +83,7 @@ def test_entropy_and_snd_match_skada():
 
 
 def test_dev_matches_skada_on_the_same_split():
+    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import FunctionTransformer
@@ -102,8 +104,23 @@ def test_dev_matches_skada_on_the_same_split():
     scorer = skada_metrics.DeepEmbeddedValidation(random_state=0, loss_func=column_ce)
     theirs = _skada_score(scorer, pipe, xs, ys, xt)
     fit, val, _, y_val = train_test_split(xs, ys, test_size=0.33, random_state=np.random.RandomState(0))
-    ours = deep_embedded_validation(fit, val, _FixedLinear(w).predict_proba(val), y_val, xt)
+    probs = _FixedLinear(w).predict_proba(val)
+    ours = deep_embedded_validation(fit, val, probs, y_val, xt, domain_classifier=LogisticRegression())
     assert ours == pytest.approx(-theirs, rel=1e-6)
+    # the default domain classifier (Newton on the same objective) lands on the same optimum, up to the tolerance at
+    # which scikit-learn's lbfgs stops (tol=1e-4)
+    assert deep_embedded_validation(fit, val, probs, y_val, xt) == pytest.approx(-theirs, rel=2e-3)
+
+
+def test_logistic_regression_matches_scikit_learn():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 5))
+    y = (x[:, 0] + 0.5 * rng.normal(size=200) > 0).astype(float)
+    q = rng.normal(size=(30, 5))
+    expected = LogisticRegression(C=0.5, tol=1e-10, max_iter=1000).fit(x, y).predict_proba(q)
+    np.testing.assert_allclose(logistic_regression_proba(x, y, q, C=0.5), expected, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- definitions

@@ -9,8 +9,11 @@ Only the hooks that differ from supervised training are overridden:
   batch, so multi-process training computes the same loss and gradients as one process.
 - `create_optimizer` / `create_scheduler`: SGD (nesterov, momentum 0.9, wd 5e-4) with a backbone and a head
   group (head lr x multiplier), and the release's per-iteration decay ``lr * (1 + 0.0003 t) ** -0.75``.
-- `get_eval_dataloader` / `prediction_step` / metrics: accuracy, mean per-class accuracy and the per-class list
-  of both heads on the whole (labeled) target set, computed with the local `evaluate` module.
+- `get_eval_dataloader` / `prediction_step` / `evaluation_loop`: one pass over the target evaluation set yields the
+  label-free validators (`cmkd.validators`: entropy, SND, BNM, IM, agreement with the frozen zero-shot CLIP, and,
+  with a held-out ``source_val_dataset``, source accuracy and DEV) and, only if the set is labeled, accuracy, mean
+  per-class accuracy and the per-class list of both heads (the local `evaluate` module). The best checkpoint is
+  chosen by a label-free validator by default; choosing by target accuracy is the oracle (uses target labels).
 - `training_step` (partial-set DA): re-estimate the target label set before each epoch but the first.
 - `log`: per-term losses and alpha statistics averaged over the logging window.
 
@@ -21,16 +24,18 @@ best-model tracking, progress bar) is the stock Trainer, configured by `CMKDTrai
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import EvalPrediction
+from transformers.trainer_utils import EvalLoopOutput, EvalPrediction
 
 from .callbacks import NonFiniteGuardCallback, check_finite_loss
 from .checkpoints import IncompleteCheckpointError, checkpoint_problems, last_complete_checkpoint
@@ -40,6 +45,15 @@ from .fixmatch import fixmatch_terms
 from .loss import CMKDLoss
 from .model import CLIPAdaptationModel
 from .partial import estimate_label_set
+from .validators import (
+    DEFAULT_VALIDATOR,
+    LABEL_METRICS,
+    ORACLE_NAME,
+    VALIDATORS,
+    ValidationInputs,
+    compute_validators,
+    describe,
+)
 
 __all__ = ["MODES", "CMKDTrainer", "CMKDTrainingArguments", "inverse_decay_lambda"]
 
@@ -62,7 +76,10 @@ class CMKDTrainingArguments(TrainingArguments):
     """`TrainingArguments` with the release's defaults and the few CMKD run settings.
 
     Release defaults: SGD lr 3e-6 (ViT-B/16; ResNet 3e-7 with multiplier 1e4), weight decay 5e-4, 10k iterations,
-    evaluation on the target set every "epoch" of 500 iterations, best checkpoint by target accuracy.
+    evaluation on the target set every "epoch" of 500 iterations. The release keeps the checkpoint with the best
+    target accuracy, which needs target labels; here the best checkpoint is chosen by a label-free validator
+    (``metric_for_best_model``, default ``cmkd.validators.DEFAULT_VALIDATOR``; its direction sets
+    ``greater_is_better``). ``metric_for_best_model="accuracy"`` is the oracle (uses target labels).
     ``per_device_train_batch_size`` is the source batch; ``target_batch_size`` the target one (default: same).
     """
 
@@ -96,7 +113,17 @@ class CMKDTrainingArguments(TrainingArguments):
     save_steps: float = field(default=500, metadata={"help": "Checkpoint period (a multiple of eval_steps)."})
     save_total_limit: int | None = field(default=1, metadata={"help": "Checkpoints kept (the best is always kept)."})
     load_best_model_at_end: bool = field(default=True, metadata={"help": "Reload the best checkpoint at the end."})
-    metric_for_best_model: str | None = field(default="accuracy", metadata={"help": "Target accuracy."})
+    metric_for_best_model: str | None = field(
+        default=DEFAULT_VALIDATOR,
+        metadata={
+            "help": f"Checkpoint selection: a label-free validator ({', '.join(VALIDATORS)}), or 'accuracy' / "
+            f"'mean_class_accuracy' on a labeled eval_dataset = {ORACLE_NAME}."
+        },
+    )
+    eval_validators: list[str] | None = field(
+        default=None,
+        metadata={"help": "Validators computed at each evaluation (default: every one the inputs allow)."},
+    )
     max_grad_norm: float = field(default=0.0, metadata={"help": "The release does not clip gradients."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Datasets are transformed lazily."})
     logging_steps: float = field(default=50, metadata={"help": "Log losses every this many steps."})
@@ -119,6 +146,13 @@ class CMKDTrainingArguments(TrainingArguments):
             raise ValueError(f"target_batch_size must be >= 1, got {self.target_batch_size}.")
         if self.eval_steps is None:
             self.eval_steps = self.iterations_per_epoch
+        unknown = [v for v in self.eval_validators or () if v not in VALIDATORS]
+        if unknown:
+            raise ValueError(f"eval_validators {unknown} unknown; choose from {list(VALIDATORS)}.")
+        if self.metric_for_best_model is not None and self.greater_is_better is None:
+            name = self.metric_for_best_model.removeprefix("eval_")
+            if name in VALIDATORS:
+                self.greater_is_better = VALIDATORS[name].greater_is_better
         super().__post_init__()
 
 
@@ -131,7 +165,11 @@ class CMKDTrainer(Trainer):
         source_dataset: labeled source items ``{"pixel_values", "labels"}`` (`cmkd.data.with_image_transform`).
         target_dataset: target items ``{"pixel_values"}`` (+ ``"pixel_values_strong"`` for FixMatch); labels, if
             present, are never used for training.
-        eval_dataset: labeled target set to evaluate on (default: ``target_dataset``, as in the paper).
+        eval_dataset: target set to evaluate on, with the test transform (default: ``target_dataset``). Labels are
+            optional: without them evaluation reports the label-free validators only; with them it also reports
+            target accuracy (reporting, or the oracle when ``metric_for_best_model`` is a label metric).
+        source_val_dataset: labeled source images held out of ``source_dataset`` (test transform); enables the
+            ``source_accuracy`` and ``dev`` validators (one extra pass over this split per evaluation).
         cmkd_config: loss weights and variants (`CMKDConfig`; default: release settings).
         **kwargs: passed to `transformers.Trainer` (callbacks, compute_metrics, optimizers, ...).
     """
@@ -144,6 +182,7 @@ class CMKDTrainer(Trainer):
         target_dataset=None,
         eval_dataset=None,
         cmkd_config: CMKDConfig | None = None,
+        source_val_dataset=None,
         **kwargs,
     ):
         if not isinstance(args, CMKDTrainingArguments):
@@ -181,9 +220,13 @@ class CMKDTrainer(Trainer):
         if eval_dataset is not None and eval_dataset is not target_dataset:
             check_class_lists(class_names, None, dataset_class_names(eval_dataset), partial=args.partial_set)
         if eval_dataset is None and args.eval_strategy != "no":
-            raise ValueError("periodic evaluation needs a labeled target set: pass eval_dataset= or target_dataset=.")
-
+            raise ValueError("periodic evaluation needs target images: pass eval_dataset= or target_dataset=.")
+        if source_val_dataset is not None:
+            check_class_lists(class_names, dataset_class_names(source_val_dataset), None)
         user_metrics = kwargs.pop("compute_metrics", None)
+        if user_metrics is None:
+            _check_selection(args, eval_dataset, source_val_dataset)
+
         super().__init__(
             model=model,
             args=args,
@@ -193,6 +236,12 @@ class CMKDTrainer(Trainer):
             **kwargs,
         )
         self.target_dataset = target_dataset
+        self.source_val_dataset = source_val_dataset
+        self._has_teacher = bool(core.config.has_text_features)
+        self._rich_predictions = False  # evaluation: prediction_step returns logits and features, not class ids
+        self._last_rich: np.ndarray | None = None
+        self._source_val: tuple[np.ndarray, np.ndarray] | None = None
+        self._zero_shot_ids: dict[int, np.ndarray] = {}  # id(eval dataset) -> frozen zero-shot CLIP predictions
         self.loss_fn = CMKDLoss(self.cmkd_config)
         self.loss_is_scaled_for_ga = False  # per-batch losses: the Trainer divides by the accumulation steps
         self.num_classes = len(class_names)
@@ -243,7 +292,8 @@ class CMKDTrainer(Trainer):
             prefetch_factor=args.dataloader_prefetch_factor if args.dataloader_num_workers > 0 else None,
         )
 
-    def _image_dataloader(self, dataset, need_labels: bool, what: str) -> DataLoader:
+    def _image_dataloader(self, dataset, need_labels: bool | None, what: str) -> DataLoader:
+        """Ordered batches of ``dataset``; ``need_labels``: True requires labels, None keeps them if present."""
         if dataset is None or len(dataset) == 0:
             raise ValueError(f"{what} needs a non-empty dataset.")
         if need_labels:
@@ -258,7 +308,7 @@ class CMKDTrainer(Trainer):
         def collate(examples):
             batch = collate_images(examples)
             batch.pop("pixel_values_strong", None)
-            if not need_labels:
+            if need_labels is False:
                 batch.pop("labels", None)
             return batch
 
@@ -276,7 +326,7 @@ class CMKDTrainer(Trainer):
         if isinstance(eval_dataset, str):
             eval_dataset = self.eval_dataset[eval_dataset]
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        return self._image_dataloader(dataset, need_labels=True, what="evaluation")
+        return self._image_dataloader(dataset, need_labels=None, what="evaluation")
 
     def get_test_dataloader(self, test_dataset) -> DataLoader:
         return self._image_dataloader(test_dataset, need_labels=False, what="prediction")
@@ -439,13 +489,115 @@ class CMKDTrainer(Trainer):
 
     # ------------------------------------------------------------------ evaluation
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Predicted class ids of both heads: ``(None, preds (N, 2) = [student, teacher], labels)``."""
+        """``(None, preds, labels)``; preds are the class ids of both heads, (N, 2) = [student, teacher] (teacher
+        -1 without a cached teacher). Inside `evaluation_loop` they are instead the float rows
+        ``[student logits (C) | teacher logits (C) | image features (D)]`` the validators need."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             out = model(pixel_values=inputs["pixel_values"])
+        if self._rich_predictions:
+            student = out.logits.float()
+            teacher = out.teacher_logits.float() if out.teacher_logits is not None else torch.zeros_like(student)
+            return None, torch.cat([student, teacher, out.image_embeds.float()], dim=1), inputs.get("labels")
         student = out.logits.argmax(dim=-1)
         teacher = out.teacher_logits.argmax(dim=-1) if out.teacher_logits is not None else torch.full_like(student, -1)
         return None, torch.stack([student, teacher], dim=1), inputs.get("labels")
+
+    def _class_ids(self, rich: np.ndarray) -> np.ndarray:
+        c = self.num_classes
+        student = rich[:, :c].argmax(axis=1)
+        teacher = rich[:, c : 2 * c].argmax(axis=1) if self._has_teacher else np.full_like(student, -1)
+        return np.stack([student, teacher], axis=1)
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ) -> EvalLoopOutput:
+        """The stock loop, gathering logits and features once; adds the label-free validators to the metrics of an
+        evaluation ("Evaluation") and returns class ids as predictions (what `compute_metrics` receives too)."""
+        user_metrics = self.compute_metrics
+        if user_metrics is not None:
+
+            def on_ids(pred: EvalPrediction):
+                return user_metrics(
+                    EvalPrediction(self._class_ids(pred.predictions), pred.label_ids, pred.inputs, pred.losses)
+                )
+
+            self.compute_metrics = on_ids
+        self._rich_predictions = True
+        try:
+            output = super().evaluation_loop(dataloader, description, False, ignore_keys, metric_key_prefix)
+        finally:
+            self._rich_predictions = False
+            self.compute_metrics = user_metrics
+        rich = output.predictions
+        if rich is None or isinstance(rich, (tuple, list)):
+            return output
+        self._last_rich = rich
+        metrics = dict(output.metrics)
+        if description == "Evaluation":
+            dataset = getattr(dataloader, "dataset", None)
+            values = self._validators(rich, self._zero_shot_ids.get(id(dataset)))
+            metrics.update({f"{metric_key_prefix}_{k}": v for k, v in values.items()})
+        return EvalLoopOutput(
+            predictions=self._class_ids(rich),
+            label_ids=output.label_ids,
+            metrics=metrics,
+            num_samples=output.num_samples,
+        )
+
+    def _validators(self, rich: np.ndarray, zero_shot_ids: np.ndarray | None) -> dict[str, float]:
+        c = self.num_classes
+        rich_t = torch.from_numpy(np.asarray(rich, dtype=np.float32))
+        if zero_shot_ids is not None and len(zero_shot_ids) != len(rich_t):
+            zero_shot_ids = None
+        inputs = ValidationInputs(
+            target_logits=rich_t[:, :c],
+            target_features=rich_t[:, 2 * c :],
+            zero_shot_ids=torch.from_numpy(zero_shot_ids) if zero_shot_ids is not None else None,
+            seed=self.args.seed,
+        )
+        if self._source_val is not None:
+            source, labels = self._source_val
+            source_t = torch.from_numpy(np.asarray(source, dtype=np.float32))
+            inputs.source_logits, inputs.source_features = source_t[:, :c], source_t[:, 2 * c :]
+            inputs.source_labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        names = self.args.eval_validators
+        if names is None:
+            names = [n for n, v in VALIDATORS.items() if v.available(inputs)]
+        values = compute_validators(inputs, names)
+        for name, value in values.items():
+            if not math.isfinite(value):
+                logger.warning(
+                    "validator %s = %s at step %d (non-finite outputs)", name, value, self.state.global_step
+                )
+        return values
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """`Trainer.evaluate`, after one pass over ``source_val_dataset`` (if given) for the source validators."""
+        self._source_val = None
+        target = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if self.source_val_dataset is not None and not isinstance(target, dict):
+            loader = self._image_dataloader(self.source_val_dataset, need_labels=True, what="source validation")
+            out = self.evaluation_loop(loader, description="Source validation", metric_key_prefix="source_val")
+            self._source_val = (self._last_rich, out.label_ids)
+        try:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._source_val = None
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`; first records the frozen zero-shot CLIP's predictions on the evaluation set (one pass,
+        with the model as it is now, before any adaptation) for the ``zs_agreement`` validator."""
+        if self._has_teacher and self.args.eval_strategy != "no" and self.eval_dataset is not None:
+            sets = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"": self.eval_dataset}
+            for dataset in sets.values():
+                if id(dataset) not in self._zero_shot_ids:
+                    loader = self.get_test_dataloader(dataset)
+                    out = self.evaluation_loop(loader, description="Zero-shot teacher", metric_key_prefix="zero_shot")
+                    self._zero_shot_ids[id(dataset)] = np.asarray(out.predictions[:, 1], dtype=np.int64)
+        if self.args.load_best_model_at_end:
+            logger.info("checkpoint selection: %s", describe(self.args.metric_for_best_model or "loss"))
+        return super().train(*args, **kwargs)
 
     def _compute_uda_metrics(self, eval_pred: EvalPrediction) -> dict[str, Any]:
         labels = eval_pred.label_ids
@@ -509,6 +661,42 @@ class CMKDTrainer(Trainer):
                 logs["head_learning_rate"] = logs["learning_rate"] * groups[-1]["initial_lr"] / groups[0]["initial_lr"]
             self._reset_term_logs()
         super().log(logs, start_time)
+
+
+def _has_labels(dataset) -> bool:
+    if dataset is None or isinstance(dataset, dict) or len(dataset) == 0:
+        return False
+    item = dataset[0]
+    return isinstance(item, dict) and item.get("labels", item.get("label")) is not None
+
+
+def _check_selection(args: CMKDTrainingArguments, eval_dataset, source_val_dataset) -> None:
+    """The selection metric can be computed from what this trainer will evaluate; say which argument supplies it."""
+    metric = args.metric_for_best_model
+    if metric is None or (args.eval_strategy == "no" and not args.load_best_model_at_end):
+        return
+    name = metric.removeprefix("eval_")
+    if isinstance(eval_dataset, dict):
+        return  # per-set metric names (eval_<set>_<metric>): checked by the Trainer when it evaluates
+    if name in LABEL_METRICS or name.startswith("student_") or name == "per_class_accuracy":
+        if not _has_labels(eval_dataset):
+            raise ValueError(
+                f"metric_for_best_model={metric!r} is {ORACLE_NAME} and needs a labeled target set, but the "
+                "evaluation set has no labels. Pass a labeled eval_dataset= (reporting only), or select label-free: "
+                f"metric_for_best_model in {list(VALIDATORS)}."
+            )
+        logger.warning("checkpoint selection by target %s is %s, not unsupervised model selection.", name, ORACLE_NAME)
+    elif name in ("source_accuracy", "dev"):
+        if source_val_dataset is None:
+            raise ValueError(
+                f"metric_for_best_model={metric!r} needs a held-out labeled source split: pass source_val_dataset= "
+                "(source images taken out of source_dataset)."
+            )
+    elif name not in VALIDATORS and name not in ("loss", "teacher_per_class_accuracy"):
+        raise ValueError(
+            f"metric_for_best_model={metric!r} is not computed by CMKDTrainer; choose a validator {list(VALIDATORS)} "
+            f"or a label metric {list(LABEL_METRICS)} ({ORACLE_NAME})."
+        )
 
 
 def _first_item(dataset) -> dict:

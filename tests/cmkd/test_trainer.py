@@ -29,6 +29,7 @@ from cmkd import (
     make_paired_dataloader,
     with_image_transform,
 )
+from cmkd.validators import DEFAULT_VALIDATOR
 
 NAMES = ["cat", "dog", "bird"]
 REPO = Path(__file__).resolve().parents[2]
@@ -318,8 +319,10 @@ def test_logs_terms_alpha_and_never_runs_the_text_tower(clip, data, tmp_path):
     assert len(evals) == 3 and all("eval_teacher_accuracy" in h for h in evals)  # 2 periodic + 1 final
 
 
-def test_best_checkpoint_is_kept_and_reloaded(clip, data, tmp_path):
+@pytest.mark.parametrize("metric", [None, "accuracy", "ent"])
+def test_best_checkpoint_is_kept_and_reloaded(clip, data, tmp_path, metric):
     model = fresh_model(clip)
+    extra = {} if metric is None else {"metric_for_best_model": metric}
     args = make_args(
         tmp_path,
         max_steps=3,
@@ -329,16 +332,53 @@ def test_best_checkpoint_is_kept_and_reloaded(clip, data, tmp_path):
         save_steps=1,
         load_best_model_at_end=True,
         save_total_limit=1,
+        **extra,
     )
+    name = metric or DEFAULT_VALIDATOR
+    assert args.metric_for_best_model == name and args.greater_is_better == (name != "ent")
     trainer = CMKDTrainer(model, args, source_dataset=data["source"], target_dataset=data["target"])
     trainer.train()
-    accs = [h["eval_accuracy"] for h in trainer.state.log_history if "eval_accuracy" in h]
+    values = [h[f"eval_{name}"] for h in trainer.state.log_history if f"eval_{name}" in h]
+    assert len(values) == 3
     best = trainer.state.best_model_checkpoint
     assert best is not None and (Path(best) / "model.safetensors").exists()
-    assert trainer.state.best_metric == max(accs)
-    assert trainer.evaluate()["eval_accuracy"] == max(accs)
+    assert trainer.state.best_metric == (max(values) if args.greater_is_better else min(values))
+    assert trainer.evaluate()[f"eval_{name}"] == trainer.state.best_metric
     reloaded = CLIPAdaptationModel.from_pretrained(best)
     assert torch.equal(reloaded.text_features, model.text_features)
+
+
+def test_unlabeled_target_trains_evaluates_and_selects_label_free(clip, data, tmp_path):
+    unlabeled = with_image_transform(raw_dataset(12, 1).remove_columns("label"), image_transform(32, False))
+    args = make_args(
+        tmp_path, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1, load_best_model_at_end=True
+    )
+    trainer = CMKDTrainer(
+        fresh_model(clip),
+        args,
+        source_dataset=data["source"],
+        target_dataset=unlabeled,
+        source_val_dataset=labeled(8, 5),
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert {f"eval_{n}" for n in ("ent", "snd", "bnm", "im", "zs_agreement", "source_accuracy", "dev")} <= set(metrics)
+    assert "eval_accuracy" not in metrics  # no target labels: nothing label-based is reported
+    assert trainer.state.best_model_checkpoint is not None
+
+
+def test_zero_shot_agreement_is_measured_against_the_model_before_training(clip, data, tmp_path):
+    model = fresh_model(clip)
+    target = data["target"]
+    with torch.no_grad():
+        pixels = torch.stack([target[i]["pixel_values"] for i in range(len(target))])
+        zero_shot = model.teacher_logits(model.get_image_features(pixels)).argmax(-1)
+    args = make_args(tmp_path, eval_strategy="steps", eval_steps=3, max_steps=3)
+    trainer = CMKDTrainer(model, args, source_dataset=data["source"], target_dataset=target)
+    trainer.train()
+    with torch.no_grad():
+        student = model(pixel_values=pixels).logits.argmax(-1)
+    assert trainer.evaluate()["eval_zs_agreement"] == pytest.approx((student == zero_shot).double().mean().item())
 
 
 # ----------------------------------------------------------------------------------------------- bad input
@@ -351,16 +391,27 @@ def test_mismatched_class_lists_are_rejected(clip, tmp_path):
         CMKDTrainer(fresh_model(clip), make_args(tmp_path), source_dataset=labeled(6, 0), target_dataset=subset)
 
 
-def test_evaluation_without_target_labels_is_a_clear_error(clip, data, tmp_path):
+def test_selection_metrics_name_what_supplies_them(clip, data, tmp_path):
     unlabeled = with_image_transform(raw_dataset(6, 1).remove_columns("label"), image_transform(32, False))
     trainer = CMKDTrainer(
         fresh_model(clip), make_args(tmp_path), source_dataset=data["source"], target_dataset=unlabeled
     )
     trainer.train()  # training never needs target labels
-    with pytest.raises(ValueError, match="needs labels on the target set"):
-        trainer.evaluate()
-    with pytest.raises(ValueError, match="labeled target set"):
-        CMKDTrainer(fresh_model(clip), make_args(tmp_path, eval_strategy="steps"), source_dataset=data["source"])
+    assert "eval_accuracy" not in trainer.evaluate()
+    oracle = make_args(tmp_path, eval_strategy="steps", metric_for_best_model="accuracy")
+    with pytest.raises(ValueError, match=r"oracle \(uses target labels\).*labeled eval_dataset="):
+        CMKDTrainer(fresh_model(clip), oracle, source_dataset=data["source"], target_dataset=unlabeled)
+    dev = make_args(tmp_path, eval_strategy="steps", metric_for_best_model="dev")
+    with pytest.raises(ValueError, match="source_val_dataset="):
+        CMKDTrainer(fresh_model(clip), dev, source_dataset=data["source"], target_dataset=unlabeled)
+    typo = make_args(tmp_path, eval_strategy="steps", metric_for_best_model="entropy")
+    with pytest.raises(ValueError, match="not computed by CMKDTrainer"):
+        CMKDTrainer(fresh_model(clip), typo, source_dataset=data["source"], target_dataset=unlabeled)
+    with pytest.raises(ValueError, match="eval_validators"):
+        make_args(tmp_path, eval_validators=["snd", "mixval"])
+    source_only = make_args(tmp_path, eval_strategy="steps", mode="source_only")
+    with pytest.raises(ValueError, match="target images"):
+        CMKDTrainer(fresh_model(clip), source_only, source_dataset=data["source"])
 
 
 def test_wrong_batches_and_settings_are_clear_errors(clip, data, tmp_path):

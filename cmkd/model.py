@@ -435,3 +435,17 @@ def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
 AutoConfig.register(CLIPAdaptationConfig.model_type, CLIPAdaptationConfig, exist_ok=True)
 AutoModel.register(CLIPAdaptationConfig, CLIPAdaptationModel, exist_ok=True)
 AutoModelForImageClassification.register(CLIPAdaptationConfig, CLIPAdaptationModel, exist_ok=True)
+
+
+def _register_for_pipelines() -> None:
+    """Let ``pipeline("image-classification", model=...)`` accept the model without logging "not supported".
+
+    ``AutoModelForImageClassification.register`` makes the Auto class load it, but the pipeline checks the class name
+    against ``MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES``, a plain dict that registration does not update.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.setdefault(CLIPAdaptationConfig.model_type, "CLIPAdaptationModel")
+
+
+_register_for_pipelines()

@@ -255,7 +255,9 @@ class CMKDTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """`Trainer.train`; ``resume_from_checkpoint=True`` takes the newest *complete* checkpoint of
         ``output_dir`` (one a killed save left half-written is skipped, with a warning), and a checkpoint path
-        must be complete (`cmkd.checkpoints.checkpoint_problems`)."""
+        must be complete (`cmkd.checkpoints.checkpoint_problems`). Before training it records the frozen zero-shot
+        CLIP's predictions on the evaluation set (one pass, with the model as it is now, before any adaptation) for
+        the ``zs_agreement`` validator."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
@@ -268,6 +270,15 @@ class CMKDTrainer(Trainer):
                     f"({'; '.join(problems)}); pass a complete checkpoint-N folder or resume_from_checkpoint=True"
                 )
             resume_from_checkpoint = str(resume_from_checkpoint)
+        if self._has_teacher and self.args.eval_strategy != "no" and self.eval_dataset is not None:
+            sets = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"": self.eval_dataset}
+            for dataset in sets.values():
+                if id(dataset) not in self._zero_shot_ids:
+                    loader = self.get_test_dataloader(dataset)
+                    out = self.evaluation_loop(loader, description="Zero-shot teacher", metric_key_prefix="zero_shot")
+                    self._zero_shot_ids[id(dataset)] = np.asarray(out.predictions[:, 1], dtype=np.int64)
+        if self.args.load_best_model_at_end:
+            logger.info("checkpoint selection: %s", describe(self.args.metric_for_best_model or "loss"))
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ------------------------------------------------------------------ data
@@ -584,20 +595,6 @@ class CMKDTrainer(Trainer):
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         finally:
             self._source_val = None
-
-    def train(self, *args, **kwargs):
-        """`Trainer.train`; first records the frozen zero-shot CLIP's predictions on the evaluation set (one pass,
-        with the model as it is now, before any adaptation) for the ``zs_agreement`` validator."""
-        if self._has_teacher and self.args.eval_strategy != "no" and self.eval_dataset is not None:
-            sets = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"": self.eval_dataset}
-            for dataset in sets.values():
-                if id(dataset) not in self._zero_shot_ids:
-                    loader = self.get_test_dataloader(dataset)
-                    out = self.evaluation_loop(loader, description="Zero-shot teacher", metric_key_prefix="zero_shot")
-                    self._zero_shot_ids[id(dataset)] = np.asarray(out.predictions[:, 1], dtype=np.int64)
-        if self.args.load_best_model_at_end:
-            logger.info("checkpoint selection: %s", describe(self.args.metric_for_best_model or "loss"))
-        return super().train(*args, **kwargs)
 
     def _compute_uda_metrics(self, eval_pred: EvalPrediction) -> dict[str, Any]:
         labels = eval_pred.label_ids

@@ -1,14 +1,17 @@
-"""Model cards for RST adapters: rendered from a template in `model_cards/`, written next to the adapter.
+"""Model cards for RST adapters: rendered from a template shipped in the package, written next to the adapter.
 
 Templates are Markdown with `$name` placeholders (`string.Template`); the YAML front matter is built here from the
 card fields with huggingface_hub's `ModelCardData`, so the Hub's metadata rules (library, base model, tags,
-`model-index` results) are followed without hand-written YAML. See model_cards/README.md for the fields.
+`model-index` results) are followed without hand-written YAML. The default template is package data
+(`peft_rst/templates/rst_adapter.md`, read through importlib.resources), so cards render from an installed wheel
+too. See docs/model-cards.md for the fields.
 """
 
 from __future__ import annotations
 
 import os
 import string
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,7 @@ from .files import atomic_write_text
 
 __all__ = ["CARD_FIELDS", "DEFAULT_TEMPLATE", "PAPER_CITATION", "render_model_card", "write_model_card"]
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "rst_adapter.md"
+DEFAULT_TEMPLATE = files(__package__) / "templates" / "rst_adapter.md"
 CARD_NAME = "README.md"
 TAGS = ["rst", "domain-adaptation", "clip", "peft_rst"]
 NOT_REPORTED = "not reported"
@@ -29,7 +32,7 @@ PAPER_CITATION = """@article{zhou2024unsupervised,
   doi     = {10.1109/TCSVT.2024.3391304}
 }"""
 
-# field -> what it is (the documentation of model_cards/README.md mirrors this)
+# field -> what it is (the documentation in docs/model-cards.md mirrors this)
 CARD_FIELDS: dict[str, str] = {
     "repo_id": "Hub repo id (or folder) used in the loading snippet",
     "base_model": "Hub id or path of the base model the adapter was trained from",
@@ -61,10 +64,12 @@ def render_model_card(template_path: str | os.PathLike | None = None, /, **field
         raise TypeError(f"Unknown model card field(s) {unknown}; known fields: {sorted(CARD_FIELDS)}.")
     path = Path(template_path) if template_path is not None else DEFAULT_TEMPLATE
     if not path.is_file():
-        raise FileNotFoundError(
-            f"Model card template '{path}' not found; pass template_path= (the repository ships "
-            "model_cards/rst_adapter.md)."
+        hint = (
+            "check the template_path you passed"
+            if template_path is not None
+            else "the peft_rst installation is incomplete (its package data is missing): reinstall rst-cmkd"
         )
+        raise FileNotFoundError(f"Model card template '{path}' not found; {hint}.")
     values = _placeholder_values(fields)
     try:
         return string.Template(path.read_text(encoding="utf-8")).substitute(values)

@@ -186,8 +186,14 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         self.set_adapter(self.active_adapters)
 
     def reset_targets(self, adapter_name: str) -> list[ResetTarget]:
+        """W and w0 of every parameter of trainable adapter `adapter_name`, for the reset after an optimizer step.
+
+        An active inference adapter is written into the base parameters; it is taken out first so that the reset
+        compares W with the true w0 (the next forward puts it back), not with the patched values.
+        """
         if adapter_name not in self.rst_weight or self.merged:
             return []
+        self.restore_base_weights()
         bases = self._base_parameters()
         return [
             ResetTarget(weight=w, base=bases[name], is_bias=name == "bias" or name.endswith("_bias"))

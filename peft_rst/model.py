@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -45,6 +47,54 @@ def _under(key: str, roots: set[str]) -> bool:
             return True
         key = key.rpartition(".")[0]
     return False
+
+
+_INTERNAL = re.compile(r"(^|\.)(base_layer|rst_weight|rst_sparse|modules_to_save|original_module)(\.|$)")
+
+
+def check_names_exist(config: RSTConfig, model: nn.Module) -> None:
+    """Every entry of target_modules / exclude_modules / modules_to_save must match a module of `model`.
+
+    peft only refuses a target list that matches nothing at all, and lets a `modules_to_save` name that matches
+    nothing pass silently (the head then stays frozen and is not saved): a typo, or a head called `classifier`
+    (Hugging Face ViT/BERT classifiers) rather than `head`, must be an error that says which names exist.
+    """
+    names = [name for name, _ in model.named_modules() if name]
+    fields = (
+        ("target_modules", config.target_modules, lambda name, p: name == p or name.endswith(f".{p}")),
+        ("exclude_modules", config.exclude_modules, lambda name, p: name == p or name.endswith(f".{p}")),
+        ("modules_to_save", config.modules_to_save, lambda name, p: name.endswith(p)),  # peft's _set_trainable
+    )
+    for field_name, patterns, rule in fields:
+        if patterns is None:
+            continue
+        if isinstance(patterns, str):
+            regex = re.compile(patterns)
+            if not any(regex.fullmatch(name) for name in names):
+                raise ValueError(
+                    f"RSTConfig.{field_name}={patterns!r} (a regex, matched against whole module names) matches no "
+                    f"module of this {type(model).__name__}. {_nearby_names(patterns, names)}"
+                )
+            continue
+        for entry in sorted(patterns):
+            if not any(rule(name, entry) for name in names):
+                raise ValueError(
+                    f"RSTConfig.{field_name} entry {entry!r} matches no module of this {type(model).__name__}. "
+                    f"{_nearby_names(entry, names)}"
+                )
+
+
+def _nearby_names(entry: str, names: list[str]) -> str:
+    """Real module names close to `entry`, and the model's last modules (where a task head usually is)."""
+    own = [name for name in names if not _INTERNAL.search(name)]
+    candidates = sorted({name.rpartition(".")[2] for name in own} | set(own))
+    close = difflib.get_close_matches(entry, candidates, n=5, cutoff=0.5)
+    last = [name for name in own if "." not in name][-3:]
+    hint = f"Similar names: {', '.join(close)}. " if close else ""
+    return (
+        f"{hint}The model's top-level modules end with: {', '.join(last)}. Check the names with "
+        "`[n for n, _ in model.named_modules()]`."
+    )
 
 
 def resolve_parameter_owners(config: RSTConfig, model: nn.Module) -> list[str]:
@@ -111,6 +161,7 @@ class RSTModel(BaseTuner):
         return peft_config  # target_modules=None means "everything", no per-architecture defaults needed
 
     def _prepare_model(self, peft_config: RSTConfig, model: nn.Module) -> None:
+        check_names_exist(peft_config, model)
         owners = resolve_parameter_owners(peft_config, model)
         if not owners:
             raise ValueError(
@@ -155,13 +206,17 @@ class RSTModel(BaseTuner):
         call = current_load_call()
         try:
             if state_dict is not None or not self._add_inference_adapter_to_existing_layers(model, adapter_name):
-                super().inject_adapter(
-                    model,
-                    adapter_name,
-                    autocast_adapter_dtype=autocast_adapter_dtype,
-                    low_cpu_mem_usage=low_cpu_mem_usage,
-                    state_dict=state_dict,
-                )
+                # RST applies exclude_modules itself (resolve_parameter_owners), so peft's "no modules were excluded"
+                # warning is always wrong here; names that match nothing are errors (check_names_exist)
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=r"You have passed exclude_modules=.*no modules were")
+                    super().inject_adapter(
+                        model,
+                        adapter_name,
+                        autocast_adapter_dtype=autocast_adapter_dtype,
+                        low_cpu_mem_usage=low_cpu_mem_usage,
+                        state_dict=state_dict,
+                    )
             self._register_reset(adapter_name)  # also for adapters added after construction (add/load_adapter)
             if call is not None and call.adapter_name == adapter_name and call.local_folder is not None:
                 self._check_file(model, adapter_name, call.local_folder)
@@ -213,6 +268,7 @@ class RSTModel(BaseTuner):
         config = self.peft_config[adapter_name]
         if not config.inference_mode or getattr(config, "modules_to_tie", None):
             return False
+        check_names_exist(config, model)
         owners = resolve_parameter_owners(config, model)
         layers = [model.get_submodule(name) for name in owners]
         if not layers or not all(isinstance(layer, RSTLayer) for layer in layers):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -252,3 +253,88 @@ def test_nested_rst_layers_are_reported_under_the_models_module_names(tmp_path):
         rows = {r.module: (r.numel, r.changed) for r in result.rows if r.kind == "rst"}
         assert rows == expected
     assert sum(c for _, c in expected.values()) > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 9 items 3 and 12: bad input is a one-line error, a closed pipe is not an error
+
+
+def _copy_folder(src, dst, *, weights: bytes | None = None, config: str | None = None):
+    dst.mkdir()
+    (dst / "adapter_model.safetensors").write_bytes(
+        weights if weights is not None else (src / "adapter_model.safetensors").read_bytes()
+    )
+    (dst / "adapter_config.json").write_text(
+        config if config is not None else (src / "adapter_config.json").read_text()
+    )
+    return dst
+
+
+def _two_d_index(folder, dst):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith(".idx") and tensors[k].numel() % 2 == 0)
+    tensors[key] = tensors[key].reshape(2, -1)
+    del tensors["rst_integrity"]
+    tensors["rst_integrity"] = peft_rst.format.integrity_record(
+        tensors
+    )  # consistent checksums: the shape is the error
+    dst.mkdir()
+    save_file(tensors, dst / "adapter_model.safetensors")
+    (dst / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
+    return dst
+
+
+@pytest.mark.parametrize(
+    "make, pattern",
+    [
+        (lambda f, d: _copy_folder(f, d, weights=b""), r"cannot be read as safetensors.*empty, truncated"),
+        (
+            lambda f, d: _copy_folder(f, d, weights=(f / "adapter_model.safetensors").read_bytes()[:-100]),
+            r"cannot be read as safetensors",
+        ),
+        (lambda f, d: _copy_folder(f, d, weights=b"\x10" + b"\x00" * 7 + b"{garbage"), r"cannot be read"),
+        (lambda f, d: _copy_folder(f, d, config="[]"), r"adapter_config\.json' must hold a JSON object.*got list"),
+        (
+            lambda f, d: _copy_folder(
+                f, d, config=json.dumps({**json.loads((f / "adapter_config.json").read_text()), "modules_to_save": 5})
+            ),
+            r"'modules_to_save' must be a list of module names, got 5",
+        ),
+        (
+            lambda f, d: (f / "adapter_model.safetensors").parent / "README.md",
+            r"is a file; expected an adapter folder",
+        ),
+        (_two_d_index, r"\.idx'.* got torch\.uint8 of shape \(2, \d+\)"),
+    ],
+    ids=["zero-byte", "truncated", "corrupt-header", "config-list", "modules_to_save-int", "a-file", "2d-index"],
+)
+def test_cli_bad_input_is_one_line_error_without_traceback(adapters, tmp_path, capsys, make, pattern):
+    folder = adapters[0][0]
+    path = make(folder, tmp_path / "bad")
+    if path.name == "README.md":
+        path.write_text("not an adapter")
+    assert main(["report", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    assert re.search(pattern, err), err
+
+
+def test_cli_stops_quietly_when_the_reader_closes_the_pipe(adapters):
+    """`peft-rst report ... | head -3`: no "error: [Errno 32] Broken pipe", no traceback."""
+    folder = str(adapters[0][0])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with subprocess.Popen(
+        [sys.executable, "-m", "peft_rst", "report", "--json", *[folder] * 300],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    ) as proc:
+        first = proc.stdout.readline()
+        proc.stdout.close()  # like `head -1` exiting: the report is larger than the pipe buffer
+        err = proc.stderr.read().decode()
+        code = proc.wait(timeout=300)
+    assert first.strip() == b"{"
+    assert err == "", err
+    assert code == 1

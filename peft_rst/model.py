@@ -399,8 +399,16 @@ class RSTModel(BaseTuner):
                     )
                 parts = entries.parts()
             else:
-                # prefer the state_dict's tensor: under FSDP / DeepSpeed it is the gathered full weight
+                # prefer the state_dict's tensors: under FSDP / DeepSpeed they are the gathered full weights
                 dense = state_dict.get(key, layer.rst_weight[adapter_name][param_name]).detach()
+                if _is_sharded(base):  # FSDP2: the module holds a shard, a gathered state_dict the full w0
+                    base = state_dict.get(key.replace(f".{_CONTAINER}.{adapter_name}.", ".base_layer."), base)
+                if _is_sharded(dense) or _is_sharded(base):
+                    raise ValueError(
+                        f"{key} is sharded (FSDP2 DTensor): pass the gathered weights, e.g. `save_pretrained(path, "
+                        "state_dict=get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, "
+                        "cpu_offload=True)))` from torch.distributed.checkpoint.state_dict, on the main process."
+                    )
                 flat = dense.reshape(-1)
                 indices = torch.nonzero(flat != base.detach().reshape(-1).to(flat.dtype), as_tuple=True)[0]
                 parts = rst_format.encode_sparse(
@@ -538,6 +546,10 @@ class RSTModel(BaseTuner):
                     "False; PeftModel.from_pretrained(model, path, config=cfg)`."
                 )
         return decoded
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor"
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,18 @@ def test_set_disable_enable_and_active_adapters(clip_domains):
         model.set_adapter("nope")
 
 
+def test_delete_adapter_and_save_pretrained_round_trip(clip_domains, tmp_path):
+    state, folders, outputs, _ = clip_domains
+    model = clip(state)
+    model.load_adapter(folders[0], adapter_name="d0")
+    model.load_adapter(folders[1], adapter_name="d1")
+    model.delete_adapter("d1")
+    assert list(model.peft_config) == ["d0"] and model.active_adapters() == ["d0"]
+    assert torch.equal(embeds(model), outputs[0])
+    model.save_pretrained(tmp_path)  # transformers saves the adapter alone, through RST's sparse encoder
+    assert torch.equal(embeds(PeftModel.from_pretrained(clip(state), tmp_path)), outputs[0])
+
+
 def test_a_trainable_adapter_is_reset_after_each_step(clip_domains, rst_tools):
     """load_adapter(is_trainable=True) keeps the RST reset: peft's inject_adapter_in_model drops the tuner."""
     state, folders, outputs, _ = clip_domains

@@ -4,7 +4,8 @@ Unsupervised domain adaptation needs no target labels, so the recipes take the t
 
 - ``--target_dir``: a flat folder of images (no class sub-folders);
 - ``--target_list``: a text file with one image path per line (relative to the list's folder);
-- ``--target_dataset_id``: a ``datasets`` dataset (Hub id or local path) with an image column and no label column.
+- ``--target_dataset_id``: a ``datasets`` dataset (Hub id, local path for ``load_dataset`` or a ``save_to_disk``
+  folder) with an image column and no label column.
 
 A labeled copy of the target is optional and only reports accuracy (and allows the oracle selection):
 ``--eval_dir`` (``<dir>/<class>/<images>``), ``--eval_list`` (``path label`` lines) or ``--eval_dataset_id``.
@@ -283,6 +284,14 @@ def _image_and_label_columns(ds) -> tuple[str | None, str | None]:
 def _load_dataset(dataset_id: str, split: str, flag: str):
     import datasets as hfds
 
+    local = Path(dataset_id)
+    if (local / "state.json").is_file() or (local / "dataset_dict.json").is_file():  # written by save_to_disk
+        ds = hfds.load_from_disk(str(local))
+        if isinstance(ds, hfds.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{flag} {dataset_id!r} has splits {list(ds)}, not {split!r}: pass the split flag")
+            ds = ds[split]
+        return ds
     try:
         return hfds.load_dataset(dataset_id, split=split)
     except ConnectionError as exc:

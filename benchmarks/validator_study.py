@@ -49,7 +49,7 @@ def domain(pool: str, style: str, seed: int):
     return Dataset.from_dict({"image": digits_to_pil(images), "label": labels.tolist()}, features=features)
 
 
-def run(shift: str, seed: int, steps: int, eval_every: int, out: Path) -> list[dict]:
+def run(shift: str, seed: int, steps: int, eval_every: int, out: Path, batch_size: int = 16) -> list[dict]:
     """Train one CMKD run; return the evaluation records (validators + target accuracy) in step order."""
     from transformers import AutoModel, AutoTokenizer
     from transformers.trainer_callback import PrinterCallback
@@ -71,7 +71,7 @@ def run(shift: str, seed: int, steps: int, eval_every: int, out: Path) -> list[d
         max_steps=steps,
         learning_rate=1e-4,
         head_lr_multiplier=100,
-        per_device_train_batch_size=32,
+        per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=256,
         eval_strategy="steps",
         eval_steps=eval_every,
@@ -123,8 +123,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--shifts", nargs="+", default=list(SHIFTS), choices=list(SHIFTS))
-    parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--eval_every", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument("--eval_every", type=int, default=6)
+    parser.add_argument("--batch_size", type=int, default=16, help="source and target batch size")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -135,7 +136,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for shift in args.shifts:
             for seed in args.seeds:
-                records = run(shift, seed, args.steps, args.eval_every, Path(tmp) / f"{shift}-{seed}")
+                records = run(shift, seed, args.steps, args.eval_every, Path(tmp) / f"{shift}-{seed}", args.batch_size)
                 acc = [100 * r["eval_accuracy"] for r in records]
                 accs.append((shift, seed, acc[0], max(acc), acc[-1]))
                 print(

@@ -51,11 +51,13 @@ __all__ = [
     "batch_nuclear_norm",
     "compute_validators",
     "deep_embedded_validation",
+    "describe",
     "dev_score",
     "greater_is_better",
     "information_maximization",
     "logistic_regression_proba",
     "prediction_entropy",
+    "selection_summary",
     "soft_neighborhood_density",
     "source_accuracy",
     "zero_shot_agreement",
@@ -504,3 +506,35 @@ def describe(metric: str, validators: Mapping[str, Validator] = VALIDATORS) -> s
     if name in LABEL_METRICS:
         return f"{ORACLE_NAME}: target {name}"
     return name
+
+
+def selection_summary(
+    log_history: Sequence[Mapping], metric: str, label_metric: str = "accuracy", prefix: str = "eval"
+) -> dict | None:
+    """What each selection rule picks among the evaluations of a `Trainer.state.log_history`.
+
+    ``metric``: the rule used (``metric_for_best_model``). Returns ``rule`` (its description), ``metric``,
+    ``step`` and ``value`` of its pick (the first best, as the Trainer keeps it) and, when the evaluations carry the
+    labeled ``label_metric``: ``accuracy`` of that pick, ``last`` (the last evaluated checkpoint), ``oracle`` (the
+    best ``label_metric``: oracle, uses target labels) and ``gap`` = oracle - pick. None without evaluations.
+    """
+    name = metric.removeprefix(f"{prefix}_")
+    key, label_key = f"{prefix}_{name}", f"{prefix}_{label_metric}"
+    evals = [h for h in log_history if key in h]
+    if not evals:
+        return None
+    direction = greater_is_better(name)
+    signed = [float(h[key]) if direction is not False else -float(h[key]) for h in evals]
+    signed = [v if math.isfinite(v) else -math.inf for v in signed]
+    pick = max(range(len(evals)), key=lambda i: (signed[i], -i))  # first of equal scores
+    out: dict = {"rule": describe(name), "metric": name, "step": evals[pick].get("step"), "value": evals[pick][key]}
+    if all(label_key in h for h in evals):
+        accs = [float(h[label_key]) for h in evals]
+        best = max(range(len(evals)), key=lambda i: (accs[i], -i))
+        out.update(
+            accuracy=accs[pick],
+            last={"step": evals[-1].get("step"), "accuracy": accs[-1]},
+            oracle={"step": evals[best].get("step"), "accuracy": accs[best], "name": ORACLE_NAME},
+            gap=accs[best] - accs[pick],
+        )
+    return out

@@ -501,7 +501,9 @@ def build_parser(
         "<benchmark>-<method>[-<src>-<tgt>] with the default output folder; --all adds -<src>-<tgt> per task)",
     )
     out.add_argument("--hub_token", help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`)")
-    return parser
+    from .unlabeled import add_label_free_arguments
+
+    return add_label_free_arguments(parser)
 
 
 @dataclass
@@ -683,10 +685,20 @@ def resolve_run_config(args: argparse.Namespace, benchmark: str | BenchmarkConfi
         raise ConfigError("--zero-shot trains nothing, so there is nothing to --push_to_hub")
 
     # --- tasks --------------------------------------------------------------------------------------------------
+    from .unlabeled import check_label_free_args, custom_target_name
+
+    check_label_free_args(args, cfg.metric)
+    custom_target = custom_target_name(args)  # target given by --target_*/--eval_* instead of a benchmark domain
     if args.all and (args.source or args.target):
         raise ConfigError("--all runs every task of the benchmark; drop --source/--target (or drop --all)")
     if args.all:
         tasks = list(cfg.tasks)
+    elif custom_target is not None:
+        if not args.source:
+            raise ConfigError(
+                "give the labeled --source domain to adapt from (the target comes from --target_*/--eval_*)"
+            )
+        tasks = [(cfg.domain(args.source).key, custom_target)]
     else:
         if not args.source or not args.target:
             raise ConfigError(

@@ -266,8 +266,9 @@ class TaskData:
 
     source: Dataset  # labeled source, training augmentation
     target: Dataset  # target for adaptation, training augmentation (+ strong view with FixMatch); labels unused
-    eval: Dataset  # target for evaluation, test transform
+    eval: Dataset  # target for evaluation, test transform; labeled only when labels were given (reporting)
     classes: list[str]
+    source_val: Dataset | None = None  # --source_val_fraction: held-out labeled source, test transform
 
 
 def load_task_data(cfg: RunConfig, source: str, target: str, clip: CLIPBundle | None = None) -> TaskData:
@@ -294,6 +295,13 @@ def load_task_data(cfg: RunConfig, source: str, target: str, clip: CLIPBundle | 
         )
 
     src = domain(source, "train")
+    from .unlabeled import TARGET_FLAGS, split_source
+
+    src, src_val = split_source(src, cfg.extra.get("source_val_fraction") or 0.0, cfg.seed)
+    if target not in bench.domains:  # --target_* / --eval_*: a target without (or with optional) labels
+        return _custom_task_data(cfg, src, src_val, target, size_kw)
+    if any(cfg.extra.get(f) for f in TARGET_FLAGS):
+        raise RecipeError(f"--target {target} names a benchmark domain; drop it or the --target_* flag")
     tgt = domain(target, "train")
     check_same_classes(src, tgt)
     tgt_eval = tgt if bench.eval_split == "train" else domain(target, bench.eval_split)
@@ -307,6 +315,31 @@ def load_task_data(cfg: RunConfig, source: str, target: str, clip: CLIPBundle | 
         ).as_dicts(),
         eval=tgt_eval.with_transform(eval_transform(bench, **size_kw)).as_dicts(),
         classes=list(src.classes),
+        source_val=src_val.with_transform(eval_transform(bench, **size_kw)).as_dicts() if src_val else None,
+    )
+
+
+def _custom_task_data(cfg: RunConfig, src: DomainDataset, src_val, target: str, size_kw: dict) -> TaskData:
+    """A target given by --target_dir/--target_list/--target_dataset_id (no labels) and/or --eval_* (labeled,
+    reporting only; alone, its images are also the unlabeled target)."""
+    from .unlabeled import EVAL_FLAGS, drop_labels, load_labeled_eval, load_unlabeled_target
+
+    bench, extra = cfg.benchmark, cfg.extra
+    labeled = load_labeled_eval(extra, src.classes, target) if any(extra.get(f) for f in EVAL_FLAGS) else None
+    unlabeled = (
+        load_unlabeled_target(extra, src.classes, target)
+        if labeled is None or any(extra.get(f) for f in ("target_dir", "target_list", "target_dataset_id"))
+        else drop_labels(labeled)
+    )
+    test = eval_transform(bench, **size_kw)
+    return TaskData(
+        source=src.with_transform(train_transform(bench, src.domain, "source", **size_kw)).as_dicts(),
+        target=unlabeled.with_transform(
+            train_transform(bench, target, "target", fixmatch=cfg.fixmatch, **size_kw)
+        ).as_dicts(),
+        eval=(labeled if labeled is not None else unlabeled).with_transform(test).as_dicts(),
+        classes=list(src.classes),
+        source_val=src_val.with_transform(test).as_dicts() if src_val else None,
     )
 
 
@@ -516,8 +549,8 @@ def build_trainer(
         eval_steps=cfg.eval_interval,
         save_steps=cfg.eval_interval,
         save_total_limit=None if cfg.extra.get("keep_checkpoints") else 1,  # 1: the best and the latest survive
-        load_best_model_at_end=True,  # release: the best target accuracy over the evaluations is reported
-        metric_for_best_model=bench.metric,
+        load_best_model_at_end=True,  # the best checkpoint by the selection rule (--selection) is reported
+        **_selection_kwargs(cfg),
         partial_set=cfg.partial,
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -545,8 +578,18 @@ def build_trainer(
         target_dataset=data.target,
         eval_dataset=data.eval,
         cmkd_config=cmkd_config(cfg),
+        source_val_dataset=data.source_val,
         callbacks=callbacks,
     )
+
+
+def _selection_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    """``metric_for_best_model`` of --selection: a validator, the benchmark's metric for the oracle, or (no flag)
+    CMKDTrainingArguments' label-free default."""
+    selection = cfg.extra.get("selection")
+    if selection is None:
+        return {}
+    return {"metric_for_best_model": cfg.benchmark.metric if selection == "oracle" else selection}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -640,18 +683,36 @@ def train(cfg: RunConfig, trainer, resume_from: str | os.PathLike | None = None)
 
 
 def evaluate(cfg: RunConfig, trainer) -> dict[str, Any]:
-    """Target-domain scores of the final model: the benchmark's metric (accuracy or mean per-class accuracy), both
-    metrics, per-class accuracy (classes present in the target) and the zero-shot teacher's accuracy (the CLIP head
-    on the adapted features; for --zero-shot it *is* the score)."""
+    """Target-domain scores of the final model (the checkpoint the selection rule picked).
+
+    Always: the label-free validators and the selection summary (rule, its value; with labels also the accuracy of
+    the last checkpoint, of the pick and of the oracle (uses target labels), from the evaluations during training).
+    With a labeled target only: the benchmark's metric (accuracy or mean per-class accuracy), both metrics,
+    per-class accuracy and the zero-shot teacher's accuracy; without labels these are None.
+    """
+    from cmkd.validators import VALIDATORS, selection_summary
+
+    selection = None
+    if cfg.method != "zero_shot":
+        selection = selection_summary(
+            trainer.state.log_history, trainer.args.metric_for_best_model, cfg.benchmark.metric
+        )
     raw = trainer.evaluate()
+    labeled = "eval_accuracy" in raw
     per_class = raw.get("eval_per_class_accuracy") or []
     classes = trainer.eval_dataset.classes
+
+    def get(key: str) -> float | None:
+        return float(raw[key]) if key in raw else None
+
     return {
-        "score": float(raw[f"eval_{cfg.benchmark.metric}"]),
-        "accuracy": float(raw["eval_accuracy"]),
-        "mean_class_accuracy": float(raw["eval_mean_class_accuracy"]),
-        "teacher_accuracy": float(raw["eval_teacher_accuracy"]) if "eval_teacher_accuracy" in raw else None,
-        "per_class": {str(c): float(a) for c, a in zip(classes, per_class) if a is not None},
+        "score": get(f"eval_{cfg.benchmark.metric}"),
+        "accuracy": get("eval_accuracy"),
+        "mean_class_accuracy": get("eval_mean_class_accuracy"),
+        "teacher_accuracy": get("eval_teacher_accuracy"),
+        "per_class": {str(c): float(a) for c, a in zip(classes, per_class) if a is not None} if labeled else None,
+        "validators": {k: float(raw[f"eval_{k}"]) for k in VALIDATORS if f"eval_{k}" in raw},
+        "selection": selection,
         "num_source": len(trainer.train_dataset) if trainer.train_dataset is not None else 0,
         "num_target": len(trainer.target_dataset) if trainer.target_dataset is not None else 0,
         "num_eval": len(trainer.eval_dataset),
@@ -707,6 +768,7 @@ def _card_fields(cfg: RunConfig, source: str, target: str, metrics: dict[str, An
     )
     if metrics.get("teacher_accuracy") is not None:
         notes += f" The zero-shot CLIP head on the adapted features scores {100 * metrics['teacher_accuracy']:.2f} %."
+    notes += selection_notes(metrics)
     code = (
         "from cmkd import CLIPAdaptationModel\n\n"
         f"class_names = {list(classes)!r}\n"
@@ -717,12 +779,31 @@ def _card_fields(cfg: RunConfig, source: str, target: str, metrics: dict[str, An
         base_model=str(cfg.model),
         dataset=bench.name,
         source_domain=bench.domains[source].name,
-        target_domain=bench.domains[target].name,
+        target_domain=bench.domains[target].name if target in bench.domains else target,
         accuracy=metrics["score"],
         metric="balanced_accuracy" if bench.metric == "mean_class_accuracy" else "accuracy",
         training_notes=notes,
         base_loading_code=code,
     )
+
+
+def selection_notes(metrics: dict[str, Any]) -> str:
+    """Model-card text: the checkpoint selection rule, its value next to the accuracy, and the oracle's pick."""
+    sel = metrics.get("selection")
+    if not sel:
+        return ""
+    text = f"\n\nCheckpoint selection: {sel['rule']}; value {sel['value']:.4g} at step {sel['step']}"
+    if sel.get("accuracy") is not None:
+        oracle = sel["oracle"]
+        text += (
+            f", target accuracy {100 * sel['accuracy']:.2f} % (target labels used for reporting only). "
+            f"Last checkpoint: {100 * sel['last']['accuracy']:.2f} %; {oracle['name']}: "
+            f"{100 * oracle['accuracy']:.2f} % at step {oracle['step']}; "
+            f"gap to the oracle {100 * sel['gap']:.2f} points."
+        )
+    else:
+        text += "; no target labels were given, so no accuracy is reported."
+    return text
 
 
 def save_task(
@@ -755,6 +836,7 @@ def save_task(
                 dsp, nbytes = report.dsp, report.disk_nbytes or 0
             else:
                 model.save_pretrained(tmp)
+                atomic_write_text(tmp / "README.md", _full_model_card(fields))
                 dsp = sum(p.numel() for p in model.parameters())
                 nbytes = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
             _replace_dir(tmp, final)
@@ -763,6 +845,21 @@ def save_task(
                 shutil.rmtree(tmp, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return SavedTask(source, target, final, int(dsp), int(nbytes), "rst_adapter" if cfg.rst else "model", fields)
+
+
+def _full_model_card(fields: dict[str, Any]) -> str:
+    """A short model card for a fully fine-tuned model folder (RST adapters get peft_rst's card)."""
+    score = fields.get("accuracy")
+    accuracy = "not reported (no target labels)" if score is None else f"{100 * score:.2f} %"
+    return (
+        f"---\nbase_model: {fields['base_model']}\nlibrary_name: transformers\npipeline_tag: image-classification\n"
+        f"tags:\n- cmkd\n- unsupervised-domain-adaptation\n---\n\n"
+        f"# CMKD-adapted CLIP: {fields['source_domain']} → {fields['target_domain']} ({fields['dataset']})\n\n"
+        f"| | |\n|---|---|\n| Base model | `{fields['base_model']}` |\n"
+        f"| Target {fields['metric']} | {accuracy} |\n\n"
+        "Load with `AutoModelForImageClassification.from_pretrained(<this folder>)` (`import cmkd` first).\n\n"
+        f"{fields['training_notes']}\n"
+    )
 
 
 def push_task(cfg: RunConfig, saved: SavedTask) -> SavedTask:
@@ -820,11 +917,11 @@ def _is_hub_failure(exc: BaseException) -> bool:
 class TaskResult:
     task: str
     method: str  # row label, e.g. "CMKD+RST"
-    score: float  # the benchmark's metric, fraction
+    score: float | None  # the benchmark's metric, fraction (None: no target labels given)
     dsp: int
     nbytes: int
-    accuracy: float
-    mean_class_accuracy: float
+    accuracy: float | None
+    mean_class_accuracy: float | None
     teacher_accuracy: float | None = None
     per_class: dict[str, float] | None = None
     num_source: int = 0
@@ -833,6 +930,8 @@ class TaskResult:
     path: str | None = None
     hub_repo: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    validators: dict[str, float] | None = None  # label-free validator values of the reported model
+    selection: dict[str, Any] | None = None  # cmkd.validators.selection_summary: rule, pick, last, oracle, gap
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -874,6 +973,8 @@ def finish_task(cfg: RunConfig, saved: SavedTask, metrics: dict[str, Any], task_
         num_eval=metrics.get("num_eval", 0),
         path=str(saved.path) if saved.path else None,
         hub_repo=saved.hub_repo,
+        validators=metrics.get("validators"),
+        selection=metrics.get("selection"),
     )
     from accelerate import PartialState
 
@@ -952,6 +1053,10 @@ def record_task(results: dict[str, Any], result: TaskResult) -> dict[str, Any]:
         extra["path"] = result.path
     if result.hub_repo:
         extra["hub_repo"] = result.hub_repo
+    if result.selection:
+        extra["selection"] = result.selection
+    if result.validators:
+        extra["validators"] = result.validators
     add_result(results, result.method, result.task, result.score, result.dsp, result.per_class, **extra)
     from accelerate import PartialState
 
@@ -963,7 +1068,14 @@ def record_task(results: dict[str, Any], result: TaskResult) -> dict[str, Any]:
 def _task_line(r: TaskResult) -> str:
     size = f", {r.nbytes:,} bytes stored" if r.nbytes else ""
     teacher = f" (CLIP head {100 * r.teacher_accuracy:.1f} %)" if r.teacher_accuracy is not None else ""
-    return f"[{r.task}] {r.method}: {100 * r.score:.1f} %{teacher}, DSP {r.dsp / 1e6:.4f} M{size}"
+    score = "accuracy not reported (no target labels)" if r.score is None else f"{100 * r.score:.1f} %"
+    sel = r.selection
+    if sel:
+        score += f" [checkpoint by {sel['metric']} = {sel['value']:.4g}"
+        if sel.get("oracle"):
+            score += f"; {sel['oracle']['name']}: {100 * sel['oracle']['accuracy']:.1f} %"
+        score += "]"
+    return f"[{r.task}] {r.method}: {score}{teacher}, DSP {r.dsp / 1e6:.4f} M{size}"
 
 
 def finish_run(cfg: RunConfig, results: dict[str, Any]) -> dict[str, Path]:

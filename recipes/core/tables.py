@@ -54,17 +54,21 @@ def add_result(
     results: dict[str, Any],
     method: str,
     task: str,
-    accuracy: float,
+    accuracy: float | None,
     dsp: int,
     per_class: Mapping[str, float] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """Record one (method, task) result; tasks outside the benchmark's list are appended as extra columns."""
+    """Record one (method, task) result; tasks outside the benchmark's list are appended as extra columns.
+
+    ``accuracy`` None: the target had no labels (unsupervised run), the cell shows "–" and the average skips it.
+    """
     if TASK_SEPARATOR not in task:
         raise ValueError(f"task {task!r} must look like 'SRC{TASK_SEPARATOR}TGT'")
-    accuracy = float(accuracy)
-    if not 0.0 <= accuracy <= 1.0 or math.isnan(accuracy):
-        raise ValueError(f"accuracy must be a fraction in [0, 1] (got {accuracy}); divide percentages by 100")
+    if accuracy is not None:
+        accuracy = float(accuracy)
+        if not 0.0 <= accuracy <= 1.0 or math.isnan(accuracy):
+            raise ValueError(f"accuracy must be a fraction in [0, 1] (got {accuracy}); divide percentages by 100")
     if int(dsp) != dsp or dsp < 0:
         raise ValueError(f"dsp must be a non-negative parameter count, got {dsp}")
     entry: dict[str, Any] = {"accuracy": accuracy, "dsp": int(dsp)}
@@ -96,7 +100,7 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
 def summarize(results: Mapping[str, Any], method: str) -> dict[str, Any]:
     """Average accuracy (percent, over the tasks present), DSP in millions (summed) and task coverage of a method."""
     rows = results["methods"][method]
-    accs = [rows[t]["accuracy"] * 100 for t in results["tasks"] if t in rows]
+    accs = [rows[t]["accuracy"] * 100 for t in results["tasks"] if t in rows and rows[t]["accuracy"] is not None]
     return {
         "avg": sum(accs) / len(accs) if accs else float("nan"),
         "dsp_m": sum(rows[t]["dsp"] for t in rows) / 1e6,
@@ -134,6 +138,41 @@ def _footnote(results: Mapping[str, Any]) -> str:
     return f"\n\n\\* average over the tasks finished so far ({', '.join(partial)})." if partial else ""
 
 
+def _acc(entry: Mapping[str, Any]) -> float | None:
+    return None if entry.get("accuracy") is None else entry["accuracy"] * 100
+
+
+def render_selection_table(results: Mapping[str, Any]) -> str:
+    """Per task and method: accuracy of the last checkpoint, of the label-free pick, of the oracle (uses target
+    labels) and the gap oracle - pick, in points; empty when no run recorded a selection with target labels."""
+    from cmkd.validators import ORACLE_NAME
+
+    rows = []
+    for method, per_task in results["methods"].items():
+        for task in results["tasks"]:
+            sel = (per_task.get(task) or {}).get("selection")
+            if not sel:
+                continue
+            if sel.get("oracle") is None:
+                rows.append([method, format_task(task), sel["metric"], MISSING, MISSING, MISSING, MISSING])
+                continue
+            rows.append(
+                [
+                    method,
+                    format_task(task),
+                    sel["metric"],
+                    _pct(100 * sel["last"]["accuracy"]),
+                    _pct(100 * sel["accuracy"]),
+                    _pct(100 * sel["oracle"]["accuracy"]),
+                    f"{100 * sel['gap']:.1f}",
+                ]
+            )
+    if not rows:
+        return ""
+    header = ["Method", "Task", "Selection", "Last", "Label-free pick", ORACLE_NAME, "Gap (points)"]
+    return "Checkpoint selection (target accuracy, %):\n\n" + _table(header, rows)
+
+
 def render_task_table(results: Mapping[str, Any]) -> str:
     """Paper Table I layout: rows = methods, columns = tasks (``Ar→Cl``), then ``Avg.`` and ``DSP(M)``."""
     tasks = list(results["tasks"])
@@ -141,7 +180,7 @@ def render_task_table(results: Mapping[str, Any]) -> str:
     rows = []
     for method, per_task in results["methods"].items():
         s = summarize(results, method)
-        cells = [_pct(per_task[t]["accuracy"] * 100) if t in per_task else MISSING for t in tasks]
+        cells = [_pct(_acc(per_task[t])) if t in per_task else MISSING for t in tasks]
         rows.append([method, *cells, _avg_cell(s), f"{s['dsp_m']:.2f}"])
     return _table(header, rows) + _footnote(results)
 
@@ -164,7 +203,7 @@ def render_per_class_table(results: Mapping[str, Any], task: str | None = None) 
             continue
         per_class = entry.get("per_class", {})
         cells = [_pct(per_class[c] * 100) if c in per_class else MISSING for c in classes]
-        rows.append([method, *cells, _pct(entry["accuracy"] * 100), f"{entry['dsp'] / 1e6:.2f}"])
+        rows.append([method, *cells, _pct(_acc(entry)), f"{entry['dsp'] / 1e6:.2f}"])
     return f"Task: {format_task(task)}\n\n" + _table(header, rows)
 
 
@@ -182,7 +221,7 @@ def render_matrix_tables(results: Mapping[str, Any]) -> str:
                     row.append(MISSING)
                     continue
                 entry = per_task.get(f"{src}{TASK_SEPARATOR}{tgt}")
-                value = entry["accuracy"] * 100 if entry else None
+                value = _acc(entry) if entry else None
                 row.append(_pct(value))
                 if value is not None:
                     vals.append(value)
@@ -208,6 +247,9 @@ def render_markdown(results: Mapping[str, Any], title: str | None = None) -> str
         body = render_matrix_tables(results) + "\n\n" + render_task_table(results)
     else:
         body = render_task_table(results)
+    selection = render_selection_table(results) if results["methods"] else ""
+    if selection:
+        body += "\n\n" + selection
     return f"## {heading}\n\n{body}\n"
 
 

@@ -18,6 +18,7 @@ from recipes.core.config import (
     parse_args,
     resolve_run_config,
 )
+from recipes.core.unlabeled import LABEL_FREE_DESTS
 
 # ------------------------------------------------------------------------------------------------------------------
 # YAML values, typed from shared/reference/official-implementation.md and the paper (not read from the code)
@@ -296,7 +297,8 @@ def test_recipe_specific_arguments_land_in_extra(base):
     parser = build_parser("office_home")
     parser.add_argument("--embedded_default", action="store_true")
     run = parse_args("office_home", ["--all", "--embedded_default", *base], parser=parser)
-    assert run.extra == {"embedded_default": True}
+    assert run.extra["embedded_default"] is True
+    assert set(run.extra) == {"embedded_default", *LABEL_FREE_DESTS}  # the shared label-free flags live there too
 
 
 def test_config_override_yaml(tmp_path, base):

@@ -657,7 +657,12 @@ class CMKDTrainer(Trainer):
             if len(groups) > 1 and "learning_rate" in logs and groups[0].get("initial_lr"):
                 logs["head_learning_rate"] = logs["learning_rate"] * groups[-1]["initial_lr"] / groups[0]["initial_lr"]
             self._reset_term_logs()
-        super().log(logs, start_time)
+        # Per-class lists (one entry per class) stay in the returned metrics and in trainer_state.json's log history,
+        # but are not printed or sent to trackers at every evaluation: callbacks get the scalars only.
+        lists = {key: value for key, value in logs.items() if isinstance(value, (list, tuple))}
+        super().log({key: value for key, value in logs.items() if key not in lists}, start_time)
+        if lists and self.state.log_history:
+            self.state.log_history[-1].update(lists)
 
 
 def _has_labels(dataset) -> bool:

@@ -13,8 +13,14 @@ that benchmark's YAML defaults::
     python recipes/demo.py --output_dir runs/demo_ar_cl --model openai/clip-vit-base-patch16 \\
         --benchmark office_home --data_dir data/OfficeHome --source Art --target Clipart
 
-The output folder holds one sub-folder per method (the RST adapter with its model card is in
-``cmkd_rst/<task>/adapter``), and the comparison as ``results.json``, ``results.md`` and ``accuracy_vs_dsp.png``.
+Each trained method runs with ``--seeds`` seeds (default 3: ``--seed``, ``--seed`` + 1, ...) and is reported as the
+mean ± std over them. The reported checkpoint of every run is picked by ``--selection`` (default ``last``: the last
+checkpoint, which needs no target labels; ``oracle`` picks the best target accuracy, which needs them), and every
+printed number names its rule.
+
+The output folder holds one sub-folder per method and seed (the RST adapter with its model card is in
+``cmkd_rst/seed-<seed>/<task>/adapter``), and the comparison as ``results.json``, ``results.md`` and
+``accuracy_vs_dsp.png``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -36,13 +43,19 @@ import yaml  # noqa: E402
 
 from recipes.core import runner  # noqa: E402
 from recipes.core.config import available_benchmarks, build_parser  # noqa: E402
+from recipes.core.tables import add_result  # noqa: E402
 
 TOY = "digits_shift"
 DEFAULT_OUTPUT = "runs/demo"
 
 # The rows of the comparison: (sub-folder, RunConfig.method, RST). FixMatch (--fixmatch) applies to the CMKD rows.
+# Rows are named everywhere (table, summary, plot, cards) by RunConfig.method_label: CLIP (zero-shot), Baseline
+# (source-only), CMKD, CMKD+RST.
 ROWS = (("zero_shot", "zero_shot", False), ("source_only", "baseline", False), ("cmkd", "cmkd", False))
 ROWS += (("cmkd_rst", "cmkd", True),)
+LEGEND = "CLIP = zero-shot CLIP (no training), Baseline = source-only fine-tuning"
+SCRIPT = "recipes/demo.py"
+DEFAULT_SEEDS = 3
 
 # Toy-task settings, chosen so the whole demo takes ~2 minutes on 2 CPU cores (see the test in tests/recipes).
 TOY_ITERATIONS = 300
@@ -116,6 +129,20 @@ def build_demo_parser(benchmark: str | Path, toy: bool, output_dir: str | None) 
         help=f"{TOY} (default: shipped with the project) or one of {', '.join(available_benchmarks())}",
     )
     demo.add_argument("--quick", action="store_true", help=f"{QUICK_ITERATIONS} iterations: checks the pipeline only")
+    demo.add_argument(
+        "--seeds",
+        type=int,
+        default=DEFAULT_SEEDS,
+        help="training runs per method, with seeds --seed, --seed + 1, ...; the table shows mean ± std "
+        f"(default: {DEFAULT_SEEDS})",
+    )
+    demo.add_argument(
+        "--selection",
+        choices=tuple(runner.SELECTION_RULES),
+        default="last",
+        help="which checkpoint each run reports: last (label-free, default) or oracle (best target accuracy: uses "
+        "target labels)",
+    )
     if toy:
         from cmkd.toy import DOMAIN_NAMES
 
@@ -144,9 +171,11 @@ def parse(argv: Sequence[str] | None) -> runner.RunConfig:
                 "(recipes/<benchmark>.py runs one method)"
             )
         cfg = runner.parse(benchmark, [*argv, "--rst"], parser=parser)  # --rst: resolves tau for the RST row
+    if cfg.extra["seeds"] < 1:
+        parser.error(f"--seeds must be >= 1, got {cfg.extra['seeds']}")
     if cfg.extra.get("quick") and "--iterations" not in argv:
         cfg = dataclasses.replace(cfg, iterations=QUICK_ITERATIONS, eval_interval=QUICK_EVAL_INTERVAL)
-    return cfg
+    return dataclasses.replace(cfg, extra={**cfg.extra, "recipe_script": SCRIPT})
 
 
 def main(argv: Sequence[str] | None = None, callbacks: Sequence = ()) -> dict:
@@ -154,9 +183,10 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence = ()) -> dict:
     # 1. Parse (validated before anything is written); the toy task's data is rendered into the output folder
     cfg = parse(argv)
     if cfg.benchmark.name == TOY and "OMP_NUM_THREADS" not in os.environ:
-        # the tiny model's matrices are too small to split over threads: one thread was faster (69 s vs 88 s for the
-        # whole demo on 2 idle cores) and keeps the demo's time when other processes load the machine
+        # the tiny model's matrices are too small to split over threads, and one thread keeps the demo's time when
+        # other processes load the machine
         torch.set_num_threads(1)
+    _quiet_weight_bars()
     if cfg.benchmark.name == TOY and not cfg.data_dir.exists():
         from cmkd.toy import write_digits_shift_imagefolder
 
@@ -165,9 +195,11 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence = ()) -> dict:
     clip = runner.load_clip(cfg)
     results = runner.start_run(cfg)
     ((source, target),) = cfg.tasks
+    seeds = [cfg.seed + i for i in range(cfg.extra["seeds"])]
+    rule = runner.SELECTION_RULES[cfg.extra["selection"]]
 
-    # 2-7. For each method: data, model, train, evaluate, save (+ card), push; exactly the benchmark recipes' steps
-    for folder, method, rst in ROWS:
+    # 2-7. For each method and seed: data, model, train, evaluate, save (+ card), push; the benchmark recipes' steps
+    for number, (folder, method, rst) in enumerate(ROWS, 1):
         row = dataclasses.replace(
             cfg,
             method=method,
@@ -176,30 +208,94 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence = ()) -> dict:
             fixmatch=cfg.fixmatch and method == "cmkd",
             push_to_hub=cfg.push_to_hub and rst,  # the demo pushes the RST adapter only
             hub_model_id=cfg.hub_model_id or cfg.output_dir.resolve().name,
-            output_dir=cfg.output_dir / folder,
         )
-        runner.record_task(results, runner.run_task(row, clip, source, target, callbacks, announce=True))
+        trained = method != "zero_shot"  # zero-shot trains nothing: one evaluation, the same for every seed
+        runs = seeds if trained else seeds[:1]
+        what = f"seeds {', '.join(map(str, runs))}, checkpoint: {rule}" if trained else "no training"
+        print(f"method {number} of {len(ROWS)}: {row.method_label} ({what})", flush=True)
+        done = []
+        for seed in runs:
+            run = dataclasses.replace(row, seed=seed, output_dir=cfg.output_dir / folder / f"seed-{seed}")
+            result = runner.run_task(run, clip, source, target, callbacks)
+            done.append(result)
+            if trained:
+                print(f"  seed {seed}: {100 * result.score:.1f} % ({rule})", flush=True)
+        record(results, done, runs, rule if trained else "no training (zero-shot)")
+        print(_method_line(results["methods"][row.method_label][done[0].task], row.method_label), flush=True)
 
     # 8. The comparison: results.json, results.md, accuracy_vs_dsp.png, and a summary on stdout
+    results["meta"].update(selection=rule, seeds=seeds, legend=LEGEND)
+    # the table's heading and the plot's title say what the numbers are
+    results["display_name"] += f" (mean of {len(seeds)} seeds; checkpoint: {rule})"
     runner.finish_run(cfg, results)
     print(summary(cfg, results, time.time() - start), flush=True)
     return results
 
 
+def _quiet_weight_bars() -> None:
+    """No "Loading weights" / "Writing model shards" bars each time a checkpoint is loaded or saved; the Trainer's own
+    progress bar stays (``--quiet`` hides it too)."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+
+
+def record(results: dict, runs: Sequence[runner.TaskResult], seeds: Sequence[int], selection: str) -> dict:
+    """One row of the comparison from a method's runs: mean (the table's number), std and every run's score; for RST
+    the adapters' changed backbone fraction (``peft_rst.report``)."""
+    scores = [r.score for r in runs]
+    first = runs[0]
+    extra: dict = {
+        "selection": selection,
+        "std": statistics.pstdev(scores),
+        "runs": {str(seed): r.score for seed, r in zip(seeds, runs)},
+        "overall_accuracy": statistics.fmean(r.accuracy for r in runs),
+        "mean_class_accuracy": statistics.fmean(r.mean_class_accuracy for r in runs),
+        "nbytes": round(statistics.fmean(r.nbytes for r in runs)),
+        "num_eval": first.num_eval,
+        "path": first.path,
+    }
+    if first.teacher_accuracy is not None:
+        extra["teacher_accuracy"] = statistics.fmean(r.teacher_accuracy for r in runs)
+    if first.path and Path(first.path).name == runner.ADAPTER_DIRNAME:
+        import peft_rst
+
+        reports = [peft_rst.report(r.path).adapters[0] for r in runs]
+        extra["backbone_changed"] = round(statistics.fmean(a.backbone_changed for a in reports))
+        extra["backbone_numel"] = reports[0].backbone_numel
+        extra["changed_fraction"] = statistics.fmean(a.density for a in reports)
+    dsp = round(statistics.fmean(r.dsp for r in runs))
+    add_result(results, first.method, first.task, statistics.fmean(scores), dsp, None, **extra)
+    return results
+
+
+def _method_line(entry: dict, label: str) -> str:
+    n = len(entry["runs"])
+    spread = f" ± {100 * entry['std']:.1f} (mean ± std over {n} seeds)" if n > 1 else ""
+    line = f"  {label}: {100 * entry['accuracy']:.1f} %{spread}, {entry['selection']}, DSP {entry['dsp']:,}"
+    if "changed_fraction" in entry:
+        line += (
+            f", backbone changed {entry['backbone_changed']:,} of {entry['backbone_numel']:,} entries "
+            f"({100 * entry['changed_fraction']:.2f} %)"
+        )
+    return line
+
+
 def summary(cfg: runner.RunConfig, results: dict, seconds: float) -> str:
-    names = {"CLIP": "zero-shot CLIP", "Baseline": "source-only"}
     (task,) = cfg.task_names
+    rule = results["meta"]["selection"]
     lines = [
-        f"{cfg.benchmark.display_name} {task.replace('->', ' → ')}: target accuracy after {cfg.iterations} "
-        f"iterations; whole demo {seconds:.0f} s",
-        f"{'method':<22}{'accuracy':>10}{'DSP':>14}{'stored bytes':>16}  where",
+        f"{cfg.benchmark.display_name} {task.replace('->', ' → ')}: target accuracy, mean ± std over seeds "
+        f"{', '.join(map(str, results['meta']['seeds']))}, {cfg.iterations} iterations each, checkpoint: {rule}; "
+        f"whole demo {seconds:.0f} s",
+        f"{'Method':<12}{'accuracy':>16}{'DSP':>12}{'changed':>10}{'stored bytes':>14}  selection",
     ]
     for method, rows in results["methods"].items():
-        entry = rows[task]
-        lines.append(
-            f"{names.get(method, method):<22}{100 * entry['accuracy']:>9.1f}%{entry['dsp']:>14,}"
-            f"{entry['nbytes']:>16,}  {entry.get('path', '-')}"
-        )
+        e = rows[task]
+        acc = f"{100 * e['accuracy']:.1f} ± {100 * e['std']:.1f}%"
+        changed = f"{100 * e['changed_fraction']:.2f}%" if "changed_fraction" in e else "-"
+        lines.append(f"{method:<12}{acc:>16}{e['dsp']:>12,}{changed:>10}{e['nbytes']:>14,}  {e['selection']}")
+    lines.append(f"({LEGEND}; changed = share of the targeted backbone entries the RST adapter changes)")
     return "\n".join(lines)
 
 

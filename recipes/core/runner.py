@@ -77,6 +77,7 @@ __all__ = [
     "finished_task",
     "run_benchmark",
     "run_task",
+    "selection_arguments",
     "load_clip",
     "load_task_data",
     "parse",
@@ -516,6 +517,37 @@ def _has_accelerator() -> bool:
     return bool(accelerator.is_available()) if accelerator is not None else torch.cuda.is_available()
 
 
+SELECTION_RULES = {
+    "oracle": "oracle (uses target labels)",  # release: the best target accuracy over the evaluations
+    "last": "last checkpoint (label-free)",
+}
+"""``cfg.extra["selection"]`` (a recipe's ``--selection``) -> how the reported checkpoint is named in every output."""
+
+
+def selection_arguments(cfg: RunConfig) -> dict[str, Any]:
+    """The Trainer arguments that pick the checkpoint a task reports, from ``cfg.extra["selection"]``.
+
+    None: CMKDTrainingArguments' label-free default validator; a validator name: that validator; ``last``: the last
+    checkpoint (label-free); ``oracle``: the benchmark's label metric, i.e. the oracle (uses target labels).
+    """
+    rule = cfg.extra.get("selection")
+    if rule == "last":
+        return {"load_best_model_at_end": False}
+    if rule == "oracle":
+        return {"load_best_model_at_end": True, "metric_for_best_model": cfg.benchmark.metric}
+    return {"load_best_model_at_end": True, **({"metric_for_best_model": rule} if rule else {})}
+
+
+def selection_name(cfg: RunConfig) -> str:
+    """How the reported checkpoint's rule is named in every output (the oracle always says it uses target labels)."""
+    from cmkd.validators import DEFAULT_VALIDATOR, describe
+
+    rule = cfg.extra.get("selection")
+    if rule in SELECTION_RULES:
+        return SELECTION_RULES[rule]
+    return describe(rule or DEFAULT_VALIDATOR)
+
+
 def build_trainer(
     cfg: RunConfig,
     model,
@@ -549,8 +581,7 @@ def build_trainer(
         eval_steps=cfg.eval_interval,
         save_steps=cfg.eval_interval,
         save_total_limit=None if cfg.extra.get("keep_checkpoints") else 1,  # 1: the best and the latest survive
-        load_best_model_at_end=True,  # the best checkpoint by the selection rule (--selection) is reported
-        **_selection_kwargs(cfg),
+        **selection_arguments(cfg),
         partial_set=cfg.partial,
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -581,15 +612,6 @@ def build_trainer(
         source_val_dataset=data.source_val,
         callbacks=callbacks,
     )
-
-
-def _selection_kwargs(cfg: RunConfig) -> dict[str, Any]:
-    """``metric_for_best_model`` of --selection: a validator, the benchmark's metric for the oracle, or (no flag)
-    CMKDTrainingArguments' label-free default."""
-    selection = cfg.extra.get("selection")
-    if selection is None:
-        return {}
-    return {"metric_for_best_model": cfg.benchmark.metric if selection == "oracle" else selection}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -761,18 +783,24 @@ def hub_repo_id(cfg: RunConfig, source: str, target: str) -> str:
 def _card_fields(cfg: RunConfig, source: str, target: str, metrics: dict[str, Any], classes: Sequence[str]) -> dict:
     """Model card fields of one task (peft_rst.model_card.CARD_FIELDS); DSP, sizes and tau are measured later."""
     bench = cfg.benchmark
+    script = cfg.extra.get("recipe_script") or f"recipes/{bench.name}.py"  # the demo runs the toy task itself
+    selection = selection_name(cfg)
     notes = (
-        f"Trained with `recipes/{bench.name}.py` ({cfg.method_label}): {cfg.iterations} iterations, batch "
+        f"Trained with `{script}` ({cfg.method_label}, checkpoint: {selection}): {cfg.iterations} iterations, batch "
         f"{cfg.batch_size} source + {cfg.batch_size} target, SGD lr {cfg.lr:g} (head x"
         f"{cfg.backbone.head_lr_multiplier:g}), seed {cfg.seed}, prompt `{bench.cmkd.prompt_template}`."
     )
     if metrics.get("teacher_accuracy") is not None:
         notes += f" The zero-shot CLIP head on the adapted features scores {100 * metrics['teacher_accuracy']:.2f} %."
     notes += selection_notes(metrics)
-    code = (
-        "from cmkd import CLIPAdaptationModel\n\n"
-        f"class_names = {list(classes)!r}\n"
-        f"base = CLIPAdaptationModel.from_clip({str(cfg.model)!r}, class_names, {bench.cmkd.prompt_template!r})"
+    from cmkd.toy import TINY_CLIP_PATH
+
+    shipped = Path(str(cfg.model)).exists() and Path(str(cfg.model)).resolve() == TINY_CLIP_PATH
+    code = "from cmkd import CLIPAdaptationModel\n" + ("from cmkd.toy import TINY_CLIP_PATH\n" if shipped else "")
+    code += (
+        f"\nclass_names = {list(classes)!r}\n"
+        f"base = CLIPAdaptationModel.from_clip({'TINY_CLIP_PATH' if shipped else repr(str(cfg.model))}, class_names, "
+        f"{bench.cmkd.prompt_template!r})"
     )
     return dict(
         repo_id=hub_repo_id(cfg, source, target) if cfg.push_to_hub else None,
@@ -807,14 +835,21 @@ def selection_notes(metrics: dict[str, Any]) -> str:
 
 
 def save_task(
-    cfg: RunConfig, trainer, task_dir: str | os.PathLike, source: str, target: str, metrics: dict[str, Any]
+    cfg: RunConfig,
+    trainer,
+    task_dir: str | os.PathLike,
+    source: str,
+    target: str,
+    metrics: dict[str, Any],
+    image_processor=None,
 ) -> SavedTask:
     """Save what deploying this task needs, atomically, on the main process.
 
     RST: ``task_dir/adapter`` (sparse backbone patch + head, ``adapter_config.json``) with its model card
     (``peft_rst.write_model_card``: DSP, density, size and tau measured from the files). Full fine-tuning:
     ``task_dir/model`` (the whole adapted model, loadable with ``AutoModel.from_pretrained``), DSP = all its
-    parameters. Zero-shot: nothing (DSP 0).
+    parameters. Zero-shot: nothing (DSP 0). ``image_processor`` (the CLIP's) is saved next to the weights, so the
+    folder works in ``pipeline("image-classification", ...)`` and ``python -m cmkd predict``.
     """
     task_dir = Path(task_dir)
     if cfg.method == "zero_shot":
@@ -839,6 +874,8 @@ def save_task(
                 atomic_write_text(tmp / "README.md", _full_model_card(fields))
                 dsp = sum(p.numel() for p in model.parameters())
                 nbytes = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
+            if image_processor is not None:
+                image_processor.save_pretrained(tmp)
             _replace_dir(tmp, final)
         finally:
             if tmp.exists():
@@ -1036,7 +1073,8 @@ def run_task(
     trainer = build_trainer(cfg, model, data, task_dir, callbacks, resume_from)  # CMKDTrainer (Accelerate)
     train(cfg, trainer, resume_from)
     metrics = evaluate(cfg, trainer)  # target accuracy / mean per-class accuracy
-    saved = push_task(cfg, save_task(cfg, trainer, task_dir, source, target, metrics))  # adapter + model card
+    # adapter or model (+ model card and the CLIP's image processor)
+    saved = push_task(cfg, save_task(cfg, trainer, task_dir, source, target, metrics, clip.processor))
     return finish_task(cfg, saved, metrics, task_dir)  # task_result.json, written last
 
 

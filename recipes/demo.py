@@ -136,13 +136,7 @@ def build_demo_parser(benchmark: str | Path, toy: bool, output_dir: str | None) 
         help="training runs per method, with seeds --seed, --seed + 1, ...; the table shows mean ± std "
         f"(default: {DEFAULT_SEEDS})",
     )
-    demo.add_argument(
-        "--selection",
-        choices=tuple(runner.SELECTION_RULES),
-        default="last",
-        help="which checkpoint each run reports: last (label-free, default) or oracle (best target accuracy: uses "
-        "target labels)",
-    )
+    parser.set_defaults(selection="last")  # label-free; --selection (recipes/core/unlabeled.py) picks another rule
     if toy:
         from cmkd.toy import DOMAIN_NAMES
 
@@ -196,7 +190,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence = ()) -> dict:
     results = runner.start_run(cfg)
     ((source, target),) = cfg.tasks
     seeds = [cfg.seed + i for i in range(cfg.extra["seeds"])]
-    rule = runner.SELECTION_RULES[cfg.extra["selection"]]
+    rule = runner.selection_name(cfg)
 
     # 2-7. For each method and seed: data, model, train, evaluate, save (+ card), push; the benchmark recipes' steps
     for number, (folder, method, rst) in enumerate(ROWS, 1):

@@ -88,9 +88,9 @@ def add_label_free_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     select = parser.add_argument_group("checkpoint selection")
     select.add_argument(
         "--selection",
-        choices=[*VALIDATORS, ORACLE],
+        choices=[*VALIDATORS, "last", ORACLE],
         help=f"rule choosing the reported checkpoint: a label-free validator (default: CMKDTrainingArguments' "
-        f"metric_for_best_model) or '{ORACLE}' = {ORACLE_NAME}",
+        f"metric_for_best_model), 'last' (the last checkpoint, label-free) or '{ORACLE}' = {ORACLE_NAME}",
     )
     select.add_argument(
         "--source_val_fraction",

@@ -62,6 +62,7 @@ _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 _INT_VIEWS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 _INT_VIEWS[torch.float64] = torch.int64
 _NP_FLOATS = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+_NP_INTS = {torch.float32: np.int32, torch.float16: np.int16, torch.bfloat16: np.int16, torch.float64: np.int64}
 
 
 def _count_nonfinite(bits: np.ndarray, dtype: torch.dtype) -> int:
@@ -567,6 +568,8 @@ def encoded_nbytes(parts: dict[str, torch.Tensor]) -> int:
 
 INTEGRITY_KEY = "rst_integrity"  # no dot: peft's adapter-name handling leaves such a key alone
 _RECORD_MAGIC = b"RSTI"
+_NP_VIEWABLE = {torch.float32, torch.float16, torch.float64, torch.uint8, torch.int8, torch.int16, torch.int32}
+_NP_VIEWABLE |= {torch.int64, torch.bool}
 _DTYPE_NAMES = {
     torch.float32: "float32",
     torch.float16: "float16",
@@ -583,13 +586,19 @@ _DTYPE_NAMES = {
 
 def _raw_bytes(t: torch.Tensor) -> np.ndarray:
     """The tensor's bytes in row-major order, as safetensors stores them (little-endian)."""
+    if t.is_cpu and t.is_contiguous() and not t.requires_grad:
+        return (
+            t.numpy().reshape(-1).view(np.uint8) if t.dtype in _NP_VIEWABLE else t.view(-1).view(torch.uint8).numpy()
+        )
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def _nonfinite(t: torch.Tensor) -> int:
-    if not t.dtype.is_floating_point:
-        return 0
-    return int(t.numel() - torch.isfinite(t.detach()).sum().item())
+    """NaN/inf entries of a float tensor (numpy on the bit view: no per-call torch overhead for small tensors)."""
+    if t.dtype not in _INT_VIEWS:
+        return 0 if not t.dtype.is_floating_point else int(t.numel() - torch.isfinite(t.detach()).sum().item())
+    bits = t.detach().cpu().contiguous().reshape(-1).view(_INT_VIEWS[t.dtype]).numpy()
+    return _count_nonfinite(bits, t.dtype)
 
 
 def integrity_record(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -619,7 +628,7 @@ def integrity_record(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
 def file_format_version(tensors: dict[str, torch.Tensor]) -> int:
     """Newest RST format version among the `idx` headers in a file's tensors (0 if there are none)."""
     versions = [
-        int(t[0])
+        int(t.numpy()[0]) if t.is_cpu else int(t[0])
         for key, t in tensors.items()
         if key.endswith(".idx")
         and isinstance(t, torch.Tensor)
@@ -704,9 +713,10 @@ def check_integrity(tensors: dict[str, torch.Tensor], source: str, *, rename=Non
                 f"{source}: adapter tensor '{saved_key}' is {t.dtype} of shape {tuple(t.shape)}, but was saved as "
                 f"{dtype} of shape {tuple(shape) if isinstance(shape, list) else shape}; {_REDO}."
             )
-        if zlib.crc32(_raw_bytes(t)) != crc:
+        raw = _raw_bytes(t)
+        if zlib.crc32(raw) != crc:
             raise RSTFormatError(
                 f"{source}: adapter tensor '{saved_key}' fails its checksum: it is corrupted; {_REDO}."
             )
-        if _nonfinite(t):
+        if t.dtype in _INT_VIEWS and _count_nonfinite(raw.view(_NP_INTS[t.dtype]), t.dtype):
             raise RSTFormatError(f"{source}: adapter tensor '{saved_key}' contains NaN or inf values; {_REDO}.")

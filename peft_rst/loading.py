@@ -49,9 +49,10 @@ class ModelSnapshot:
         self._roots = roots
         self._modules: list[tuple[nn.Module, dict]] = []
         self._containers: dict[int, tuple[object, object]] = {}
+        self._flags = []
         seen: set[int] = set()
         for root in roots:
-            for module in root.modules():
+            for module in root.modules():  # one walk: this runs on every load
                 if id(module) in seen:
                     continue
                 seen.add(id(module))
@@ -59,14 +60,20 @@ class ModelSnapshot:
                 self._modules.append((module, state))
                 for value in state.values():
                     if type(value) in _CONTAINERS and id(value) not in self._containers:
-                        self._containers[id(value)] = (value, _copy(value))
-        self._flags = [(p, p.requires_grad) for root in roots for p in root.parameters()]
+                        self._containers[id(value)] = (value, _copy(value) if value else None)
+                self._flags += [(p, p.requires_grad) for p in module._parameters.values() if p is not None]
         self._layers = [m for m, _ in self._modules if isinstance(m, RSTLayer)]
         self._groups = {
             id(m): set(m._reset_groups.values())
             for m, _ in self._modules
             if isinstance(getattr(m, "_reset_groups", None), dict)
         }
+
+    def forget(self, container: dict, key) -> None:
+        """Restore `container` (captured) without `key`: e.g. the config peft registered just before the snapshot."""
+        saved = self._containers.get(id(container))
+        if saved is not None and saved[1] is not None:
+            saved[1].pop(key, None)
 
     def restore(self) -> None:
         from .layer import RSTLayer
@@ -82,7 +89,10 @@ class ModelSnapshot:
             module.__dict__.clear()
             module.__dict__.update(state)
         for container, saved in self._containers.values():
-            _put_back(container, saved)
+            if saved is None:
+                container.clear()
+            else:
+                _put_back(container, saved)
         for parameter, flag in self._flags:
             parameter.requires_grad_(flag)
         for layer in self._layers:  # the saved bookkeeping describes a patch the base no longer holds: redo it

@@ -59,6 +59,8 @@ def check_names_exist(config: RSTConfig, model: nn.Module) -> None:
     nothing pass silently (the head then stays frozen and is not saved): a typo, or a head called `classifier`
     (Hugging Face ViT/BERT classifiers) rather than `head`, must be an error that says which names exist.
     """
+    if config.target_modules is None and config.exclude_modules is None and not config.modules_to_save:
+        return
     names = [name for name, _ in model.named_modules() if name]
     fields = (
         ("target_modules", config.target_modules, lambda name, p: name == p or name.endswith(f".{p}")),
@@ -203,6 +205,7 @@ class RSTModel(BaseTuner):
         the snapshot is kept until `_remap_adapter_state_dict_for_load` has checked the file.
         """
         snapshot = ModelSnapshot(self)
+        snapshot.forget(self.peft_config, adapter_name)  # peft registers the new adapter's config before injecting
         call = current_load_call()
         try:
             if state_dict is not None or not self._add_inference_adapter_to_existing_layers(model, adapter_name):
@@ -228,26 +231,30 @@ class RSTModel(BaseTuner):
         )
 
     def _check_file(self, model: nn.Module, adapter_name: str, folder: str) -> None:
-        """Read the adapter file in `folder` as peft will and check it against the model (see `_check_checkpoint`)."""
-        from peft.utils.save_and_load import load_peft_weights
+        """Check the adapter file in `folder` from its safetensors header: readable, keys and shapes fit the model.
 
-        names = [
-            n for n in ("adapter_model.safetensors", "adapter_model.bin") if os.path.isfile(os.path.join(folder, n))
-        ]
-        if not names:
+        This reads no tensor data (peft reads the file next); the checksums, the decoding and the base fingerprints
+        are checked in `_remap_adapter_state_dict_for_load` before anything is written, under the same snapshot.
+        """
+        from safetensors import safe_open
+
+        path = os.path.join(folder, "adapter_model.safetensors")
+        if not os.path.isfile(path):
+            if os.path.isfile(os.path.join(folder, "adapter_model.bin")):
+                return  # a pickled checkpoint: nothing to read cheaply; _remap checks it
             raise FileNotFoundError(
                 f"'{folder}' has no adapter_model.safetensors: the adapter weights are missing. Save the adapter "
                 "again with `model.save_pretrained(folder)`, or copy the file next to its adapter_config.json."
             )
-        path = os.path.join(folder, names[0])
         try:
-            weights = load_peft_weights(folder, device="cpu")
+            with safe_open(path, framework="pt") as f:  # parses and validates the header against the file size
+                shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
         except Exception as err:  # safetensors raises its own SafetensorError for a bad header or size
             raise rst_format.RSTFormatError(
                 f"'{path}' cannot be read ({type(err).__name__}: {err}): the file is truncated or corrupted; "
                 "re-save the adapter from the trained model, or re-download the file if it was copied."
             ) from err
-        self._check_checkpoint(model, self.peft_config[adapter_name], adapter_name, weights, f"'{path}'")
+        self._check_keys(model, self.peft_config[adapter_name], adapter_name, shapes, f"'{path}'")
 
     def _take_pending_load(self, adapter_name: str) -> ModelSnapshot | None:
         """The snapshot taken when this load injected `adapter_name`, if the load is still the one running."""
@@ -478,17 +485,16 @@ class RSTModel(BaseTuner):
         return result
 
     @classmethod
-    def _check_checkpoint(cls, raw, config, adapter_name: str, saved: dict, source: str) -> list[_Decoded]:
-        """Check a checkpoint (keys as in the file) against the model; change nothing visible.
+    def _check_keys(cls, raw, config, adapter_name: str, shapes: dict, source: str) -> list[tuple]:
+        """Check a checkpoint's keys and shapes (as in the file: readable from its header alone) against the model.
 
-        Every tensor must pass the file's checksums, every targeted parameter must have its entries with this
-        parameter's size and (unless disabled) base fingerprint, every `modules_to_save` module its tensors with the
-        model's shapes, and nothing else may be in the file: entries the config does not target (e.g. after editing
-        target_modules in adapter_config.json) would otherwise be dropped silently.
+        Every targeted parameter must have its entries, every `modules_to_save` module its tensors with the model's
+        shapes, and nothing else may be in the file: entries the config does not target (e.g. after editing
+        target_modules in adapter_config.json) would otherwise be dropped silently. Returns, per targeted
+        parameter, (layer, model key, checkpoint key, parameter name, base, the parts' keys as in `shapes`).
         """
-        rst_format.check_integrity(saved, source)
-        left = {k.removeprefix(_PEFT_PREFIX): v for k, v in saved.items() if k != rst_format.INTEGRITY_KEY}
-        decoded = []
+        left = {k.removeprefix(_PEFT_PREFIX): k for k in shapes if k != rst_format.INTEGRITY_KEY}
+        entries = []
         for layer, model_key, param_name, base in cls._rst_entries(raw, adapter_name, restore=False):
             checkpoint_key = cls._remove_adapter_name_from_key(model_key, adapter_name)
             parts = {
@@ -500,10 +506,8 @@ class RSTModel(BaseTuner):
                     "model or another PEFT method, or with different target_modules; load it onto the base model it "
                     "was trained on, with its own adapter_config.json."
                 )
-            # validates the encoding and that the saved tensor has this parameter's size
-            data = rst_format.decode_sparse(parts, base.numel(), checkpoint_key)
-            decoded.append(_Decoded(layer, model_key, checkpoint_key, param_name, base, data))
-        if not decoded:
+            entries.append((layer, model_key, checkpoint_key, param_name, base, parts))
+        if not entries:
             raise ValueError(f"Adapter '{adapter_name}' has no RST layers in this model; nothing to load.")
         missing = []
         for name, module in raw.named_modules():
@@ -513,12 +517,12 @@ class RSTModel(BaseTuner):
             name = name.removeprefix("_fsdp_wrapped_module.")
             model_tensors = module.state_dict(keep_vars=True) if key_map else {}
             for key, store in key_map.items():
-                tensor = left.pop(f"{name}.{key}", None)
-                if tensor is None:
+                given = left.pop(f"{name}.{key}", None)
+                if given is None:
                     missing.append(f"{name}.{key}")
-                elif store in model_tensors and tuple(tensor.shape) != tuple(model_tensors[store].shape):
+                elif store in model_tensors and tuple(shapes[given]) != tuple(model_tensors[store].shape):
                     raise ValueError(
-                        f"{source}: '{name}.{key}' has shape {tuple(tensor.shape)} in the checkpoint but "
+                        f"{source}: '{name}.{key}' has shape {tuple(shapes[given])} in the checkpoint but "
                         f"{tuple(model_tensors[store].shape)} in the model: the module was saved from another "
                         "architecture (e.g. a head with another number of classes)."
                     )
@@ -535,6 +539,25 @@ class RSTModel(BaseTuner):
                 f"(first: {', '.join(names[:3])}). Loading would drop them silently: restore target_modules / "
                 "exclude_modules / modules_to_save in adapter_config.json to the values the adapter was saved with."
             )
+        return entries
+
+    @classmethod
+    def _check_checkpoint(cls, raw, config, adapter_name: str, saved: dict, source: str) -> list[_Decoded]:
+        """Check a checkpoint (keys as in the file) against the model; change nothing visible.
+
+        On top of `_check_keys`: every tensor must pass the file's checksums, and every parameter's entries must
+        decode to this parameter's size and (unless disabled) come from these base weights (fingerprint).
+        """
+        rst_format.check_integrity(saved, source)
+        shapes = {k: tuple(v.shape) for k, v in saved.items()}
+        decoded = []
+        for layer, model_key, checkpoint_key, param_name, base, keys in cls._check_keys(
+            raw, config, adapter_name, shapes, source
+        ):
+            parts = {suffix: saved[key] for suffix, key in keys.items()}
+            # validates the encoding and that the saved tensor has this parameter's size
+            data = rst_format.decode_sparse(parts, base.numel(), checkpoint_key)
+            decoded.append(_Decoded(layer, model_key, checkpoint_key, param_name, base, data))
         if config.check_base_fingerprint:
             mismatched = [d for d in decoded if d.data.base_fingerprint != _w0_fingerprint(d.layer, d.base)]
             if mismatched:

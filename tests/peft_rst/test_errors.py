@@ -49,7 +49,7 @@ def test_bad_config_values(kwargs, error, pattern):
 
 
 def test_targets_matching_nothing():
-    with pytest.raises(ValueError, match=r"matches no module that owns parameters.*named_modules"):
+    with pytest.raises(ValueError, match=r"target_modules entry 'encoder' matches no module.*named_modules"):
         get_peft_model(_base(), RSTConfig(target_modules=["encoder"]))
     with pytest.raises(ValueError, match="matches no module"):
         get_peft_model(_base(), RSTConfig(target_modules=["0"], exclude_modules=["0"]))

@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import (
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
@@ -104,6 +105,17 @@ def test_set_disable_enable_and_active_adapters(clip_domains):
     assert torch.equal(embeds(model), outputs[1])
     with pytest.raises(ValueError, match="not found"):
         model.set_adapter("nope")
+
+
+def test_load_adapter_from_a_state_dict_and_config(clip_domains):
+    state, folders, outputs, _ = clip_domains
+    model = clip(state)
+    model.load_adapter(
+        adapter_name="s",
+        peft_config=PeftConfig.from_pretrained(folders[1]),
+        adapter_state_dict=load_file(folders[1] / "adapter_model.safetensors"),
+    )
+    assert torch.equal(embeds(model), outputs[1])
 
 
 def test_delete_adapter_and_save_pretrained_round_trip(clip_domains, tmp_path):

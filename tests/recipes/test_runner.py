@@ -286,7 +286,10 @@ def test_all_tasks_with_rst_write_adapters_cards_results_table_and_plot(assets, 
     import peft_rst
     from cmkd import CLIPAdaptationModel
 
+    from huggingface_hub import constants
+
     pushed = []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the push is mocked; offline, --push_to_hub is refused
     monkeypatch.setattr(peft_rst, "push_adapter_to_hub", lambda folder, repo, **kw: pushed.append((folder, repo, kw)))
     out = tmp_path / "all"
     flags = ["--all", "--rst", "--tau", "1e-3", "--push_to_hub", "--hub_token", "hf_test", "--hub_model_id", "me/oh"]

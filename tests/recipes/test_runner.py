@@ -280,13 +280,12 @@ def test_digits_trains_on_training_sets_and_scores_the_target_test_set(assets, t
 
 @pytest.mark.slow
 def test_all_tasks_with_rst_write_adapters_cards_results_table_and_plot(assets, tmp_path, monkeypatch):
+    from huggingface_hub import constants
     from peft import PeftModel
     from transformers import CLIPModel
 
     import peft_rst
     from cmkd import CLIPAdaptationModel
-
-    from huggingface_hub import constants
 
     pushed = []
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the push is mocked; offline, --push_to_hub is refused

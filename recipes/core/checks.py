@@ -1,9 +1,10 @@
 """Checks a recipe runs before it loads any model: cheap inputs first, so a typo costs a second, not a minute.
 
-:func:`check_inputs` looks at what is on disk (data folders / image lists of every task, the output folder, a
-checkpoint named by ``--resume_from_checkpoint``) and at the loss settings; :func:`check_model_source` decides how a
-``--model`` can be loaded (local folder, Hub id online, Hub id from the cache) with at most one request to the Hub,
-instead of transformers' retry loop (~45 s without a network) ending in a generic "couldn't connect".
+:func:`check_inputs` looks at what is on disk (data folders / image lists of every task, the output folder); flags,
+YAML values, loss settings and a ``--resume_from_checkpoint`` folder are checked when the arguments are parsed
+(``runner.parse``). :func:`check_model_source` decides how a ``--model`` can be loaded (local folder, Hub id online,
+Hub id from the cache) with at most one request to the Hub, instead of transformers' retry loop with back-off ending
+in a generic "couldn't connect".
 """
 
 from __future__ import annotations

@@ -288,6 +288,8 @@ def read_yaml(path: str | os.PathLike, what: str = "benchmark config") -> Any:
             return yaml.safe_load(fh)
     except FileNotFoundError as exc:
         raise ConfigError(f"{what} {str(path)!r} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"{what} {str(path)!r} is a folder; pass the YAML file") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(
             f"{what} {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
@@ -298,6 +300,8 @@ def read_yaml(path: str | os.PathLike, what: str = "benchmark config") -> Any:
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{what} {path} is not valid YAML{at}: {problem}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{what} {str(path)!r} cannot be read: {exc.strerror or exc}") from exc
 
 
 def benchmark_from_dict(raw: Any, where: str, source_path: str = "") -> BenchmarkConfig:

@@ -196,10 +196,11 @@ def _required_checkpoint_files(cfg: RunConfig) -> tuple[str, ...]:
 
 
 def check_resume_path(cfg: RunConfig, path: Path) -> None:
-    """``--resume_from_checkpoint PATH`` must be a complete checkpoint of this kind of run."""
+    """``--resume_from_checkpoint PATH`` must be a complete Trainer checkpoint (an RST step file is optional here:
+    `RSTResetStepCallback` falls back to the global step, with a warning)."""
     if not path.is_dir():
         raise ConfigError(f"--resume_from_checkpoint {str(path)!r} is not a checkpoint folder (it does not exist)")
-    problems = checkpoint_problems(path, _required_checkpoint_files(cfg))
+    problems = checkpoint_problems(path)
     if problems:
         complete, _ = complete_checkpoints(path, _required_checkpoint_files(cfg))
         hint = (

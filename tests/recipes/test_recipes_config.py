@@ -369,3 +369,8 @@ def test_benchmark_yaml_syntax_error_names_the_file(tmp_path):
     bad.write_text("name: x\ndomains: {A: {name: a, folder: a}\n")
     with pytest.raises(ConfigError, match="mine.yaml is not valid YAML at line 3"):
         load_benchmark_config(bad)
+
+
+def test_config_that_is_a_folder_is_named(tmp_path, base):
+    with pytest.raises(ConfigError, match="--config file .* is a folder; pass the YAML file"):
+        _resolve("office_home", ["--all", "--config", str(tmp_path), *base])

@@ -280,6 +280,7 @@ def test_digits_trains_on_training_sets_and_scores_the_target_test_set(assets, t
 
 @pytest.mark.slow
 def test_all_tasks_with_rst_write_adapters_cards_results_table_and_plot(assets, tmp_path, monkeypatch):
+    from huggingface_hub import constants
     from peft import PeftModel
     from transformers import CLIPModel
 
@@ -287,6 +288,7 @@ def test_all_tasks_with_rst_write_adapters_cards_results_table_and_plot(assets, 
     from cmkd import CLIPAdaptationModel
 
     pushed = []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the push is mocked; offline, --push_to_hub is refused
     monkeypatch.setattr(peft_rst, "push_adapter_to_hub", lambda folder, repo, **kw: pushed.append((folder, repo, kw)))
     out = tmp_path / "all"
     flags = ["--all", "--rst", "--tau", "1e-3", "--push_to_hub", "--hub_token", "hf_test", "--hub_model_id", "me/oh"]

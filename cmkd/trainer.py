@@ -45,6 +45,7 @@ from .partial import estimate_label_set
 from .validators import (
     DEFAULT_VALIDATOR,
     LABEL_METRICS,
+    OPT_IN,
     ORACLE_NAME,
     VALIDATORS,
     ValidationInputs,
@@ -119,7 +120,10 @@ class CMKDTrainingArguments(TrainingArguments):
     )
     eval_validators: list[str] | None = field(
         default=None,
-        metadata={"help": "Validators computed at each evaluation (default: every one the inputs allow)."},
+        metadata={
+            "help": "Validators computed at each evaluation (default: every one the inputs allow, except 'dev', "
+            "which fits a domain classifier each time, unless it is metric_for_best_model)."
+        },
     )
     max_grad_norm: float = field(default=0.0, metadata={"help": "The release does not clip gradients."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Datasets are transformed lazily."})
@@ -528,8 +532,9 @@ class CMKDTrainer(Trainer):
             inputs.source_logits, inputs.source_features = source_t[:, :c], source_t[:, 2 * c :]
             inputs.source_labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
         names = self.args.eval_validators
-        if names is None:
-            names = [n for n, v in VALIDATORS.items() if v.available(inputs)]
+        if names is None:  # every available one; DEV (fits a domain classifier) only when it selects
+            selecting = (self.args.metric_for_best_model or "").removeprefix("eval_")
+            names = [n for n, v in VALIDATORS.items() if v.available(inputs) and (n not in OPT_IN or n == selecting)]
         values = compute_validators(inputs, names)
         for name, value in values.items():
             if not math.isfinite(value):

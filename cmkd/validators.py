@@ -42,6 +42,7 @@ __all__ = [
     "DEFAULT_VALIDATOR",
     "DEV_MAX_SAMPLES",
     "LABEL_METRICS",
+    "OPT_IN",
     "ORACLE_NAME",
     "SND_MAX_SAMPLES",
     "VALIDATORS",
@@ -67,6 +68,7 @@ SND_MAX_SAMPLES = 2048
 DEV_MAX_SAMPLES = 2048  # target samples the DEV domain classifier is fitted on (seeded subset above that)
 DEFAULT_VALIDATOR = "zs_agreement"  # chosen by benchmarks/validator_study.py, see docs/validation.md
 ORACLE_NAME = "oracle (uses target labels)"
+OPT_IN = ("dev",)  # not computed by CMKDTrainer unless requested or selecting: DEV fits a classifier each time
 LABEL_METRICS = ("accuracy", "mean_class_accuracy", "teacher_accuracy", "teacher_mean_class_accuracy")
 """Evaluation metrics that need target labels: choosing a checkpoint by one of them is the oracle."""
 

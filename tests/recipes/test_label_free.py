@@ -62,7 +62,7 @@ def test_flat_folder_target_trains_and_selects_without_labels(world, tmp_path):
     assert entry["accuracy"] is None  # no target labels anywhere: nothing label-based is reported
     sel = entry["selection"]
     assert sel["metric"] == DEFAULT_VALIDATOR and sel["rule"].startswith("label-free")
-    assert "oracle" not in sel and {"ent", "snd", "source_accuracy", "dev"} <= set(entry["validators"])
+    assert "oracle" not in sel and {"ent", "snd", "source_accuracy"} <= set(entry["validators"])
     card = (out / "Ar-flat" / "model" / "README.md").read_text()
     assert f"Checkpoint selection: label-free: {DEFAULT_VALIDATOR}" in card and "no target labels" in card
     assert "| CMKD | – | – |" in (out / "results.md").read_text()  # task and average cells: no labels

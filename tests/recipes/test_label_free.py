@@ -65,7 +65,7 @@ def test_flat_folder_target_trains_and_selects_without_labels(world, tmp_path):
     assert "oracle" not in sel and {"ent", "snd", "source_accuracy"} <= set(entry["validators"])
     card = (out / "Ar-flat" / "model" / "README.md").read_text()
     assert f"Checkpoint selection: label-free: {DEFAULT_VALIDATOR}" in card and "no target labels" in card
-    assert "| CMKD | – | – |" in (out / "results.md").read_text()  # task and average cells: no labels
+    assert "| CMKD | – | –† |" in (out / "results.md").read_text()  # task and average cells: no labels
 
 
 def test_labeled_copy_reports_last_pick_oracle_and_gap(world, tmp_path):
@@ -129,6 +129,7 @@ def test_selection_flags_name_what_supplies_them(world, tmp_path, capsys):
         (["--selection", "dev", *target], "--source_val_fraction"),
         ([*target, "--target_list", "x.txt"], "alternatives"),
         (["--source_val_fraction", "1.5", *target], r"\[0, 1\)"),
+        (["-t", "Clipart", *target], "is a domain of Office-Home"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit):

@@ -555,6 +555,28 @@ class CMKDTrainer(Trainer):
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         finally:
             self._source_val = None
+            self._last_rich = None  # the gathered logits and features of the whole set
+
+    @torch.no_grad()
+    def _teacher_ids(self, dataset) -> np.ndarray:
+        """The CLIP head's classes on ``dataset`` with the model as it is now. A plain loop on every process (no
+        Accelerate preparation before training starts) that leaves torch's RNG and the model's mode untouched."""
+        model = _adaptation_model(self.model)
+        device = next(model.parameters()).device
+        loader = DataLoader(
+            dataset, batch_size=self.args.eval_batch_size, shuffle=False, collate_fn=collate_images, num_workers=0
+        )
+        was_training = model.training
+        model.eval()
+        ids = []
+        try:
+            with torch.random.fork_rng(devices=[]):
+                for batch in loader:
+                    out = model(pixel_values=batch["pixel_values"].to(device))
+                    ids.append(out.teacher_logits.argmax(dim=-1).cpu())
+        finally:
+            model.train(was_training)
+        return torch.cat(ids).numpy().astype(np.int64)
 
     def train(self, *args, **kwargs):
         """`Trainer.train`; first records the frozen zero-shot CLIP's predictions on the evaluation set (one pass,
@@ -563,9 +585,7 @@ class CMKDTrainer(Trainer):
             sets = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"": self.eval_dataset}
             for dataset in sets.values():
                 if id(dataset) not in self._zero_shot_ids:
-                    loader = self.get_test_dataloader(dataset)
-                    out = self.evaluation_loop(loader, description="Zero-shot teacher", metric_key_prefix="zero_shot")
-                    self._zero_shot_ids[id(dataset)] = np.asarray(out.predictions[:, 1], dtype=np.int64)
+                    self._zero_shot_ids[id(dataset)] = self._teacher_ids(dataset)
         if self.args.load_best_model_at_end:
             logger.info("checkpoint selection: %s", describe(self.args.metric_for_best_model or "loss"))
         return super().train(*args, **kwargs)

@@ -82,6 +82,7 @@ def run(shift: str, seed: int, steps: int, eval_every: int, out: Path, batch_siz
         disable_tqdm=True,
         use_cpu=True,
         seed=seed,
+        eval_validators=list(VALIDATORS),  # DEV too (opt-in by default)
     )
     trainer = CMKDTrainer(
         model,

@@ -48,6 +48,7 @@ from .partial import estimate_label_set
 from .validators import (
     DEFAULT_VALIDATOR,
     LABEL_METRICS,
+    OPT_IN,
     ORACLE_NAME,
     VALIDATORS,
     ValidationInputs,
@@ -122,7 +123,10 @@ class CMKDTrainingArguments(TrainingArguments):
     )
     eval_validators: list[str] | None = field(
         default=None,
-        metadata={"help": "Validators computed at each evaluation (default: every one the inputs allow)."},
+        metadata={
+            "help": "Validators computed at each evaluation (default: every one the inputs allow, except 'dev', "
+            "which fits a domain classifier each time, unless it is metric_for_best_model)."
+        },
     )
     max_grad_norm: float = field(default=0.0, metadata={"help": "The release does not clip gradients."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Datasets are transformed lazily."})
@@ -274,9 +278,7 @@ class CMKDTrainer(Trainer):
             sets = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"": self.eval_dataset}
             for dataset in sets.values():
                 if id(dataset) not in self._zero_shot_ids:
-                    loader = self.get_test_dataloader(dataset)
-                    out = self.evaluation_loop(loader, description="Zero-shot teacher", metric_key_prefix="zero_shot")
-                    self._zero_shot_ids[id(dataset)] = np.asarray(out.predictions[:, 1], dtype=np.int64)
+                    self._zero_shot_ids[id(dataset)] = self._teacher_ids(dataset)
         if self.args.load_best_model_at_end:
             logger.info("checkpoint selection: %s", describe(self.args.metric_for_best_model or "loss"))
         return super().train(resume_from_checkpoint, *args, **kwargs)
@@ -573,8 +575,9 @@ class CMKDTrainer(Trainer):
             inputs.source_logits, inputs.source_features = source_t[:, :c], source_t[:, 2 * c :]
             inputs.source_labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
         names = self.args.eval_validators
-        if names is None:
-            names = [n for n, v in VALIDATORS.items() if v.available(inputs)]
+        if names is None:  # every available one; DEV (fits a domain classifier) only when it selects
+            selecting = (self.args.metric_for_best_model or "").removeprefix("eval_")
+            names = [n for n, v in VALIDATORS.items() if v.available(inputs) and (n not in OPT_IN or n == selecting)]
         values = compute_validators(inputs, names)
         for name, value in values.items():
             if not math.isfinite(value):
@@ -595,6 +598,28 @@ class CMKDTrainer(Trainer):
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         finally:
             self._source_val = None
+            self._last_rich = None  # the gathered logits and features of the whole set
+
+    @torch.no_grad()
+    def _teacher_ids(self, dataset) -> np.ndarray:
+        """The CLIP head's classes on ``dataset`` with the model as it is now. A plain loop on every process (no
+        Accelerate preparation before training starts) that leaves torch's RNG and the model's mode untouched."""
+        model = _adaptation_model(self.model)
+        device = next(model.parameters()).device
+        loader = DataLoader(
+            dataset, batch_size=self.args.eval_batch_size, shuffle=False, collate_fn=collate_images, num_workers=0
+        )
+        was_training = model.training
+        model.eval()
+        ids = []
+        try:
+            with torch.random.fork_rng(devices=[]):
+                for batch in loader:
+                    out = model(pixel_values=batch["pixel_values"].to(device))
+                    ids.append(out.teacher_logits.argmax(dim=-1).cpu())
+        finally:
+            model.train(was_training)
+        return torch.cat(ids).numpy().astype(np.int64)
 
     def _compute_uda_metrics(self, eval_pred: EvalPrediction) -> dict[str, Any]:
         labels = eval_pred.label_ids

@@ -691,7 +691,7 @@ def resolve_run_config(args: argparse.Namespace, benchmark: str | BenchmarkConfi
     # --- tasks --------------------------------------------------------------------------------------------------
     from .unlabeled import check_label_free_args, custom_target_name
 
-    check_label_free_args(args, cfg.metric)
+    check_label_free_args(args, cfg)
     custom_target = custom_target_name(args)  # target given by --target_*/--eval_* instead of a benchmark domain
     if args.all and (args.source or args.target):
         raise ConfigError("--all runs every task of the benchmark; drop --source/--target (or drop --all)")

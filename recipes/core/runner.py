@@ -297,13 +297,11 @@ def load_task_data(cfg: RunConfig, source: str, target: str, clip: CLIPBundle | 
         )
 
     src = domain(source, "train")
-    from .unlabeled import TARGET_FLAGS, split_source
+    from .unlabeled import split_source
 
     src, src_val = split_source(src, cfg.extra.get("source_val_fraction") or 0.0, cfg.seed)
     if target not in bench.domains:  # --target_* / --eval_*: a target without (or with optional) labels
         return _custom_task_data(cfg, src, src_val, target, size_kw)
-    if any(cfg.extra.get(f) for f in TARGET_FLAGS):
-        raise RecipeError(f"--target {target} names a benchmark domain; drop it or the --target_* flag")
     tgt = domain(target, "train")
     check_same_classes(src, tgt)
     tgt_eval = tgt if bench.eval_split == "train" else domain(target, bench.eval_split)

@@ -100,12 +100,14 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
 def summarize(results: Mapping[str, Any], method: str) -> dict[str, Any]:
     """Average accuracy (percent, over the tasks present), DSP in millions (summed) and task coverage of a method."""
     rows = results["methods"][method]
-    accs = [rows[t]["accuracy"] * 100 for t in results["tasks"] if t in rows and rows[t]["accuracy"] is not None]
+    done = [t for t in results["tasks"] if t in rows]
+    accs = [rows[t]["accuracy"] * 100 for t in done if rows[t]["accuracy"] is not None]
     return {
         "avg": sum(accs) / len(accs) if accs else float("nan"),
         "dsp_m": sum(rows[t]["dsp"] for t in rows) / 1e6,
-        "done": len(accs),
+        "done": len(done),
         "total": len(results["tasks"]),
+        "unlabeled": len(done) - len(accs),  # finished without target labels: no accuracy, left out of avg
     }
 
 
@@ -130,12 +132,19 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def _avg_cell(summary: Mapping[str, Any]) -> str:
     cell = _pct(summary["avg"])
-    return cell + "*" if summary["done"] and summary["done"] < summary["total"] else cell
+    cell = cell + "*" if summary["done"] and summary["done"] < summary["total"] else cell
+    return cell + "†" if summary.get("unlabeled") else cell
 
 
 def _footnote(results: Mapping[str, Any]) -> str:
     partial = [m for m in results["methods"] if 0 < summarize(results, m)["done"] < len(results["tasks"])]
-    return f"\n\n\\* average over the tasks finished so far ({', '.join(partial)})." if partial else ""
+    notes = f"\n\n\\* average over the tasks finished so far ({', '.join(partial)})." if partial else ""
+    unlabeled = [m for m in results["methods"] if summarize(results, m).get("unlabeled")]
+    if unlabeled:
+        notes += (
+            f"\n\n† average over the tasks with target labels; – = no target labels given ({', '.join(unlabeled)})."
+        )
+    return notes
 
 
 def _acc(entry: Mapping[str, Any]) -> float | None:

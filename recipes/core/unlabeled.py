@@ -114,10 +114,17 @@ def custom_target_name(args: argparse.Namespace) -> str | None:
     return stem or "target"
 
 
-def check_label_free_args(args: argparse.Namespace, benchmark_metric: str) -> None:
+def check_label_free_args(args: argparse.Namespace, benchmark) -> None:
     """Refuse impossible combinations before anything is loaded; each message names the flag that fits."""
     targets = [f for f in TARGET_FLAGS if getattr(args, f, None)]
     evals = [f for f in EVAL_FLAGS if getattr(args, f, None)]
+    name = getattr(args, "target", None)
+    if name and (targets or evals) and any(d.matches(name) for d in benchmark.domains.values()):
+        raise ConfigError(
+            f"--target {name} is a domain of {benchmark.display_name}, but {_flag((targets or evals)[0])} gives the "
+            "target images: drop --target (or use it as a new name, e.g. --target photos), or drop "
+            f"{_flag((targets or evals)[0])} to use the benchmark's domain"
+        )
     if len(targets) > 1:
         raise ConfigError(f"give the unlabeled target once: {', '.join(map(_flag, targets))} are alternatives")
     if len(evals) > 1:

@@ -362,9 +362,13 @@ def test_unlabeled_target_trains_evaluates_and_selects_label_free(clip, data, tm
     )
     trainer.train()
     metrics = trainer.evaluate()
-    assert {f"eval_{n}" for n in ("ent", "snd", "bnm", "im", "zs_agreement", "source_accuracy", "dev")} <= set(metrics)
+    assert {f"eval_{n}" for n in ("ent", "snd", "bnm", "im", "zs_agreement", "source_accuracy")} <= set(metrics)
     assert "eval_accuracy" not in metrics  # no target labels: nothing label-based is reported
+    assert "eval_dev" not in metrics  # opt-in: it fits a domain classifier at every evaluation
     assert trainer.state.best_model_checkpoint is not None
+    trainer.args.eval_validators = ["dev", "snd"]
+    again = trainer.evaluate()
+    assert {"eval_dev", "eval_snd"} <= set(again) and "eval_ent" not in again
 
 
 def test_zero_shot_agreement_is_measured_against_the_model_before_training(clip, data, tmp_path):

@@ -79,7 +79,7 @@ def test_entropy_and_snd_match_skada():
     # skada averages -p log(p + 1e-7) over samples *and classes* (C = 4 here): ours sums over classes
     assert prediction_entropy(target_logits) == pytest.approx(-ent * w.shape[1], abs=1e-5)
     snd = _skada_score(skada_metrics.SoftNeighborhoodDensity(), est, xs, ys, xt)
-    assert soft_neighborhood_density(target_logits) == pytest.approx(snd, rel=1e-9)
+    assert soft_neighborhood_density(target_logits) == pytest.approx(snd, rel=1e-5)  # ours in float32
 
 
 def test_dev_matches_skada_on_the_same_split():

@@ -12,6 +12,7 @@ import pytest
 import torch
 from test_runner import CLASSES, make_office_home, make_tiny_clip, write_small_config
 
+from cmkd.validators import DEFAULT_VALIDATOR
 from recipes import office_home
 from recipes.core.data import DataError
 from recipes.core.unlabeled import load_labeled_eval, load_unlabeled_target, split_source
@@ -60,11 +61,11 @@ def test_flat_folder_target_trains_and_selects_without_labels(world, tmp_path):
     entry = results["methods"]["CMKD"]["Ar->flat"]
     assert entry["accuracy"] is None  # no target labels anywhere: nothing label-based is reported
     sel = entry["selection"]
-    assert sel["metric"] == "zs_agreement" and sel["rule"].startswith("label-free")
-    assert "oracle" not in sel and {"ent", "snd", "source_accuracy", "dev"} <= set(entry["validators"])
+    assert sel["metric"] == DEFAULT_VALIDATOR and sel["rule"].startswith("label-free")
+    assert "oracle" not in sel and {"ent", "snd", "source_accuracy"} <= set(entry["validators"])
     card = (out / "Ar-flat" / "model" / "README.md").read_text()
-    assert "Checkpoint selection: label-free: zs_agreement" in card and "no target labels" in card
-    assert "| CMKD | – | – |" in (out / "results.md").read_text()  # task and average cells: no labels
+    assert f"Checkpoint selection: label-free: {DEFAULT_VALIDATOR}" in card and "no target labels" in card
+    assert "| CMKD | – | –† |" in (out / "results.md").read_text()  # task and average cells: no labels
 
 
 def test_labeled_copy_reports_last_pick_oracle_and_gap(world, tmp_path):
@@ -75,7 +76,7 @@ def test_labeled_copy_reports_last_pick_oracle_and_gap(world, tmp_path):
     entry = results["methods"]["CMKD"]["Ar->flat"]
     sel = entry["selection"]
     log = json.loads(sorted((out / "Ar-flat").glob("checkpoint-*"))[-1].joinpath("trainer_state.json").read_text())
-    evals = [h for h in log["log_history"] if "eval_zs_agreement" in h]
+    evals = [h for h in log["log_history"] if f"eval_{DEFAULT_VALIDATOR}" in h]
     accs = [h["eval_accuracy"] for h in evals]
     assert sel["oracle"]["accuracy"] == max(accs) and sel["last"]["accuracy"] == accs[-1]
     assert sel["gap"] == pytest.approx(max(accs) - sel["accuracy"])
@@ -128,6 +129,7 @@ def test_selection_flags_name_what_supplies_them(world, tmp_path, capsys):
         (["--selection", "dev", *target], "--source_val_fraction"),
         ([*target, "--target_list", "x.txt"], "alternatives"),
         (["--source_val_fraction", "1.5", *target], r"\[0, 1\)"),
+        (["-t", "Clipart", *target], "is a domain of Office-Home"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit):

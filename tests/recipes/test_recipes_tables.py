@@ -139,3 +139,29 @@ def test_empty_results_render(tmp_path):
     res = new_results(load_benchmark_config("digits"))
     assert render_markdown(res) == "## Digits: accuracy (%)\n\n_no results yet_\n"
     assert plot_accuracy_vs_dsp(res, tmp_path / "p.png").exists()
+
+
+def test_selection_table_shows_last_pick_oracle_and_gap_and_unlabeled_cells():
+    from recipes.core.config import load_benchmark_config
+    from recipes.core.tables import add_result, new_results, render_markdown
+
+    results = new_results(load_benchmark_config("office_home"))
+    results["tasks"] = ["Ar->Cl", "Ar->photos"]
+    sel = {
+        "metric": "zs_agreement",
+        "value": 0.9,
+        "accuracy": 0.70,
+        "last": {"accuracy": 0.68},
+        "oracle": {"accuracy": 0.735},
+        "gap": 0.035,
+    }
+    add_result(results, "CMKD", "Ar->Cl", 0.70, 10, selection=sel)
+    add_result(results, "CMKD", "Ar->photos", None, 10, selection={"metric": "zs_agreement", "value": 0.8})
+    text = render_markdown(results)
+    assert "| CMKD | 70.0 | – | 70.0† | 0.00 |" in text  # the unlabeled task shows "–" and is left out of Avg.
+    assert "† average over the tasks with target labels" in text
+    assert (
+        "| Method | Task | Selection | Last | Label-free pick | oracle (uses target labels) | Gap (points) |" in text
+    )
+    assert "| CMKD | Ar→Cl | zs_agreement | 68.0 | 70.0 | 73.5 | 3.5 |" in text
+    assert "| CMKD | Ar→photos | zs_agreement | – | – | – | – |" in text

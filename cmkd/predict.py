@@ -59,7 +59,7 @@ class PredictArguments:
     prompt_template: str | None = field(
         default=None, metadata={"help": "with a CLIP as --model: the prompt the adapter was trained with"}
     )
-    device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available, else cpu)"})
+    device: str | None = field(default=None, metadata={"help": "torch device; unset: cuda if available, else cpu"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar (--progress false to hide it)"})
 
     def __post_init__(self) -> None:
@@ -190,6 +190,14 @@ def load_classifier(
     if adapter is None:
         if class_names or prompt_template:
             raise ValueError("--class_names / --prompt_template only apply with --adapter (a CLIP base)")
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model)
+        if getattr(config, "model_type", None) == "clip":
+            raise ValueError(
+                f"{model} is a CLIP without a trained task head (loading it would classify with a random head); pass "
+                "the adapted model folder, or this CLIP as the base of --adapter"
+            )
         classifier = AutoModelForImageClassification.from_pretrained(model)
         processor = _image_processor(model)
     else:

@@ -217,6 +217,8 @@ def test_cli_refuses_bad_arguments_and_leaves_the_output_alone(saved_model, rst_
             ]
         )
     assert "--class_names and --prompt_template" in str(exc.value)
+    with pytest.raises(SystemExit, match="without a trained task head"):  # not a random CLIPForImageClassification
+        cli(["predict", "--model", str(TINY_CLIP_PATH), str(images["good"][0]), "--output", str(out)])
     with pytest.raises(SystemExit) as exc:
         cli(["predict", "--model", str(saved_model), "--output", str(out)])
     assert exc.value.code == 2 and "at least one image" in capsys.readouterr().err

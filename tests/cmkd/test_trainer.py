@@ -254,6 +254,27 @@ def test_zero_shot_evaluation_scores_the_teacher(clip, data, tmp_path):
         trainer.train()
 
 
+def test_per_class_lists_stay_out_of_printed_and_tracked_logs(clip, data, tmp_path):
+    """Callbacks (console printer, trackers) get scalars only; the per-class list stays in the returned metrics and
+    in the log history (trainer_state.json)."""
+
+    class Capture(TrainerCallback):
+        logs: list = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logs.append(dict(logs))
+
+    capture = Capture()
+    trainer = CMKDTrainer(
+        fresh_model(clip), make_args(tmp_path, mode="zero_shot"), eval_dataset=data["target"], callbacks=[capture]
+    )
+    metrics = trainer.evaluate()
+    assert len(metrics["eval_per_class_accuracy"]) == 3
+    assert capture.logs and not [k for log in capture.logs for k, v in log.items() if isinstance(v, list)]
+    assert capture.logs[-1]["eval_accuracy"] == metrics["eval_accuracy"]
+    assert trainer.state.log_history[-1]["eval_per_class_accuracy"] == metrics["eval_per_class_accuracy"]
+
+
 def test_partial_set_estimates_label_set_before_each_later_epoch(clip, data, tmp_path):
     model = fresh_model(clip)
     cfg = CMKDConfig(partial_class_threshold=9)

@@ -230,6 +230,13 @@ class CMKDTrainer(Trainer):
         user_metrics = kwargs.pop("compute_metrics", None)
         if user_metrics is None:
             _check_selection(args, eval_dataset, source_val_dataset)
+            selecting = (args.metric_for_best_model or "").removeprefix("eval_")
+            if selecting == "zs_agreement" and args.eval_strategy != "no" and not core.config.has_text_features:
+                raise ValueError(
+                    "metric_for_best_model='zs_agreement' compares with the zero-shot CLIP teacher, which this model "
+                    "does not have (no cached text features): build it with CLIPAdaptationModel.from_clip(...) or "
+                    f"choose another validator from {[v for v in VALIDATORS if v != 'zs_agreement']}."
+                )
 
         super().__init__(
             model=model,

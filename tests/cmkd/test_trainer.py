@@ -434,6 +434,11 @@ def test_selection_metrics_name_what_supplies_them(clip, data, tmp_path):
         CMKDTrainer(fresh_model(clip), typo, source_dataset=data["source"], target_dataset=unlabeled)
     with pytest.raises(ValueError, match="eval_validators"):
         make_args(tmp_path, eval_validators=["snd", "mixval"])
+    no_teacher = fresh_model(clip)
+    no_teacher.config.has_text_features = False
+    plain = make_args(tmp_path, eval_strategy="steps", mode="source_only")
+    with pytest.raises(ValueError, match="zero-shot CLIP teacher, which this model does not have"):
+        CMKDTrainer(no_teacher, plain, source_dataset=data["source"], target_dataset=unlabeled)
     source_only = make_args(tmp_path, eval_strategy="steps", mode="source_only")
     with pytest.raises(ValueError, match="target images"):
         CMKDTrainer(fresh_model(clip), source_only, source_dataset=data["source"])

@@ -689,11 +689,7 @@ def check_integrity(tensors: dict[str, torch.Tensor], source: str, *, rename=Non
     """
     record_key = integrity_key(tensors, source)
     prefix = (record_key or INTEGRITY_KEY).removesuffix(INTEGRITY_KEY)
-    given = rename or (lambda key: key)
-
-    def rename(key: str) -> str:
-        return given(prefix + key)
-
+    rename = rename or (lambda key: key)
     record = tensors.get(record_key) if record_key is not None else None
     others = {k: t for k, t in tensors.items() if k != record_key}
     if record is None:
@@ -707,7 +703,7 @@ def check_integrity(tensors: dict[str, torch.Tensor], source: str, *, rename=Non
             if _nonfinite(t):
                 raise RSTFormatError(f"{source}: adapter tensor '{key}' contains NaN or inf values; {_REDO}.")
         return
-    entries = _parse_record(record, source)
+    entries = {prefix + k: entry for k, entry in _parse_record(record, source).items()}  # keys as in the file
     expected = {rename(k): k for k in entries}
     missing = sorted(expected.keys() - others.keys())
     if missing:

@@ -158,6 +158,8 @@ def load_rst_adapter(
     handed = HandedFile(adapter_state_dict, lambda key: key.removeprefix("base_model.model."), source)
     had_adapters = bool(getattr(model, "_hf_peft_config_loaded", False) and getattr(model, "peft_config", None))
     before = _tuner_modules(model)
+    # peft's injection freezes every parameter that is not the new adapter's
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         inject_adapter_in_model(config, model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
         model._hf_peft_config_loaded = True
@@ -175,6 +177,8 @@ def load_rst_adapter(
             )
     except BaseException:
         _roll_back(model, adapter_name, before, had_adapters)
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
         raise
     if config.inference_mode:
         model.eval()  # what transformers' load_adapter does for an inference adapter

@@ -170,6 +170,7 @@ def test_a_refused_adapter_leaves_the_model_as_it_was(clip_domains, tmp_path):
     assert not any(isinstance(m, RSTLayer) for m in model.modules())
     assert not hasattr(model, "peft_config") and not model._hf_peft_config_loaded
     assert model.state_dict().keys() == state.keys()
+    assert all(p.requires_grad for p in model.parameters())  # peft's injection had frozen the base
     assert torch.equal(embeds(model), base_out)
     # with an adapter loaded already: that one stays, active and intact
     model.load_adapter(folders[0], adapter_name="d0")

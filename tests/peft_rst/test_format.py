@@ -721,6 +721,10 @@ def test_record_check_in_the_docs_accepts_intact_files_and_refuses_changed_ones(
     state = load_file(str(tmp_path / "a.safetensors"))
     namespace["check_file"](state)
     namespace["check_file"]({k: v for k, v in state.items() if k != INTEGRITY_KEY})  # version 1: nothing to check
+    moved = {f"base_model.model.{k}": v for k, v in state.items()}  # as transformers' save_pretrained writes it
+    namespace["check_file"](moved)
+    with pytest.raises(AssertionError):
+        namespace["check_file"]({**moved, "base_model.model.head.bias": _flip(moved["base_model.model.head.bias"], 0)})
     for edit in (
         lambda s: s.update({"head.weight": _flip(s["head.weight"], 5)}),
         lambda s: s.pop("head.bias"),

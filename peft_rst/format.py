@@ -37,6 +37,7 @@ __all__ = [
     "decode_sparse",
     "encoded_nbytes",
     "INTEGRITY_KEY",
+    "integrity_key",
     "integrity_record",
     "check_integrity",
     "file_format_version",
@@ -667,16 +668,30 @@ def _parse_record(record: torch.Tensor, source: str) -> dict[str, list]:
     return entries
 
 
+def integrity_key(tensors: dict, source: str) -> str | None:
+    """The key of the file's `rst_integrity` record: `INTEGRITY_KEY`, or it under the prefix of every key (see
+    `check_integrity`); None if the file has none."""
+    found = [k for k in tensors if k == INTEGRITY_KEY or k.endswith(f".{INTEGRITY_KEY}")]
+    if len(found) > 1:
+        raise RSTFormatError(f"{source}: the adapter file holds {len(found)} integrity records {found[:3]}; {_REDO}.")
+    return found[0] if found else None
+
+
 def check_integrity(tensors: dict[str, torch.Tensor], source: str, *, rename=None) -> None:
     """Check every tensor of an adapter file against its `rst_integrity` record (and that floats are finite).
 
     `tensors` are the file's tensors, the record included under `INTEGRITY_KEY`. `rename` maps a key as written to
-    the key it has in `tensors` (loaders move some keys, e.g. peft's `modules_to_save`). Files of format version 1
-    have no record: only the finite check applies to them. Raises `RSTFormatError` naming the tensor.
+    the key it has in `tensors` (loaders move some keys, e.g. peft's `modules_to_save`). A writer that puts every key
+    of the file under one prefix moves the record too (transformers' `save_pretrained` prepends `base_model.model.`
+    to each key of an adapter): a record stored as `<prefix>rst_integrity` covers the tensors `<prefix><name>`.
+    Files of format version 1 have no record: only the finite check applies to them. Raises `RSTFormatError` naming
+    the tensor.
     """
+    record_key = integrity_key(tensors, source)
+    prefix = (record_key or INTEGRITY_KEY).removesuffix(INTEGRITY_KEY)
     rename = rename or (lambda key: key)
-    record = tensors.get(INTEGRITY_KEY)
-    others = {k: t for k, t in tensors.items() if k != INTEGRITY_KEY}
+    record = tensors.get(record_key) if record_key is not None else None
+    others = {k: t for k, t in tensors.items() if k != record_key}
     if record is None:
         version = file_format_version(others)
         if version >= 2:
@@ -688,7 +703,7 @@ def check_integrity(tensors: dict[str, torch.Tensor], source: str, *, rename=Non
             if _nonfinite(t):
                 raise RSTFormatError(f"{source}: adapter tensor '{key}' contains NaN or inf values; {_REDO}.")
         return
-    entries = _parse_record(record, source)
+    entries = {prefix + k: entry for k, entry in _parse_record(record, source).items()}  # keys as in the file
     expected = {rename(k): k for k in entries}
     missing = sorted(expected.keys() - others.keys())
     if missing:

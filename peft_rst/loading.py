@@ -9,13 +9,18 @@ the `requires_grad` flags, the inference patches written into the base weights a
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import sys
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
+from . import format as rst_format
 from . import reset
 
 _CONTAINERS = (dict, OrderedDict, list, set)
@@ -162,3 +167,52 @@ def current_load_call() -> LoadCall | None:
     are the only place it exists, and knowing it lets RST check the file before the model is changed.
     """
     return _current_call()
+
+
+class HandedFile:
+    """An adapter file that a loader read itself and hands to peft under other keys.
+
+    transformers' route (`transformers_integration.load_rst_adapter`) reads the file and drops peft's
+    `base_model.model.` prefix from every key, because a transformers model's module names lack it. The file's
+    `rst_integrity` record names the tensors as written, so the tuner hook maps the keys it is given back to the
+    file's own keys (`as_in_file`) and checks the file as it is on disk, not as it was renamed.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], rename: Callable[[str], str], source: str) -> None:
+        self._tensors = tensors
+        self._origin: dict[str, str] = {}  # handed key -> key in the file
+        for key in tensors:
+            handed = rename(key)
+            if handed in self._origin:
+                raise rst_format.RSTFormatError(
+                    f"{source}: the adapter file holds both '{self._origin[handed]}' and '{key}', which load into the "
+                    f"same parameter '{handed}'; {rst_format._REDO}."
+                )
+            self._origin[handed] = key
+        self.handed = {handed: tensors[key] for handed, key in self._origin.items()}
+
+    def file_keys(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`state` (handed keys) under the file's keys; a key stays as given unless its tensor is the file's own."""
+        out = {}
+        for key, tensor in state.items():
+            origin = self._origin.get(key)
+            out[origin if origin is not None and self._tensors[origin] is tensor else key] = tensor
+        return out
+
+    @contextlib.contextmanager
+    def handing_on(self) -> Iterator[None]:
+        """While active, `as_in_file` maps the handed keys back to this file's keys."""
+        token = _HANDED.set(self)
+        try:
+            yield
+        finally:
+            _HANDED.reset(token)
+
+
+_HANDED: contextvars.ContextVar[HandedFile | None] = contextvars.ContextVar("peft_rst_handed_file", default=None)
+
+
+def as_in_file(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` under the keys of the adapter file it was read from (unchanged unless a `HandedFile` is active)."""
+    handed = _HANDED.get()
+    return state if handed is None else handed.file_keys(state)

@@ -18,7 +18,7 @@ from torch import nn
 from . import format as rst_format
 from .config import RSTConfig
 from .layer import RSTLayer, SparseEntries
-from .loading import ModelSnapshot, current_load_call
+from .loading import ModelSnapshot, as_in_file, current_load_call
 from .reset import ResetGroup, register, unregister
 
 PREFIX = "rst_"
@@ -464,7 +464,9 @@ class RSTModel(BaseTuner):
             bare = key.removeprefix(_PEFT_PREFIX)
             saved_to_given[key[: len(key) - len(bare)] + renamed.get(bare, bare)] = key
         saved = {k: state_dict[g] for k, g in saved_to_given.items()}
-        decoded = cls._check_checkpoint(raw, config, adapter_name, saved, f"adapter '{adapter_name}'")
+        decoded = cls._check_checkpoint(
+            raw, config, adapter_name, saved, f"adapter '{adapter_name}'", in_file=as_in_file(saved)
+        )
         consumed = {f"{d.checkpoint_key}.{s}" for d in decoded for s in rst_format.SUFFIXES}
         consumed.add(rst_format.INTEGRITY_KEY)
         result = {g: state_dict[g] for k, g in saved_to_given.items() if k.removeprefix(_PEFT_PREFIX) not in consumed}
@@ -493,7 +495,8 @@ class RSTModel(BaseTuner):
         target_modules in adapter_config.json) would otherwise be dropped silently. Returns, per targeted
         parameter, (layer, model key, checkpoint key, parameter name, base, the parts' keys as in `shapes`).
         """
-        left = {k.removeprefix(_PEFT_PREFIX): k for k in shapes if k != rst_format.INTEGRITY_KEY}
+        record = rst_format.integrity_key(shapes, source)
+        left = {k.removeprefix(_PEFT_PREFIX): k for k in shapes if k != record}
         entries = []
         for layer, model_key, param_name, base in cls._rst_entries(raw, adapter_name, restore=False):
             checkpoint_key = cls._remove_adapter_name_from_key(model_key, adapter_name)
@@ -542,13 +545,16 @@ class RSTModel(BaseTuner):
         return entries
 
     @classmethod
-    def _check_checkpoint(cls, raw, config, adapter_name: str, saved: dict, source: str) -> list[_Decoded]:
-        """Check a checkpoint (keys as in the file) against the model; change nothing visible.
+    def _check_checkpoint(
+        cls, raw, config, adapter_name: str, saved: dict, source: str, in_file: dict | None = None
+    ) -> list[_Decoded]:
+        """Check a checkpoint (keys as peft saved them) against the model; change nothing visible.
 
-        On top of `_check_keys`: every tensor must pass the file's checksums, and every parameter's entries must
-        decode to this parameter's size and (unless disabled) come from these base weights (fingerprint).
+        On top of `_check_keys`: every tensor must pass the file's checksums (`in_file`: the same tensors under the
+        keys the file has, when a loader renamed them, see `loading.HandedFile`), and every parameter's entries
+        must decode to this parameter's size and (unless disabled) come from these base weights (fingerprint).
         """
-        rst_format.check_integrity(saved, source)
+        rst_format.check_integrity(saved if in_file is None else in_file, source)
         shapes = {k: tuple(v.shape) for k, v in saved.items()}
         decoded = []
         for layer, model_key, checkpoint_key, param_name, base, keys in cls._check_keys(

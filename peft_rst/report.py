@@ -372,7 +372,7 @@ def _rows(tensors: Mapping[str, torch.Tensor], modules_to_save, source: str) -> 
         add(module.removesuffix(_CONTAINER), RST, param, numel, int(data.indices.numel()), _nbytes_of(parts.values()))
     grouped = {f"{stem}.{s}" for stem in sparse for s in rst_format.SUFFIXES}
     for key, tensor in tensors.items():
-        if key in grouped or key == rst_format.INTEGRITY_KEY:  # the checksums are not adapter parameters
+        if key in grouped or key.removeprefix(_PEFT_PREFIX) == rst_format.INTEGRITY_KEY:  # checksums, not parameters
             continue
         name = key.removeprefix(_PEFT_PREFIX)
         head = _head_module(name, modules_to_save)

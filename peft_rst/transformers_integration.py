@@ -19,7 +19,9 @@ from typing import Any
 
 from torch import nn
 
+from . import format as rst_format
 from .config import RSTPeftType
+from .loading import HandedFile
 
 _HUB_KEYS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
 _ATTR = "_peft_rst_wrapped"
@@ -148,16 +150,21 @@ def load_rst_adapter(
             raise ValueError("Pass `peft_model_id` (a folder or Hub id) or `adapter_state_dict` to load an adapter.")
         # read (and fail on a missing file) before the model is touched
         adapter_state_dict = load_peft_weights(str(peft_model_id), device="cpu", **dict(hub_kwargs or {}))
-    # saved from a PeftModel: keys start with its prefix, which a transformers model's module names lack
-    adapter_state_dict = {k.removeprefix("base_model.model."): v for k, v in adapter_state_dict.items()}
+    source = f"adapter '{adapter_name}'"
+    # the file's checksums cover its tensors under its own keys: check them before the model is touched
+    rst_format.check_integrity(adapter_state_dict, source)
+    # saved from a PeftModel: keys start with its prefix, which a transformers model's module names lack; the tuner
+    # hook maps them back to the file's keys for its own check (HandedFile)
+    handed = HandedFile(adapter_state_dict, lambda key: key.removeprefix("base_model.model."), source)
     had_adapters = bool(getattr(model, "_hf_peft_config_loaded", False) and getattr(model, "peft_config", None))
     before = _tuner_modules(model)
+    # peft's injection freezes every parameter that is not the new adapter's
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         inject_adapter_in_model(config, model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
         model._hf_peft_config_loaded = True
-        result = set_peft_model_state_dict(
-            model, adapter_state_dict, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage
-        )
+        with handed.handing_on():
+            result = set_peft_model_state_dict(model, handed.handed, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
         unexpected = sorted(result.unexpected_keys)
         missing = sorted(
             k for k in result.missing_keys if f".{adapter_name}." in k and (".rst_" in k or "modules_to_save" in k)
@@ -170,6 +177,8 @@ def load_rst_adapter(
             )
     except BaseException:
         _roll_back(model, adapter_name, before, had_adapters)
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
         raise
     if config.inference_mode:
         model.eval()  # what transformers' load_adapter does for an inference adapter

@@ -678,6 +678,21 @@ def test_integrity_record_refuses_every_change(edit, pattern):
         check_integrity(tensors, "f")
 
 
+def test_a_record_moved_under_the_prefix_of_every_key_covers_the_keys_under_that_prefix():
+    """transformers' save_pretrained prepends `base_model.model.` to every key of an adapter, the record's too."""
+    moved = {f"base_model.model.{k}": t for k, t in _with_record(_file_tensors()).items()}
+    check_integrity(moved, "f")
+    one_left_behind = dict(moved)
+    one_left_behind["head.bias"] = one_left_behind.pop("base_model.model.head.bias")
+    with pytest.raises(RSTFormatError, match=r"missing from the file \(first: base_model\.model\.head\.bias\)"):
+        check_integrity(one_left_behind, "f")
+    moved["base_model.model.head.weight"] = _flip(moved["base_model.model.head.weight"], 2)
+    with pytest.raises(RSTFormatError, match=r"'base_model\.model\.head\.weight' fails its checksum"):
+        check_integrity(moved, "f")
+    with pytest.raises(RSTFormatError, match="2 integrity records"):
+        check_integrity({**_with_record(_file_tensors()), f"x.{INTEGRITY_KEY}": integrity_record({})}, "f")
+
+
 def test_non_finite_dense_tensors_are_refused_when_saving_and_loading():
     tensors = _file_tensors()
     tensors["head.weight"][0, 0] = float("nan")
@@ -706,6 +721,10 @@ def test_record_check_in_the_docs_accepts_intact_files_and_refuses_changed_ones(
     state = load_file(str(tmp_path / "a.safetensors"))
     namespace["check_file"](state)
     namespace["check_file"]({k: v for k, v in state.items() if k != INTEGRITY_KEY})  # version 1: nothing to check
+    moved = {f"base_model.model.{k}": v for k, v in state.items()}  # as transformers' save_pretrained writes it
+    namespace["check_file"](moved)
+    with pytest.raises(AssertionError):
+        namespace["check_file"]({**moved, "base_model.model.head.bias": _flip(moved["base_model.model.head.bias"], 0)})
     for edit in (
         lambda s: s.update({"head.weight": _flip(s["head.weight"], 5)}),
         lambda s: s.pop("head.bias"),

@@ -1,11 +1,13 @@
 """Seeded fuzzing of saved RST adapters: byte flips and truncations of every tensor and of the safetensors header,
 and mutations of every adapter_config.json field (issue 9, "What it must show").
 
-Every mutated folder is loaded three ways: `PeftModel.from_pretrained` onto a fresh base, `load_adapter` under the
-name of the loaded adapter, and `load_adapter` under a new name. A load either is refused, and then the model is
-exactly as before (parameters bit for bit, requires_grad flags, module tree, peft_config, active adapter), or it
-succeeds, and then the adapter holds exactly the tensors of the original file. A successful load of a file whose
-tensor bytes were changed is a silent accept; the test counts them and requires none.
+Every mutated folder is loaded four ways: `PeftModel.from_pretrained` onto a fresh base, `load_adapter` under the
+name of the loaded adapter, `load_adapter` under a new name, and transformers' `PreTrainedModel.load_adapter`
+(which hands the tensors to peft under other keys, see `peft_rst.transformers_integration`). A load either is
+refused, and then the model is exactly as before (parameters bit for bit, requires_grad flags, module tree,
+peft_config, active adapter), or it succeeds, and then the adapter holds exactly the tensors of the original file.
+A successful load of a file whose tensor bytes were changed is a silent accept; the test counts them and requires
+none.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from peft import PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
 
 import peft_rst  # noqa: F401  (registers RST)
 from peft_rst import RSTConfig
@@ -44,6 +47,26 @@ class Net(nn.Module):
 def base_model() -> Net:
     torch.manual_seed(0)
     return Net()
+
+
+class HFNet(PreTrainedModel):
+    """`Net` as a transformers model, for transformers' own `load_adapter`."""
+
+    config_class = PretrainedConfig
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__(config)
+        net = Net()
+        self.lin0, self.norm, self.lin1, self.head = net.lin0, net.norm, net.lin1, net.head
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin1(self.norm(self.lin0(x)))))
+
+
+def hf_base_model() -> HFNet:
+    model = HFNet(PretrainedConfig())
+    model.load_state_dict(base_model().state_dict())
+    return model.eval()
 
 
 def snapshot(model: nn.Module) -> dict:
@@ -160,6 +183,15 @@ def test_fuzzed_adapters_are_refused_cleanly_or_load_exactly(tmp_path):
     config_text = (good / "adapter_config.json").read_text()
     original = load_file(good / "adapter_model.safetensors")
     assert {k.rpartition(".")[2] for k in original} >= {"idx", "val", "weight", "bias", "rst_integrity"}
+    # what the intact file gives through transformers: the same tensors without peft's prefix, and their record
+    hf = hf_base_model()
+    hf.load_adapter(good, adapter_name="new")
+    as_saved_by_transformers = get_peft_model_state_dict(hf, adapter_name="new")
+    record = peft_rst.format.INTEGRITY_KEY
+    assert same_tensors(
+        {k: v for k, v in as_saved_by_transformers.items() if k != record},
+        {k.removeprefix("base_model.model."): v for k, v in original.items() if k != record},
+    )
 
     cases = [(label, changed, data, config_text) for label, changed, data in byte_mutations(raw, rng)]
     cases += [(label, False, raw, text) for label, text in config_mutations(json.loads(config_text))]
@@ -198,6 +230,21 @@ def test_fuzzed_adapters_are_refused_cleanly_or_load_exactly(tmp_path):
                 outcomes[f"load_adapter({name}) loaded"] += 1
                 if changes_tensors or not same_tensors(get_peft_model_state_dict(host, adapter_name=name), original):
                     silent.append((label, f"load_adapter({name})"))
+
+        hf = hf_base_model()
+        before = snapshot(hf)
+        try:
+            hf.load_adapter(folder, adapter_name="new")
+        except Exception:
+            outcomes["transformers load_adapter refused"] += 1
+            if differences(hf, before):
+                dirty.append((label, "transformers load_adapter", differences(hf, before)))
+        else:
+            outcomes["transformers load_adapter loaded"] += 1
+            if changes_tensors or not same_tensors(
+                get_peft_model_state_dict(hf, adapter_name="new"), as_saved_by_transformers
+            ):
+                silent.append((label, "transformers load_adapter"))
 
     print(f"{len(cases)} mutated folders, outcomes: {dict(outcomes)}")
     assert not silent, f"{len(silent)} silent accepts: {silent[:5]}"

@@ -20,6 +20,7 @@ from transformers import (
 
 import peft_rst  # noqa: F401  (registers RST)
 from peft_rst import BaseWeightsMismatchError, RSTConfig, RSTLayer
+from peft_rst.format import RSTFormatError
 
 CLIP = CLIPVisionConfig(
     hidden_size=32,
@@ -169,6 +170,7 @@ def test_a_refused_adapter_leaves_the_model_as_it_was(clip_domains, tmp_path):
     assert not any(isinstance(m, RSTLayer) for m in model.modules())
     assert not hasattr(model, "peft_config") and not model._hf_peft_config_loaded
     assert model.state_dict().keys() == state.keys()
+    assert all(p.requires_grad for p in model.parameters())  # peft's injection had frozen the base
     assert torch.equal(embeds(model), base_out)
     # with an adapter loaded already: that one stays, active and intact
     model.load_adapter(folders[0], adapter_name="d0")
@@ -178,6 +180,88 @@ def test_a_refused_adapter_leaves_the_model_as_it_was(clip_domains, tmp_path):
     assert list(model.peft_config) == ["d0"]
     assert [name for name, m in model.named_modules() if isinstance(m, RSTLayer)] == layers
     assert torch.equal(embeds(model), outputs[0])
+
+
+def _corrupt(folder, tmp_path, edit) -> object:
+    """A copy of adapter folder `folder` whose tensors went through `edit` (a dict -> dict function)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    copy = tmp_path / f"corrupt{len(list(tmp_path.iterdir()))}"
+    shutil.copytree(folder, copy)
+    tensors = edit(load_file(copy / "adapter_model.safetensors"))
+    save_file(tensors, copy / "adapter_model.safetensors")
+    return copy
+
+
+def _flip_first(tensors: dict, part: str) -> dict:
+    key = next(k for k in sorted(tensors) if k.endswith(part))
+    raw = tensors[key].contiguous().view(torch.uint8).reshape(-1).clone()
+    raw[-1] ^= 0x04
+    return {**tensors, key: raw.view(tensors[key].dtype).reshape(tensors[key].shape)}
+
+
+def _drop_one_prefix(tensors: dict) -> dict:
+    key = next(k for k in sorted(tensors) if k.endswith(".val"))
+    out = dict(tensors)
+    out[key.removeprefix("base_model.model.")] = out.pop(key)
+    return out
+
+
+@pytest.mark.parametrize(
+    "edit, pattern",
+    [
+        (lambda t: _flip_first(t, ".val"), r"fails its checksum"),
+        (lambda t: _flip_first(t, ".idx"), r"fails its checksum"),
+        # the transformers route strips peft's prefix from every key; the file is checked under its own keys first
+        (_drop_one_prefix, r"missing from the file"),
+    ],
+    ids=["flip-val", "flip-idx", "key-renamed"],
+)
+def test_a_corrupted_file_is_refused_on_every_transformers_route(clip_domains, tmp_path, edit, pattern):
+    state, folders, outputs, base_out = clip_domains
+    bad = _corrupt(folders[1], tmp_path, edit)
+    model = clip(state)
+    with pytest.raises(RSTFormatError, match=pattern):
+        model.load_adapter(bad, adapter_name="x")
+    assert not any(isinstance(m, RSTLayer) for m in model.modules())
+    assert not hasattr(model, "peft_config") and not model._hf_peft_config_loaded
+    assert torch.equal(embeds(model), base_out)
+    with pytest.raises(RSTFormatError, match=pattern):
+        model.load_adapter(
+            adapter_name="x",
+            peft_config=PeftConfig.from_pretrained(bad),
+            adapter_state_dict=load_file(bad / "adapter_model.safetensors"),
+        )
+    assert not hasattr(model, "peft_config") and torch.equal(embeds(model), base_out)
+    # next to a loaded adapter, under a new name and by hotswap: the loaded one stays, active and intact
+    model.load_adapter(folders[0], adapter_name="d0")
+    with pytest.raises(RSTFormatError, match=pattern):
+        model.load_adapter(bad, adapter_name="x")
+    with pytest.raises(RSTFormatError, match=pattern):
+        model.load_adapter(bad, adapter_name="d0", hotswap=True)
+    assert list(model.peft_config) == ["d0"] and model.active_adapters() == ["d0"]
+    assert torch.equal(embeds(model), outputs[0])
+
+
+def test_an_adapter_saved_by_transformers_round_trips_and_is_still_checked(clip_domains, tmp_path):
+    """transformers' save_pretrained puts every key, the integrity record's too, under `base_model.model.`."""
+    state, folders, outputs, _ = clip_domains
+    model = clip(state)
+    model.load_adapter(folders[1], adapter_name="d1")
+    model.save_pretrained(tmp_path / "saved")
+    saved = load_file(tmp_path / "saved" / "adapter_model.safetensors")
+    assert "base_model.model.rst_integrity" in saved and all(k.startswith("base_model.model.") for k in saved)
+    assert torch.equal(embeds(PeftModel.from_pretrained(clip(state), tmp_path / "saved")), outputs[1])
+    again = clip(state)
+    again.load_adapter(tmp_path / "saved", adapter_name="d1")
+    assert torch.equal(embeds(again), outputs[1])
+    bad = _corrupt(tmp_path / "saved", tmp_path, lambda t: _flip_first(t, ".val"))
+    with pytest.raises(RSTFormatError, match="fails its checksum"):
+        clip(state).load_adapter(bad, adapter_name="d1")
+    with pytest.raises(RSTFormatError, match="fails its checksum"):
+        PeftModel.from_pretrained(clip(state), bad)
 
 
 def test_lora_adapters_still_take_transformers_path(tmp_path):

@@ -444,7 +444,9 @@ class _SeededItems(Dataset):
         out = []
         with torch.random.fork_rng(devices=[]):
             for stream, index, number, position in keys:
-                torch.manual_seed(_item_seed(self.seed, stream, number, position))
+                # the CPU generator only (augmentations run on the CPU): `torch.manual_seed` also queues a lazy CUDA
+                # seeding call, with a formatted stack trace, on every item of a CUDA build that has no GPU
+                torch.default_generator.manual_seed(_item_seed(self.seed, stream, number, position))
                 out.append(self.paired[(stream, index)])
         return out
 

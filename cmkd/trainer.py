@@ -288,7 +288,34 @@ class CMKDTrainer(Trainer):
                     self._zero_shot_ids[id(dataset)] = self._teacher_ids(dataset)
         if self.args.load_best_model_at_end:
             logger.info("checkpoint selection: %s", describe(self.args.metric_for_best_model or "loss"))
+        if resume_from_checkpoint is not None and self._finished_at(resume_from_checkpoint):
+            return self._end_of_finished_run(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _finished_at(self, checkpoint: str) -> bool:
+        """Whether ``checkpoint`` was saved at the last step (``global_step >= max_steps``). `Trainer.train` would
+        take one more optimizer step from it (its loop checks the step budget only after a step), so a run killed
+        after its final checkpoint would resume to a different model and log history than an uninterrupted one."""
+        from transformers.trainer import TRAINER_STATE_NAME
+        from transformers.trainer_callback import TrainerState
+
+        state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        return self.args.max_steps > 0 and state.global_step >= self.args.max_steps
+
+    def _end_of_finished_run(self, checkpoint: str):
+        """What `Trainer.train` does after its last step, for a run whose final checkpoint is ``checkpoint``: its
+        weights and state (log history, best checkpoint), then the best model when ``load_best_model_at_end``."""
+        from transformers.trainer import TRAINER_STATE_NAME
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        logger.info("%s is the run's last step (max_steps=%d): nothing left to train", checkpoint, self.args.max_steps)
+        self._load_from_checkpoint(checkpoint)
+        self.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
+            self._load_best_model()
+        self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+        return TrainOutput(self.state.global_step, float("nan"), {})
 
     # ------------------------------------------------------------------ data
     def get_train_dataloader(self) -> DataLoader:

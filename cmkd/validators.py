@@ -42,6 +42,8 @@ __all__ = [
     "DEFAULT_VALIDATOR",
     "DEV_MAX_SAMPLES",
     "LABEL_METRICS",
+    "LAST_NAME",
+    "LAST_RULE",
     "OPT_IN",
     "ORACLE_NAME",
     "SND_MAX_SAMPLES",
@@ -68,6 +70,8 @@ SND_MAX_SAMPLES = 2048
 DEV_MAX_SAMPLES = 2048  # target samples the DEV domain classifier is fitted on (seeded subset above that)
 DEFAULT_VALIDATOR = "zs_agreement"  # chosen by benchmarks/validator_study.py, see docs/validation.md
 ORACLE_NAME = "oracle (uses target labels)"
+LAST_RULE = "last"  # selection_summary's name for "keep the last checkpoint" (no score)
+LAST_NAME = "last checkpoint (label-free)"
 OPT_IN = ("dev",)  # not computed by CMKDTrainer unless requested or selecting: DEV fits a classifier each time
 LABEL_METRICS = ("accuracy", "mean_class_accuracy", "teacher_accuracy", "teacher_mean_class_accuracy")
 """Evaluation metrics that need target labels: choosing a checkpoint by one of them is the oracle."""
@@ -516,21 +520,30 @@ def selection_summary(
 ) -> dict | None:
     """What each selection rule picks among the evaluations of a `Trainer.state.log_history`.
 
-    ``metric``: the rule used (``metric_for_best_model``). Returns ``rule`` (its description), ``metric``,
-    ``step`` and ``value`` of its pick (the first best, as the Trainer keeps it) and, when the evaluations carry the
+    ``metric``: the rule used (``metric_for_best_model``, or ``LAST_RULE`` when the Trainer keeps the last
+    checkpoint). Returns ``rule`` (its description), ``metric``, ``step`` and ``value`` of its pick (the first best,
+    as the Trainer keeps it; None for ``LAST_RULE``, which scores nothing) and, when the evaluations carry the
     labeled ``label_metric``: ``accuracy`` of that pick, ``last`` (the last evaluated checkpoint), ``oracle`` (the
     best ``label_metric``: oracle, uses target labels) and ``gap`` = oracle - pick. None without evaluations.
     """
     name = metric.removeprefix(f"{prefix}_")
-    key, label_key = f"{prefix}_{name}", f"{prefix}_{label_metric}"
-    evals = [h for h in log_history if key in h]
-    if not evals:
-        return None
-    direction = greater_is_better(name)
-    signed = [float(h[key]) if direction is not False else -float(h[key]) for h in evals]
-    signed = [v if math.isfinite(v) else -math.inf for v in signed]
-    pick = max(range(len(evals)), key=lambda i: (signed[i], -i))  # first of equal scores
-    out: dict = {"rule": describe(name), "metric": name, "step": evals[pick].get("step"), "value": evals[pick][key]}
+    label_key = f"{prefix}_{label_metric}"
+    if name == LAST_RULE:
+        evals = [h for h in log_history if f"{prefix}_runtime" in h]  # every Trainer evaluation logs its runtime
+        if not evals:
+            return None
+        pick = len(evals) - 1
+        out: dict = {"rule": LAST_NAME, "metric": name, "step": evals[pick].get("step"), "value": None}
+    else:
+        key = f"{prefix}_{name}"
+        evals = [h for h in log_history if key in h]
+        if not evals:
+            return None
+        direction = greater_is_better(name)
+        signed = [float(h[key]) if direction is not False else -float(h[key]) for h in evals]
+        signed = [v if math.isfinite(v) else -math.inf for v in signed]
+        pick = max(range(len(evals)), key=lambda i: (signed[i], -i))  # first of equal scores
+        out = {"rule": describe(name), "metric": name, "step": evals[pick].get("step"), "value": evals[pick][key]}
     if all(label_key in h for h in evals):
         accs = [float(h[label_key]) for h in evals]
         best = max(range(len(evals)), key=lambda i: (accs[i], -i))

@@ -216,7 +216,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence = ()) -> dict:
             done.append(result)
             if trained:
                 print(f"  seed {seed}: {100 * result.score:.1f} % ({rule})", flush=True)
-        record(results, done, runs, rule if trained else "no training (zero-shot)")
+        record(results, done, runs)
         print(_method_line(results["methods"][row.method_label][done[0].task], row.method_label), flush=True)
 
     # 8. The comparison: results.json, results.md, accuracy_vs_dsp.png, and a summary on stdout
@@ -236,13 +236,44 @@ def _quiet_weight_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def record(results: dict, runs: Sequence[runner.TaskResult], seeds: Sequence[int], selection: str) -> dict:
-    """One row of the comparison from a method's runs: mean (the table's number), std and every run's score; for RST
-    the adapters' changed backbone fraction (``peft_rst.report``)."""
+NO_TRAINING = "no training (zero-shot)"
+
+
+def mean_selection(runs: Sequence[runner.TaskResult]) -> dict | None:
+    """The runs' selection summaries (``cmkd.validators.selection_summary``, one rule) as one: the rule, and the mean
+    over the runs of the pick's value and of the last / picked / oracle accuracies and the gap; None without
+    training (zero-shot)."""
+    sels = [r.selection for r in runs]
+    if any(s is None for s in sels):
+        return None
+
+    def mean(values: list) -> float | None:
+        return None if any(v is None for v in values) else statistics.fmean(values)
+
+    first = sels[0]
+    out: dict = {"rule": first["rule"], "metric": first["metric"], "value": mean([s["value"] for s in sels])}
+    if all(s.get("oracle") for s in sels):
+        out.update(
+            accuracy=mean([s["accuracy"] for s in sels]),
+            last={"accuracy": mean([s["last"]["accuracy"] for s in sels])},
+            oracle={"accuracy": mean([s["oracle"]["accuracy"] for s in sels]), "name": first["oracle"]["name"]},
+            gap=mean([s["gap"] for s in sels]),
+        )
+    return out
+
+
+def rule_of(entry: dict) -> str:
+    """The selection rule of a comparison row, as printed next to its numbers."""
+    return entry["selection"]["rule"] if entry.get("selection") else NO_TRAINING
+
+
+def record(results: dict, runs: Sequence[runner.TaskResult], seeds: Sequence[int]) -> dict:
+    """One row of the comparison from a method's runs: mean (the table's number), std and every run's score, the
+    selection summary averaged over the runs; for RST the adapters' changed backbone fraction
+    (``peft_rst.report``)."""
     scores = [r.score for r in runs]
     first = runs[0]
     extra: dict = {
-        "selection": selection,
         "std": statistics.pstdev(scores),
         "runs": {str(seed): r.score for seed, r in zip(seeds, runs)},
         "overall_accuracy": statistics.fmean(r.accuracy for r in runs),
@@ -251,6 +282,9 @@ def record(results: dict, runs: Sequence[runner.TaskResult], seeds: Sequence[int
         "num_eval": first.num_eval,
         "path": first.path,
     }
+    selection = mean_selection(runs)
+    if selection is not None:
+        extra["selection"] = selection
     if first.teacher_accuracy is not None:
         extra["teacher_accuracy"] = statistics.fmean(r.teacher_accuracy for r in runs)
     if first.path and Path(first.path).name == runner.ADAPTER_DIRNAME:
@@ -268,7 +302,7 @@ def record(results: dict, runs: Sequence[runner.TaskResult], seeds: Sequence[int
 def _method_line(entry: dict, label: str) -> str:
     n = len(entry["runs"])
     spread = f" ± {100 * entry['std']:.1f} (mean ± std over {n} seeds)" if n > 1 else ""
-    line = f"  {label}: {100 * entry['accuracy']:.1f} %{spread}, {entry['selection']}, DSP {entry['dsp']:,}"
+    line = f"  {label}: {100 * entry['accuracy']:.1f} %{spread}, {rule_of(entry)}, DSP {entry['dsp']:,}"
     if "changed_fraction" in entry:
         line += (
             f", backbone changed {entry['backbone_changed']:,} of {entry['backbone_numel']:,} entries "
@@ -290,7 +324,7 @@ def summary(cfg: runner.RunConfig, results: dict, seconds: float) -> str:
         e = rows[task]
         acc = f"{100 * e['accuracy']:.1f} ± {100 * e['std']:.1f}%"
         changed = f"{100 * e['changed_fraction']:.2f}%" if "changed_fraction" in e else "-"
-        lines.append(f"{method:<12}{acc:>16}{e['dsp']:>12,}{changed:>10}{e['nbytes']:>14,}  {e['selection']}")
+        lines.append(f"{method:<12}{acc:>16}{e['dsp']:>12,}{changed:>10}{e['nbytes']:>14,}  {rule_of(e)}")
     lines.append(f"({LEGEND}; changed = share of the targeted backbone entries the RST adapter changes)")
     return "\n".join(lines)
 

@@ -126,11 +126,40 @@ def _check_task_data(cfg: RunConfig) -> None:
     splits = {"train"} | ({bench.eval_split} if bench.eval_split != "train" else set())
     keys = sorted({k for task in cfg.tasks for k in task})
     for key in keys:
-        spec = bench.domains[key]
+        spec = bench.domains.get(key)
+        if spec is None:  # a target given by --target_* / --eval_* (config.parse names the task after it)
+            _check_custom_target(cfg)
+            continue
         for split in sorted(splits):
             listed = _find_list_file(bench, spec, split, cfg.data_dir, cfg.image_lists.get(key), cfg.image_list_dir)
             if listed is None and cfg.data_dir is not None:
                 _domain_root(bench, spec, cfg.data_dir)
+
+
+def _check_custom_target(cfg: RunConfig) -> None:
+    """The files of --target_dir/--target_list and --eval_dir/--eval_list exist and are of the right kind (a folder,
+    a file); the loaders (``recipes.core.unlabeled``) check their contents. A ``--*_dataset_id`` that names no local
+    path is left to ``datasets`` (a Hub id), like ``--dataset_id``."""
+    from .data import DataNotFoundError
+    from .unlabeled import EVAL_FLAGS, TARGET_FLAGS
+
+    given = [(flag, cfg.extra.get(flag)) for flag in (*TARGET_FLAGS, *EVAL_FLAGS)]
+    given = [(flag, Path(value).expanduser()) for flag, value in given if value]
+    if not given:
+        raise ConfigError(
+            f"target {cfg.tasks[0][1]!r} is not a domain of {cfg.benchmark.display_name}: pass one of its domains "
+            "with --target, or give the target images with --target_dir, --target_list or --target_dataset_id"
+        )
+    for flag, path in given:
+        if flag.endswith("_dir") and not path.is_dir():
+            what = "is a file, not a folder" if path.exists() else "does not exist"
+            raise DataNotFoundError(f"--{flag} {path} {what}; it takes a folder of images")
+        if flag.endswith("_list") and not path.is_file():
+            what = "is a folder, not a file" if path.exists() else "does not exist"
+            raise DataNotFoundError(f"--{flag} {path} {what}; it takes a text file of image paths")
+        local = str(path).startswith((".", "/", "~"))
+        if flag.endswith("_dataset_id") and local and not path.exists():
+            raise DataNotFoundError(f"--{flag} {path} does not exist (a local path; a Hub id has no leading . / ~)")
 
 
 def check_inputs(cfg: RunConfig) -> None:

@@ -713,13 +713,15 @@ def evaluate(cfg: RunConfig, trainer) -> dict[str, Any]:
     With a labeled target only: the benchmark's metric (accuracy or mean per-class accuracy), both metrics,
     per-class accuracy and the zero-shot teacher's accuracy; without labels these are None.
     """
-    from cmkd.validators import VALIDATORS, selection_summary
+    from cmkd.validators import LAST_RULE, VALIDATORS, selection_summary
 
     selection = None
     if cfg.method != "zero_shot":
-        selection = selection_summary(
-            trainer.state.log_history, trainer.args.metric_for_best_model, cfg.benchmark.metric
-        )
+        # the rule that picked the reported model: "last" keeps the last checkpoint whatever metric_for_best_model says
+        rule = LAST_RULE if cfg.extra.get("selection") == "last" else trainer.args.metric_for_best_model
+        selection = selection_summary(trainer.state.log_history, rule, cfg.benchmark.metric)
+        if selection is not None:
+            selection["rule"] = selection_name(cfg)  # the same words as the logs, tables and card
     raw = trainer.evaluate()
     labeled = "eval_accuracy" in raw
     per_class = raw.get("eval_per_class_accuracy") or []
@@ -821,7 +823,8 @@ def selection_notes(metrics: dict[str, Any]) -> str:
     sel = metrics.get("selection")
     if not sel:
         return ""
-    text = f"\n\nCheckpoint selection: {sel['rule']}; value {sel['value']:.4g} at step {sel['step']}"
+    value = "" if sel["value"] is None else f"; value {sel['value']:.4g}"
+    text = f"\n\nCheckpoint selection: {sel['rule']}{value} at step {sel['step']}"
     if sel.get("accuracy") is not None:
         oracle = sel["oracle"]
         text += (
@@ -1110,7 +1113,11 @@ def _task_line(r: TaskResult) -> str:
     score = "accuracy not reported (no target labels)" if r.score is None else f"{100 * r.score:.1f} %"
     sel = r.selection
     if sel:
-        score += f" [checkpoint by {sel['metric']} = {sel['value']:.4g}"
+        score += (
+            f" [checkpoint: {sel['rule']}"
+            if sel["value"] is None
+            else f" [checkpoint by {sel['metric']} = {sel['value']:.4g}"
+        )
         if sel.get("oracle"):
             score += f"; {sel['oracle']['name']}: {100 * sel['oracle']['accuracy']:.1f} %"
         score += "]"

@@ -587,6 +587,25 @@ def test_resuming_from_a_checkpoint_continues_the_same_run(clip, data, tmp_path)
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
 
 
+def test_resuming_from_the_final_checkpoint_trains_no_extra_step(clip, data, tmp_path):
+    """A run killed after its last checkpoint resumes to the same model and log history (Trainer.train alone would
+    take a max_steps+1-th step from it), and load_best_model_at_end still loads the best checkpoint."""
+    kw = dict(max_steps=4, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2)
+    args = make_args(tmp_path, load_best_model_at_end=True, save_total_limit=None, **kw)
+    straight = fresh_model(clip)
+    first = CMKDTrainer(straight, args, data["source"], data["target"])
+    first.train()
+    resumed = fresh_model(clip)
+    trainer = CMKDTrainer(resumed, args, data["source"], data["target"])
+    out = trainer.train(resume_from_checkpoint=True)
+    assert out.global_step == trainer.state.global_step == 4
+    evals = [h["step"] for h in trainer.state.log_history if "eval_accuracy" in h]
+    assert evals == [h["step"] for h in first.state.log_history if "eval_accuracy" in h] == [2, 4]
+    assert trainer.state.best_model_checkpoint == first.state.best_model_checkpoint
+    for p, q in zip(resumed.parameters(), straight.parameters()):
+        assert torch.equal(p, q)
+
+
 # ----------------------------------------------------------------------------------------------- learning
 LEARNING_STEPS = 150
 

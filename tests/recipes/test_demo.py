@@ -51,6 +51,9 @@ def test_quick_demo_runs_every_method_and_leaves_adapter_card_and_table(tmp_path
     assert list(results["methods"]) == METHODS
     assert json.loads((out / "results.json").read_text()) == results
     assert (out / "results.md").is_file() and (out / "accuracy_vs_dsp.png").read_bytes()[:4] == b"\x89PNG"
+    # results.md's selection table: per method the last checkpoint, the (here: last) pick, the oracle and the gap
+    table = (out / "results.md").read_text()
+    assert "Checkpoint selection" in table and "oracle (uses target labels)" in table
     adapter = out / "cmkd_rst" / "seed-42" / "clean-styled" / "adapter"
     for name in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
         assert (adapter / name).is_file(), name
@@ -69,12 +72,13 @@ def test_quick_demo_runs_every_method_and_leaves_adapter_card_and_table(tmp_path
         entry = rows["clean->styled"]
         line = next(x for x in summary.splitlines() if x.startswith(method + " "))
         assert f"{100 * entry['accuracy']:.1f} ± {100 * entry['std']:.1f}%" in line and f"{entry['nbytes']:,}" in line
-        assert entry["selection"] in line
+        assert demo.rule_of(entry) in line
         runs = list(entry["runs"].values())
         assert entry["accuracy"] == pytest.approx(float(np.mean(runs)), abs=1e-12)
         assert entry["std"] == pytest.approx(float(np.std(runs)), abs=1e-12)
     assert [len(rows["clean->styled"]["runs"]) for rows in results["methods"].values()] == [1, 2, 2, 2]
-    assert results["methods"]["CMKD"]["clean->styled"]["selection"] == "last checkpoint (label-free)"
+    assert results["methods"]["CMKD"]["clean->styled"]["selection"]["rule"] == "last checkpoint (label-free)"
+    assert "selection" not in results["methods"]["CLIP"]["clean->styled"]  # zero-shot picks no checkpoint
     assert "oracle" not in summary  # the default needs no target labels
     for line in printed.splitlines():  # every per-seed and per-method accuracy names its rule
         if line.startswith("  ") and "%" in line:
@@ -121,7 +125,8 @@ def test_oracle_selection_is_named_as_such(tmp_path, capsys):
     args = ["--output_dir", str(out), "--quick", "--seeds", "1", "--selection", "oracle", "--num_workers", "0"]
     results = demo.main([*args, "--quiet"])
     printed = capsys.readouterr().out
-    assert results["methods"]["Baseline"]["clean->styled"]["selection"] == "oracle (uses target labels)"
+    sel = results["methods"]["Baseline"]["clean->styled"]["selection"]
+    assert sel["rule"] == "oracle (uses target labels)" and sel["gap"] == 0.0  # the oracle is its own best
     summary = printed[printed.index("target accuracy, mean ± std") :]
     assert "checkpoint: oracle (uses target labels)" in summary.splitlines()[0]
     card = (out / "cmkd_rst" / "seed-42" / "clean-styled" / "adapter" / "README.md").read_text()
@@ -197,7 +202,7 @@ def test_readme_command_runs_offline_and_shows_the_gain(tmp_path):
     accuracy = {m: 100 * r["accuracy"] for m, r in rows.items()}
     print(f"demo wall time {seconds:.0f} s (load average {os.getloadavg()}); target accuracy {accuracy}")
     assert all(len(r["runs"]) == 3 for m, r in rows.items() if m != "CLIP")
-    assert all(r["selection"] == "last checkpoint (label-free)" for m, r in rows.items() if m != "CLIP")
+    assert all(r["selection"]["rule"] == "last checkpoint (label-free)" for m, r in rows.items() if m != "CLIP")
     for method in METHODS:
         assert method in proc.stdout
     targets = {

@@ -85,6 +85,19 @@ def test_missing_data_is_reported_before_any_model_is_loaded(tmp_path, no_model_
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flag", ["--target_dir", "--target_list", "--eval_dir", "--eval_list"])
+def test_missing_custom_target_is_reported_before_any_model_is_loaded(
+    assets, tmp_path, no_model_loading, capsys, flag
+):
+    """A target given by --target_*/--eval_* is checked with the benchmark's domains, not skipped (nor a KeyError)."""
+    args = ["--config", str(assets["config"]), "--data_dir", str(assets["data"]), "--model", str(assets["clip"])]
+    args += ["--output_dir", str(tmp_path / "out"), "--source", "Art", flag, str(tmp_path / "nothing")]
+    code, message = recipe_error(office_home.main, args, capsys)
+    assert code == 1 and message.startswith(f"error: {flag} {tmp_path / 'nothing'} does not exist"), message
+    one_line(message)
+    assert not (tmp_path / "out").exists()
+
+
 def test_unwritable_output_dir_is_reported_before_any_model_is_loaded(assets, tmp_path, no_model_loading, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -148,8 +148,12 @@ class TrainingStarted(TrainerCallback):
             self.fd = None
 
 
-def run_child(args: list[str], kill=None, n: int = 1, delay: float | None = None) -> int:
-    """Run the recipe in a forked child; returns the signal that ended it (negative) or its exit status."""
+def run_child(
+    args: list[str], kill=None, n: int = 1, delay: float | None = None, timing: list[float] | None = None
+) -> int:
+    """Run the recipe in a forked child; returns the signal that ended it (negative) or its exit status.
+
+    ``delay``: SIGKILL that long after training starts; ``timing``: gets the seconds from training start to exit."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: never returns into pytest
@@ -165,16 +169,21 @@ def run_child(args: list[str], kill=None, n: int = 1, delay: float | None = None
         finally:
             os._exit(code)
     os.close(write_fd)
-    if delay is not None:
+    started = None
+    if delay is not None or timing is not None:
         ready, _, _ = select.select([read_fd], [], [], 300)
         if ready and os.read(read_fd, 1):
-            time.sleep(delay)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            started = time.monotonic()
+            if delay is not None:
+                time.sleep(delay)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
     os.close(read_fd)
     _, status = os.waitpid(pid, 0)
+    if timing is not None and started is not None:
+        timing.append(time.monotonic() - started)
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
@@ -203,14 +212,16 @@ def test_killed_runs_resume_to_the_uninterrupted_result(assets, tmp_path, monkey
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     rng = random.Random(SEED)
     straight = tmp_path / "straight"
-    assert run_child(argv(assets, straight, *FLAGS, iterations=ITERATIONS)) == 0
+    timing: list[float] = []
+    assert run_child(argv(assets, straight, *FLAGS, iterations=ITERATIONS), timing=timing) == 0
 
     out = tmp_path / "killed"
     task = out / "Ar-Cl"
     first = argv(assets, out, *FLAGS, iterations=ITERATIONS)
     resume = [*first, "--resume_from_checkpoint"]
-    # 1. at a random time (seeded) within the first half second of training
-    delay = rng.uniform(0, 0.5)
+    # 1. at a random time (seeded) in the first half of the uninterrupted run's training + saving time, so that the
+    # run still has checkpoint saves ahead for the kill points below (a fixed delay outlasts a fast machine's run)
+    delay = rng.uniform(0, 0.5) * timing[0]
     assert run_child(first, delay=delay) == -signal.SIGKILL, delay
     seen = [("random time", delay, complete_step(task), leftovers(out))]
     # 2. inside the save path: checkpoint n (random among those the run still makes), then the final save

@@ -8,21 +8,14 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from tiny_vision import tiny_clip_vision_config  # same folder
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 import peft_rst  # noqa: F401  (registers RST)
 from peft_rst import BaseWeightsMismatchError, RSTConfig, RSTLayer, RSTModel
 from peft_rst.format import RSTFormatError
 
-CONFIG = CLIPVisionConfig(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=16,
-    patch_size=8,
-    projection_dim=16,
-)
+CONFIG = tiny_clip_vision_config()
 
 
 def pretrained_state() -> dict[str, torch.Tensor]:

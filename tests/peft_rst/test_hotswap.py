@@ -5,20 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+from tiny_vision import tiny_clip_vision_config  # same folder
+from transformers import CLIPVisionModelWithProjection
 
 import peft_rst
 from peft_rst import BaseWeightsMismatchError, HotswapError, RSTConfig, RSTLayer
 
-CLIP = CLIPVisionConfig(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=16,
-    patch_size=8,
-    projection_dim=16,
-)
+CLIP = tiny_clip_vision_config()
 PIXELS = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 SAVED = ["visual_projection"]
 

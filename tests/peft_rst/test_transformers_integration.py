@@ -9,8 +9,8 @@ import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from PIL import Image
 from safetensors.torch import load_file
+from tiny_vision import tiny_clip_vision_config  # same folder
 from transformers import (
-    CLIPVisionConfig,
     CLIPVisionModelWithProjection,
     ViTConfig,
     ViTForImageClassification,
@@ -22,15 +22,7 @@ import peft_rst  # noqa: F401  (registers RST)
 from peft_rst import BaseWeightsMismatchError, RSTConfig, RSTLayer
 from peft_rst.format import RSTFormatError
 
-CLIP = CLIPVisionConfig(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=16,
-    patch_size=8,
-    projection_dim=16,
-)
+CLIP = tiny_clip_vision_config()
 PIXELS = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 
 

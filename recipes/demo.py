@@ -30,7 +30,6 @@ import dataclasses
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +38,6 @@ if __package__ in (None, ""):  # run as a file from a source checkout: make `rec
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 from recipes.core import runner  # noqa: E402
 from recipes.core.config import available_benchmarks, build_parser  # noqa: E402
@@ -57,64 +55,9 @@ LEGEND = "CLIP = zero-shot CLIP (no training), Baseline = source-only fine-tunin
 SCRIPT = "recipes/demo.py"
 DEFAULT_SEEDS = 3
 
-# Toy-task settings, chosen so the whole demo takes ~2 minutes on 2 CPU cores (see the test in tests/recipes).
-TOY_ITERATIONS = 300
-TOY_EVAL_INTERVAL = 50
-QUICK_ITERATIONS = 6  # --quick: a smoke run of the pipeline (tests), not a result
-QUICK_EVAL_INTERVAL = 3
-
-
-def toy_benchmark(folder: Path) -> Path:
-    """Write the toy task's benchmark YAML (same schema as ``recipes/configs/*.yaml``) and return its path."""
-    from cmkd.toy import DIGITS_PROMPT, DOMAIN_NAMES, TINY_CLIP_PATH
-
-    source, target = DOMAIN_NAMES["source"], DOMAIN_NAMES["target"]
-    config = {
-        "name": TOY,
-        "display_name": "Digits shift (scikit-learn digits)",
-        "num_classes": 10,
-        "homepage": "https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset",
-        "license": "CC BY 4.0 (UCI optical recognition of handwritten digits), rendered by cmkd.toy",
-        "domains": {source: {"name": source, "folder": source}, target: {"name": target, "folder": target}},
-        "tasks": [f"{source}->{target}"],
-        "metric": "accuracy",
-        "eval_split": "train",  # as in the paper: the whole unlabeled target is adapted on and evaluated
-        "backbone": "tiny_clip",
-        "backbones": {
-            # release (ViT-B/16): lr 3e-6, head x1000, tau 1e-6 = lr / 3. The tiny tower, pretrained on 900 digits,
-            # wants larger steps (3e-4 already overfits the clean source). tau = lr keeps the adapter's changed share
-            # of the tower small, as RST is meant to (the release's ratio lr / 3 changed several % of this tiny tower;
-            # 3 x lr changed none, leaving the head only). Figures: docs/cmkd.md, "The embedded demo".
-            "tiny_clip": {"model": str(TINY_CLIP_PATH), "lr": 1e-4, "head_lr_multiplier": 100, "tau": 1e-4},
-        },
-        "optim": {"momentum": 0.9, "nesterov": True, "weight_decay": 5e-4, "lr_gamma": 0.0003, "lr_power": 0.75},
-        "training": {
-            "iterations": TOY_ITERATIONS,
-            "eval_interval": TOY_EVAL_INTERVAL,
-            "batch_size": 32,
-            "eval_batch_size": 256,
-            "seed": 42,
-            "mixed_precision": False,
-        },
-        # The release's weights. Its warm-up lam(t) = 2 / (1 + exp(-gamma t / max_iter)) - 1 (gamma 1, max_iter 10,000)
-        # reaches 0.46 after 10,000 iterations; in 300 iterations the CMKD terms must come in sooner: gamma 10 over
-        # the demo's iterations reaches 0.46 after 30 iterations and ~1 at the end.
-        "cmkd": {
-            "lambda1": 0.25,
-            "lambda2": 0.1,
-            "lambda3": 0.025,
-            "gamma": 10.0,
-            "lambda_max_iter": TOY_ITERATIONS,
-            "label_smoothing": 0.1,
-            "prompt_template": DIGITS_PROMPT,
-        },
-        "augmentation": {"image_size": 32, "train": "digits_train", "test": "digits_test"},
-        "fixmatch": {"threshold": 0.95, "factor": 0.5, "strong": "fixmatch_strong"},
-        "partial": {"available": False},
-    }
-    path = folder / f"{TOY}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    return path
+# The toy task's settings (iterations, eval interval, lr, tau, ...) are its preset, recipes/configs/digits_shift.yaml.
+QUICK_MAX_STEPS = 6  # --quick: a smoke run of the pipeline (tests), not a result
+QUICK_EVAL_STEPS = 3
 
 
 def build_demo_parser(benchmark: str | Path, toy: bool, output_dir: str | None) -> argparse.ArgumentParser:
@@ -130,7 +73,7 @@ def build_demo_parser(benchmark: str | Path, toy: bool, output_dir: str | None) 
         default=TOY,
         help=f"{TOY} (default: shipped with the project) or one of {', '.join(available_benchmarks())}",
     )
-    demo.add_argument("--quick", action="store_true", help=f"{QUICK_ITERATIONS} iterations: checks the pipeline only")
+    demo.add_argument("--quick", action="store_true", help=f"{QUICK_MAX_STEPS} iterations: checks the pipeline only")
     demo.add_argument(
         "--seeds",
         type=int,
@@ -138,7 +81,8 @@ def build_demo_parser(benchmark: str | Path, toy: bool, output_dir: str | None) 
         help="training runs per method, with seeds --seed, --seed + 1, ...; the table shows mean ± std "
         f"(default: {DEFAULT_SEEDS})",
     )
-    parser.set_defaults(selection="last")  # label-free; --selection (recipes/core/unlabeled.py) picks another rule
+    # --rst on: the CMKD+RST row's tau comes from the preset (or --tau); label-free selection by default
+    parser.set_defaults(rst=True, selection="last")  # --selection (recipes/core/unlabeled.py) picks another rule
     if toy:
         from cmkd.toy import DOMAIN_NAMES
 
@@ -151,26 +95,26 @@ def build_demo_parser(benchmark: str | Path, toy: bool, output_dir: str | None) 
 
 
 def parse(argv: Sequence[str] | None) -> runner.RunConfig:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """The demo's flags over its preset (``--benchmark``, default the toy task); --quick shortens an unset
+    --max_steps / --eval_steps."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--benchmark", default=TOY)
     pre.add_argument("--output_dir")
     known, _ = pre.parse_known_args(argv)
     toy = known.benchmark == TOY
-    with tempfile.TemporaryDirectory() as tmp:
-        benchmark = str(toy_benchmark(Path(tmp))) if toy else known.benchmark
-        parser = build_demo_parser(benchmark, toy, known.output_dir)
-        methods = {"--baseline", "--zero-shot", "--zero_shot"} & set(argv)
-        if methods:
-            parser.error(
-                f"the demo runs zero-shot, source-only, CMKD and CMKD+RST itself; drop {', '.join(sorted(methods))} "
-                "(recipes/<benchmark>.py runs one method)"
-            )
-        cfg = runner.parse(benchmark, [*argv, "--rst"], parser=parser)  # --rst: resolves tau for the RST row
-    if cfg.extra["seeds"] < 1:
-        parser.error(f"--seeds must be >= 1, got {cfg.extra['seeds']}")
-    if cfg.extra.get("quick") and "--iterations" not in argv:
-        cfg = dataclasses.replace(cfg, iterations=QUICK_ITERATIONS, eval_interval=QUICK_EVAL_INTERVAL)
+    parser = build_demo_parser(known.benchmark, toy, known.output_dir)
+    args = parser.parse_args(argv)
+    if args.baseline or args.zero_shot:
+        parser.error(
+            "the demo runs zero-shot, source-only, CMKD and CMKD+RST itself; drop --baseline / --zero-shot "
+            "(recipes/<benchmark>.py runs one method)"
+        )
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.quick:
+        args.max_steps = QUICK_MAX_STEPS if args.max_steps is None else args.max_steps
+        args.eval_steps = QUICK_EVAL_STEPS if args.eval_steps is None else args.eval_steps
+    cfg = runner.parse(known.benchmark, parser=parser, args=args)
     return dataclasses.replace(cfg, extra={**cfg.extra, "recipe_script": SCRIPT})
 
 
@@ -316,7 +260,7 @@ def summary(cfg: runner.RunConfig, results: dict, seconds: float) -> str:
     rule = results["meta"]["selection"]
     lines = [
         f"{cfg.benchmark.display_name} {task.replace('->', ' → ')}: target accuracy, mean ± std over seeds "
-        f"{', '.join(map(str, results['meta']['seeds']))}, {cfg.iterations} iterations each, checkpoint: {rule}; "
+        f"{', '.join(map(str, results['meta']['seeds']))}, {cfg.max_steps} iterations each, checkpoint: {rule}; "
         f"whole demo {seconds:.0f} s",
         f"{'Method':<12}{'accuracy':>16}{'DSP':>12}{'changed':>10}{'stored bytes':>14}  selection",
     ]

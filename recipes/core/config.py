@@ -58,39 +58,9 @@ class DomainSpec:
 class BackboneSpec:
     key: str
     model: str | None  # Hub id / local path; None = no transformers checkpoint exists, --model is required
-    lr: float
-    head_lr_multiplier: float
-    tau: float
-
-
-@dataclass(frozen=True)
-class OptimSpec:
-    momentum: float
-    nesterov: bool
-    weight_decay: float
-    lr_gamma: float
-    lr_power: float
-
-
-@dataclass(frozen=True)
-class TrainingSpec:
-    iterations: int
-    eval_interval: int
-    batch_size: int
-    eval_batch_size: int
-    seed: int
-    mixed_precision: bool
-
-
-@dataclass(frozen=True)
-class CMKDSpec:
-    lambda1: float
-    lambda2: float
-    lambda3: float
-    gamma: float
-    lambda_max_iter: int
-    label_smoothing: float
-    prompt_template: str
+    learning_rate: float  # CMKDTrainingArguments.learning_rate
+    head_lr_multiplier: float  # CMKDTrainingArguments.head_lr_multiplier
+    tau: float  # peft_rst.RSTConfig.tau
 
 
 @dataclass(frozen=True)
@@ -98,6 +68,7 @@ class AugmentationSpec:
     image_size: int
     train: str
     test: str
+    strong: str = "fixmatch_strong"  # FixMatch's strong target view
     source_train_overrides: Mapping[str, str] = field(default_factory=dict)  # domain key -> preset when source
 
     def train_preset(self, domain_key: str, role: str) -> str:
@@ -108,19 +79,25 @@ class AugmentationSpec:
 
 
 @dataclass(frozen=True)
-class FixMatchSpec:
-    threshold: float
-    factor: float
-    strong: str
-
-
-@dataclass(frozen=True)
 class PartialSpec:
     available: bool
     num_target_classes: int | None = None
-    class_count_threshold: int | None = None
+    partial_class_threshold: int | None = None  # CMKDConfig fields, applied with --partial
     cls_weight: float | None = None
     transfer_weight: float | None = None
+
+    def cmkd_config(self) -> dict[str, Any]:
+        """The CMKDConfig fields this section sets (applied over ``cmkd_config`` with --partial)."""
+        names = ("partial_class_threshold", "cls_weight", "transfer_weight")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+def _training_arg_types() -> dict[str, Any]:
+    """``cmkd.CMKDTrainingArguments`` field name -> type: the keys a preset's ``training_args`` may set."""
+    from cmkd import CMKDTrainingArguments
+
+    hints = typing.get_type_hints(CMKDTrainingArguments)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(CMKDTrainingArguments) if f.init}
 
 
 @dataclass(frozen=True)
@@ -134,11 +111,11 @@ class BenchmarkConfig:
     eval_split: str
     backbone: str
     backbones: Mapping[str, BackboneSpec]
-    optim: OptimSpec
-    training: TrainingSpec
-    cmkd: CMKDSpec
+    batch_size: int  # per domain and step, over all processes (per_device_train_batch_size = this / processes)
+    prompt_template: str  # CLIPAdaptationModel.from_clip's zero-shot prompt
+    training_args: Mapping[str, Any]  # cmkd.CMKDTrainingArguments fields
+    cmkd_config: Mapping[str, Any]  # cmkd.CMKDConfig fields
     augmentation: AugmentationSpec
-    fixmatch: FixMatchSpec
     partial: PartialSpec
     homepage: str = ""
     license: str = ""
@@ -326,7 +303,9 @@ def benchmark_from_dict(raw: Any, where: str, source_path: str = "") -> Benchmar
     backbones = {}
     raw_backbones = _require(raw, "backbones", where)
     if not isinstance(raw_backbones, Mapping):
-        raise ConfigError(f"{where}: backbones must be a mapping of name -> {{model, lr, ...}}, got {raw_backbones!r}")
+        raise ConfigError(
+            f"{where}: backbones must be a mapping of name -> {{model, learning_rate, ...}}, got {raw_backbones!r}"
+        )
     for key, spec in raw_backbones.items():
         if not isinstance(spec, Mapping):
             raise ConfigError(f"{where}.backbones.{key} must be a mapping, got {spec!r}")
@@ -344,11 +323,11 @@ def benchmark_from_dict(raw: Any, where: str, source_path: str = "") -> Benchmar
         eval_split=str(raw.get("eval_split", "train")),
         backbone=str(_require(raw, "backbone", where)),
         backbones=backbones,
-        optim=_section(OptimSpec, _require(raw, "optim", where), f"{where}.optim"),
-        training=_section(TrainingSpec, _require(raw, "training", where), f"{where}.training"),
-        cmkd=_section(CMKDSpec, _require(raw, "cmkd", where), f"{where}.cmkd"),
+        batch_size=_conform(_require(raw, "batch_size", where), int, f"{where}.batch_size"),
+        prompt_template=_conform(_require(raw, "prompt_template", where), str, f"{where}.prompt_template"),
+        training_args=_training_args(_require(raw, "training_args", where), f"{where}.training_args"),
+        cmkd_config=_cmkd_config(_require(raw, "cmkd_config", where), f"{where}.cmkd_config"),
         augmentation=_section(AugmentationSpec, aug_raw, f"{where}.augmentation"),
-        fixmatch=_section(FixMatchSpec, _require(raw, "fixmatch", where), f"{where}.fixmatch"),
         partial=_section(PartialSpec, _require(raw, "partial", where), f"{where}.partial"),
         homepage=str(raw.get("homepage", "")),
         license=str(raw.get("license", "")),
@@ -362,15 +341,50 @@ def benchmark_from_dict(raw: Any, where: str, source_path: str = "") -> Benchmar
     return cfg
 
 
+def _training_args(raw: Any, where: str) -> dict[str, Any]:
+    """A preset's ``training_args``: only ``CMKDTrainingArguments`` field names, each of its field's type."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    types_ = _training_arg_types()
+    unknown = sorted(set(raw) - set(types_))
+    if unknown:
+        raise ConfigError(f"{where}: {unknown} are not cmkd.CMKDTrainingArguments fields; fix the spelling")
+    missing = [k for k in ("max_steps", "eval_steps", "seed") if k not in raw]
+    if missing:
+        raise ConfigError(f"{where}: missing required keys {missing}")
+    out = {k: _conform(v, types_[k], f"{where}.{k}") for k, v in raw.items()}
+    return {k: raw[k] if type(raw[k]) is int and isinstance(v, float) else v for k, v in out.items()}  # 500, not 500.0
+
+
+def _cmkd_config(raw: Any, where: str) -> dict[str, Any]:
+    """A preset's ``cmkd_config``: ``cmkd.CMKDConfig`` fields, checked by building the config."""
+    from cmkd import CMKDConfig
+
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(CMKDConfig)
+    known = {f.name for f in dataclasses.fields(CMKDConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}: {unknown} are not cmkd.CMKDConfig fields; fix the spelling")
+    out = {k: _conform(v, hints[k], f"{where}.{k}") for k, v in raw.items()}
+    try:
+        CMKDConfig(**out)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: cmkd settings: {exc}") from None
+    return out
+
+
 def _validate_benchmark(cfg: BenchmarkConfig, where: str) -> None:
-    sections = {"optim": cfg.optim, "training": cfg.training, "cmkd": cfg.cmkd, "augmentation": cfg.augmentation}
-    sections.update(fixmatch=cfg.fixmatch, partial=cfg.partial)
+    sections = {"training_args": cfg.training_args, "augmentation": cfg.augmentation, "partial": cfg.partial}
     for key, spec in YAML_RANGES.items():
         section, _, name = key.rpartition(".")
         if not section:
             values = {key: getattr(cfg, name)}
         elif section == "backbones":
             values = {f"backbones.{b}.{name}": getattr(bb, name) for b, bb in cfg.backbones.items()}
+        elif isinstance(sections[section], Mapping):
+            values = {key: sections[section].get(name)}
         else:
             values = {key: getattr(sections[section], name)}
         for label, value in values.items():
@@ -397,7 +411,7 @@ def _validate_benchmark(cfg: BenchmarkConfig, where: str) -> None:
         if key not in cfg.domains:
             raise ConfigError(f"{where}: augmentation override for unknown domain {key!r}")
     try:
-        cfg.cmkd.prompt_template.format("x")
+        cfg.prompt_template.format("x")
     except (IndexError, KeyError) as exc:
         raise ConfigError(f"{where}: prompt_template must contain one '{{}}' placeholder") from exc
 
@@ -424,11 +438,11 @@ def build_parser(
             "tau": bb.tau,
             "model": bb.model,
             "backbone": f"{cfg.backbone}; choices: {', '.join(cfg.backbones)}",
-            "iterations": cfg.training.iterations,
-            "eval_interval": cfg.training.eval_interval,
-            "batch_size": cfg.training.batch_size,
-            "lr": bb.lr,
-            "seed": cfg.training.seed,
+            "max_steps": cfg.training_args["max_steps"],
+            "eval_steps": cfg.training_args["eval_steps"],
+            "batch_size": cfg.batch_size,
+            "learning_rate": bb.learning_rate,
+            "seed": cfg.training_args["seed"],
         }
 
     def dflt(key: str) -> str:
@@ -485,10 +499,14 @@ def build_parser(
     data.add_argument("--num_workers", type=int, help="DataLoader workers (default: CPUs available, at most 8)")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--iterations", type=int, help=f"training iterations {dflt('iterations')}")
-    train.add_argument("--eval_interval", type=int, help=f"iterations between evaluations {dflt('eval_interval')}")
-    train.add_argument("--batch_size", type=int, help=f"per-domain batch size {dflt('batch_size')}")
-    train.add_argument("--lr", type=float, help=f"encoder lr, head: lr x multiplier {dflt('lr')}")
+    train.add_argument("--max_steps", type=int, help=f"training iterations {dflt('max_steps')}")
+    train.add_argument(
+        "--eval_steps", type=int, help=f"iterations between evaluations and checkpoints {dflt('eval_steps')}"
+    )
+    train.add_argument("--batch_size", type=int, help=f"per-domain batch over all processes {dflt('batch_size')}")
+    train.add_argument(
+        "--learning_rate", type=float, help=f"encoder lr, head: lr x head_lr_multiplier {dflt('learning_rate')}"
+    )
     train.add_argument("--seed", type=int, help=f"random seed {dflt('seed')}")
 
     out = parser.add_argument_group("output")
@@ -523,10 +541,10 @@ class RunConfig:
     partial: bool
     backbone: BackboneSpec
     model: str
-    lr: float
+    learning_rate: float
     head_lr: float
-    iterations: int
-    eval_interval: int
+    max_steps: int
+    eval_steps: int
     batch_size: int
     seed: int
     output_dir: Path
@@ -599,6 +617,15 @@ def _merge_yaml_override(cfg: BenchmarkConfig, override_path: str) -> BenchmarkC
 
     where = f"{Path(override_path).name} (over {Path(cfg.source_path).name})"
     return benchmark_from_dict(merge(base, override), where, f"{cfg.source_path} + {override_path}")
+
+
+def package_path(name: str | None) -> str | None:
+    """``cmkd:<path>`` (a preset's model shipped inside the installed cmkd package) -> that folder; else ``name``."""
+    if not name or not name.startswith("cmkd:"):
+        return name
+    import cmkd
+
+    return str(Path(cmkd.__file__).resolve().parent / name.removeprefix("cmkd:"))
 
 
 def hub_token_available(explicit: str | None = None) -> str | None:
@@ -720,7 +747,7 @@ def resolve_run_config(args: argparse.Namespace, benchmark: str | BenchmarkConfi
             f"--backbone {backbone_key!r} unknown for {cfg.display_name}; choose from {list(cfg.backbones)}"
         )
     backbone = cfg.backbones[backbone_key]
-    model = args.model or backbone.model
+    model = package_path(args.model or backbone.model)
     if not model:
         raise ConfigError(
             f"backbone {backbone_key!r} has no transformers checkpoint on the Hub; pass --model with a Hub id or a "
@@ -729,17 +756,17 @@ def resolve_run_config(args: argparse.Namespace, benchmark: str | BenchmarkConfi
     numbers = check_flag_numbers(
         args,
         defaults={
-            "lr": backbone.lr,
+            "learning_rate": backbone.learning_rate,
             "tau": backbone.tau if args.rst else None,
-            "iterations": cfg.training.iterations,
-            "eval_interval": cfg.training.eval_interval,
-            "batch_size": cfg.training.batch_size,
-            "seed": cfg.training.seed,
+            "max_steps": cfg.training_args["max_steps"],
+            "eval_steps": cfg.training_args["eval_steps"],
+            "batch_size": cfg.batch_size,
+            "seed": cfg.training_args["seed"],
             "num_workers": None,
         },
     )
-    lr, tau, iterations = numbers["lr"], numbers["tau"], numbers["iterations"]
-    eval_interval, batch_size, seed = numbers["eval_interval"], numbers["batch_size"], numbers["seed"]
+    learning_rate, tau, max_steps = numbers["learning_rate"], numbers["tau"], numbers["max_steps"]
+    eval_steps, batch_size, seed = numbers["eval_steps"], numbers["batch_size"], numbers["seed"]
 
     # --- data sources -------------------------------------------------------------------------------------------
     image_lists = {}
@@ -809,10 +836,10 @@ def resolve_run_config(args: argparse.Namespace, benchmark: str | BenchmarkConfi
         partial=bool(args.partial),
         backbone=backbone,
         model=model,
-        lr=lr,
-        head_lr=lr * backbone.head_lr_multiplier,
-        iterations=iterations,
-        eval_interval=eval_interval,
+        learning_rate=learning_rate,
+        head_lr=learning_rate * backbone.head_lr_multiplier,
+        max_steps=max_steps,
+        eval_steps=eval_steps,
         batch_size=batch_size,
         seed=seed,
         output_dir=output_dir,
@@ -837,10 +864,12 @@ def parse_args(
     benchmark: str | BenchmarkConfig,
     argv: Sequence[str] | None = None,
     parser: argparse.ArgumentParser | None = None,
+    args: argparse.Namespace | None = None,
 ) -> RunConfig:
-    """Parse ``argv`` with the shared parser and resolve it; a ConfigError becomes ``parser.error`` (exit 2)."""
+    """Parse ``argv`` with the shared parser (unless ``args`` is given) and resolve it; a ConfigError becomes
+    ``parser.error`` (exit 2)."""
     parser = parser or build_parser(benchmark)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv) if args is None else args
     try:
         return resolve_run_config(args, benchmark)
     except ConfigError as exc:

@@ -1,7 +1,7 @@
 """The valid range of every number a recipe takes, in one table, and the one check that enforces it.
 
-Flags and YAML values go through :func:`check_number` after they are merged, so ``--lr nan``, ``--seed -1``,
-``--logging_steps 0`` and ``training: {batch_size: "32"}`` all fail the same way, before anything is loaded, with a
+Flags and YAML values go through :func:`check_number` after they are merged, so ``--learning_rate nan``, ``--seed -1``,
+``--logging_steps 0`` and ``batch_size: "32"`` all fail the same way, before anything is loaded, with a
 message naming the flag or the YAML key. ``0`` is a value, never "unset": callers test ``is None``.
 """
 
@@ -33,10 +33,10 @@ class Range:
 
 # Command-line flags (and the YAML defaults they replace), by RunConfig / flag name.
 FLAG_RANGES: dict[str, Range] = {
-    "lr": Range(float, 0, open_low=True),
+    "learning_rate": Range(float, 0, open_low=True),
     "tau": Range(float, 0, open_low=True),
-    "iterations": Range(int, 1),
-    "eval_interval": Range(int, 1),
+    "max_steps": Range(int, 1),
+    "eval_steps": Range(int, 1),
     "batch_size": Range(int, 1),
     "seed": Range(int, 0, 2**32 - 1),  # numpy's seed range (transformers.set_seed seeds numpy too)
     "num_workers": Range(int, 0),
@@ -46,24 +46,21 @@ FLAG_RANGES: dict[str, Range] = {
 # Benchmark YAML values that no flag overrides, by "section.key".
 YAML_RANGES: dict[str, Range] = {
     "num_classes": Range(int, 1),
-    "backbones.lr": Range(float, 0, open_low=True),
-    "backbones.tau": Range(float, 0, open_low=True),
+    "batch_size": FLAG_RANGES["batch_size"],
+    "backbones.learning_rate": FLAG_RANGES["learning_rate"],
+    "backbones.tau": FLAG_RANGES["tau"],
     "backbones.head_lr_multiplier": Range(float, 0, open_low=True),
-    "optim.momentum": Range(float, 0, 1),
-    "optim.weight_decay": Range(float, 0),
-    "optim.lr_gamma": Range(float, 0),
-    "optim.lr_power": Range(float, 0),
-    "training.iterations": FLAG_RANGES["iterations"],
-    "training.eval_interval": FLAG_RANGES["eval_interval"],
-    "training.batch_size": FLAG_RANGES["batch_size"],
-    "training.eval_batch_size": Range(int, 1),
-    "training.seed": FLAG_RANGES["seed"],
-    "cmkd.lambda_max_iter": Range(int, 1),
+    "training_args.sgd_momentum": Range(float, 0, 1),
+    "training_args.weight_decay": Range(float, 0),
+    "training_args.lr_decay_gamma": Range(float, 0),
+    "training_args.lr_decay_power": Range(float, 0),
+    "training_args.max_steps": FLAG_RANGES["max_steps"],
+    "training_args.eval_steps": FLAG_RANGES["eval_steps"],
+    "training_args.per_device_eval_batch_size": Range(int, 1),
+    "training_args.seed": FLAG_RANGES["seed"],
     "augmentation.image_size": Range(int, 1),
-    "fixmatch.threshold": Range(float, 0, 1),
-    "fixmatch.factor": Range(float, 0),
     "partial.num_target_classes": Range(int, 1),
-    "partial.class_count_threshold": Range(int, 0),
+    "partial.partial_class_threshold": Range(int, 0),
     "partial.cls_weight": Range(float, 0),
     "partial.transfer_weight": Range(float, 0),
 }

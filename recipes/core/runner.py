@@ -128,6 +128,12 @@ def add_runner_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     )
     group.add_argument("--logging_steps", type=int, help="log losses every N >= 1 iterations (default: min(50, eval))")
     group.add_argument("--quiet", action="store_true", help="no progress bars")
+    group.add_argument(
+        "--report_to",
+        default="none",
+        help="TrainingArguments.report_to: where losses and evaluations are logged (tensorboard, trackio, wandb, "
+        "all, none; default: none); logs go under each task's folder",
+    )
     return parser
 
 
@@ -136,11 +142,12 @@ def parse(
     argv: Sequence[str] | None = None,
     description: str | None = None,
     parser: argparse.ArgumentParser | None = None,
+    args: argparse.Namespace | None = None,
 ) -> RunConfig:
     """Shared benchmark flags + runner flags -> validated :class:`RunConfig` (a bad combination exits with a message
-    before anything is loaded or written)."""
+    before anything is loaded or written). ``args``: flags ``parser`` already parsed."""
     parser = parser or add_runner_arguments(build_parser(benchmark, description))
-    cfg = parse_args(benchmark, argv, parser)
+    cfg = parse_args(benchmark, argv, parser, args)
     try:
         _check_run_flags(cfg)
     except ConfigError as exc:
@@ -364,7 +371,7 @@ def build_model(cfg: RunConfig, clip: CLIPBundle, classes: Sequence[str]):
     with ``--rst``, the RST adapter around it (the head trained densely and saved whole)."""
     torch.manual_seed(cfg.seed)  # head initialisation
     model = CLIPAdaptationModel.from_clip(
-        clip.model, list(classes), cfg.benchmark.cmkd.prompt_template, tokenizer=clip.tokenizer
+        clip.model, list(classes), cfg.benchmark.prompt_template, tokenizer=clip.tokenizer
     )
     model.name_or_path = model.config._name_or_path = clip.name  # peft records it as the adapter's base model
     if not cfg.rst:
@@ -377,27 +384,9 @@ def build_model(cfg: RunConfig, clip: CLIPBundle, classes: Sequence[str]):
 
 
 def cmkd_config(cfg: RunConfig):
-    """The loss weights of the benchmark YAML (the release's values) as a :class:`cmkd.CMKDConfig`."""
+    """The preset's ``cmkd_config`` (``cmkd.CMKDConfig`` fields), with ``partial``'s fields over it for --partial."""
     b = cfg.benchmark
-    kwargs: dict[str, Any] = dict(
-        lambda1=b.cmkd.lambda1,
-        lambda2=b.cmkd.lambda2,
-        lambda3=b.cmkd.lambda3,
-        label_smoothing=b.cmkd.label_smoothing,
-        gamma=b.cmkd.gamma,
-        warmup_max_iter=b.cmkd.lambda_max_iter,
-        fixmatch_threshold=b.fixmatch.threshold,
-        fixmatch_factor=b.fixmatch.factor,
-    )
-    if cfg.partial:
-        p = b.partial
-        kwargs.update(
-            cls_weight=p.cls_weight if p.cls_weight is not None else 1.0,
-            transfer_weight=p.transfer_weight if p.transfer_weight is not None else 1.0,
-        )
-        if p.class_count_threshold is not None:
-            kwargs["partial_class_threshold"] = p.class_count_threshold
-    return CMKDConfig(**kwargs)
+    return CMKDConfig(**{**b.cmkd_config, **(b.partial.cmkd_config() if cfg.partial else {})})
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -562,44 +551,40 @@ def build_trainer(
     ``cfg.batch_size`` is the *global* per-domain batch (the paper's 32 + 32): under ``accelerate launch`` with N
     processes each process takes batch / N, which the trainer turns into exactly the one-process run.
     """
-    bench, opt = cfg.benchmark, cfg.benchmark.optim
+    from accelerate import PartialState
+
+    preset = dict(cfg.benchmark.training_args)  # CMKDTrainingArguments fields of the benchmark YAML
+    world = PartialState().num_processes
+    if cfg.batch_size % world:
+        raise RecipeError(f"--batch_size {cfg.batch_size} must be a multiple of the {world} processes")
     num_workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
-    logging_steps = cfg.extra.get("logging_steps") or min(50, cfg.eval_interval)
-    args = CMKDTrainingArguments(
+    logging_steps = cfg.extra.get("logging_steps") or min(50, cfg.eval_steps)
+    settings = dict(
         output_dir=str(task_dir),
         mode="cmkd_fixmatch" if cfg.fixmatch else MODES[cfg.method],
-        learning_rate=cfg.lr,
+        learning_rate=cfg.learning_rate,
         head_lr_multiplier=cfg.backbone.head_lr_multiplier,
-        sgd_momentum=opt.momentum,
-        sgd_nesterov=opt.nesterov,
-        weight_decay=opt.weight_decay,
-        lr_decay_gamma=opt.lr_gamma,
-        lr_decay_power=opt.lr_power,
-        max_steps=cfg.iterations,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=bench.training.eval_batch_size,
-        iterations_per_epoch=cfg.eval_interval,
-        eval_steps=cfg.eval_interval,
-        save_steps=cfg.eval_interval,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size // world,
+        per_device_eval_batch_size=max(1, preset.get("per_device_eval_batch_size", 64) // world),
+        iterations_per_epoch=cfg.eval_steps,
+        eval_steps=cfg.eval_steps,
+        save_steps=cfg.eval_steps,
         save_total_limit=None if cfg.extra.get("keep_checkpoints") else 1,  # 1: the best and the latest survive
         **selection_arguments(cfg),
         partial_set=cfg.partial,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        fp16=bool(bench.training.mixed_precision and torch.cuda.is_available()),
+        fp16=bool(preset.get("fp16") and torch.cuda.is_available()),
         dataloader_num_workers=num_workers,
         dataloader_persistent_workers=num_workers > 0,
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not _has_accelerator(),  # CPU only: `accelerate launch` processes talk over gloo
         logging_steps=logging_steps,
-        report_to="none",
+        report_to=cfg.extra.get("report_to") or "none",
         disable_tqdm=bool(cfg.extra.get("quiet")),
     )
-    world = args.world_size  # known once the arguments set up the (possibly distributed) devices
-    if cfg.batch_size % world:
-        raise RecipeError(f"--batch_size {cfg.batch_size} must be a multiple of the {world} processes")
-    args.per_device_train_batch_size = cfg.batch_size // world
-    args.per_device_eval_batch_size = max(1, bench.training.eval_batch_size // world)
+    args = CMKDTrainingArguments(**{**preset, **settings})  # the preset's fields, then the flags that override them
     callbacks = list(callbacks)
     if cfg.rst:  # first, so the step is in the checkpoint before any other callback sees the save
         callbacks.insert(0, RSTResetStepCallback(model, resume_from))
@@ -621,10 +606,12 @@ def build_trainer(
 
 
 def _checkpoints(task_dir: Path) -> list[Path]:
-    if not task_dir.is_dir():
+    """The Trainer's ``checkpoint-<step>`` folders of a task, oldest first (transformers' own listing)."""
+    from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
+
+    if not task_dir.is_dir() or get_last_checkpoint(str(task_dir)) is None:
         return []
-    found = [p for p in task_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+    return [Path(p) for p in sort_checkpoints(str(task_dir))]
 
 
 def resume_checkpoint(cfg: RunConfig, task_dir: str | os.PathLike) -> Path | None:
@@ -789,9 +776,9 @@ def _card_fields(cfg: RunConfig, source: str, target: str, metrics: dict[str, An
     script = cfg.extra.get("recipe_script") or f"recipes/{bench.name}.py"  # the demo runs the toy task itself
     selection = selection_name(cfg)
     notes = (
-        f"Trained with `{script}` ({cfg.method_label}, checkpoint: {selection}): {cfg.iterations} iterations, batch "
-        f"{cfg.batch_size} source + {cfg.batch_size} target, SGD lr {cfg.lr:g} (head x"
-        f"{cfg.backbone.head_lr_multiplier:g}), seed {cfg.seed}, prompt `{bench.cmkd.prompt_template}`."
+        f"Trained with `{script}` ({cfg.method_label}, checkpoint: {selection}): {cfg.max_steps} iterations, batch "
+        f"{cfg.batch_size} source + {cfg.batch_size} target, SGD lr {cfg.learning_rate:g} (head x"
+        f"{cfg.backbone.head_lr_multiplier:g}), seed {cfg.seed}, prompt `{bench.prompt_template}`."
     )
     if metrics.get("teacher_accuracy") is not None:
         notes += f" The zero-shot CLIP head on the adapted features scores {100 * metrics['teacher_accuracy']:.2f} %."
@@ -803,7 +790,7 @@ def _card_fields(cfg: RunConfig, source: str, target: str, metrics: dict[str, An
     code += (
         f"\nclass_names = {list(classes)!r}\n"
         f"base = CLIPAdaptationModel.from_clip({'TINY_CLIP_PATH' if shipped else repr(str(cfg.model))}, class_names, "
-        f"{bench.cmkd.prompt_template!r})"
+        f"{bench.prompt_template!r})"
     )
     return dict(
         repo_id=hub_repo_id(cfg, source, target) if cfg.push_to_hub else None,

@@ -206,7 +206,7 @@ def train_transform(
     image_size, mean, std = _resolve(benchmark, image_size, mean, std, processor)
     weak = build_transform(benchmark.augmentation.train_preset(domain_key, role), image_size, mean, std)
     if fixmatch and role == "target":
-        return FixMatchViews(weak, build_transform(benchmark.fixmatch.strong, image_size, mean, std))
+        return FixMatchViews(weak, build_transform(benchmark.augmentation.strong, image_size, mean, std))
     return weak
 
 

@@ -221,7 +221,9 @@ def test_diverged_run_stops_with_a_message_and_records_no_result(assets, tmp_pat
 
 def test_lr_1e30_is_stopped_not_recorded(assets, tmp_path, capsys):
     out = tmp_path / "run"
-    code, message = recipe_error(office_home.main, argv(assets, out, "--rst", "--tau", "1e-3", "--lr", "1e30"), capsys)
+    code, message = recipe_error(
+        office_home.main, argv(assets, out, "--rst", "--tau", "1e-3", "--learning_rate", "1e30"), capsys
+    )
     assert code == 1 and "training diverged at step" in message and "Lower the learning rate (now 1e+30)" in message
     assert not (out / "results.json").exists() and not (out / "Ar-Cl" / "adapter").exists()
 
@@ -307,8 +309,8 @@ def test_batch_larger_than_a_domain_is_a_usage_error(assets, tmp_path, capsys):
         (["--logging_steps", "0"], "--logging_steps must be an integer >= 1, got 0"),
         (["--seed", "-1"], "--seed must be an integer in [0, 4.29497e+09], got -1"),
         (["--rst", "--tau", "nan"], "--tau must be a finite number > 0, got nan"),
-        (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
-        (["--lr", "-0.1"], "--lr must be a finite number > 0, got -0.1"),
+        (["--learning_rate", "nan"], "--learning_rate must be a finite number > 0, got nan"),
+        (["--learning_rate", "-0.1"], "--learning_rate must be a finite number > 0, got -0.1"),
     ],
 )
 def test_out_of_range_numbers_are_usage_errors(assets, tmp_path, capsys, no_model_loading, flags, message):

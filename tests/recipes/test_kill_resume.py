@@ -32,7 +32,7 @@ from recipes.core import runner
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
 
 FLAGS = ["--rst", "--tau", "1e-3", "--logging_steps", "1"]
-ITERATIONS, SAVES = 4, 2  # checkpoints at steps 2 and 4 (argv's --eval_interval 2)
+ITERATIONS, SAVES = 4, 2  # checkpoints at steps 2 and 4 (argv's --eval_steps 2)
 SEED = 20261130
 
 

@@ -46,7 +46,18 @@ def world(tmp_path_factory):
 
 def flags(world, out: Path, *extra: str) -> list[str]:
     base = ["--config", str(world["config"]), "--data_dir", str(world["data"]), "--model", str(world["clip"])]
-    base += ["--iterations", "4", "--eval_interval", "2", "--batch_size", "4", "--lr", "1e-3", "--num_workers", "0"]
+    base += [
+        "--max_steps",
+        "4",
+        "--eval_steps",
+        "2",
+        "--batch_size",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--num_workers",
+        "0",
+    ]
     return [*base, "--quiet", "--output_dir", str(out), "-s", "Ar", *extra]
 
 

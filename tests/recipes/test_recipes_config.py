@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from recipes.core import config as config_mod
+from recipes.core import runner
 from recipes.core.config import (
     RESULTS_FILENAME,
     ConfigError,
@@ -26,23 +27,32 @@ from recipes.core.unlabeled import LABEL_FREE_DESTS
 
 
 def test_all_six_benchmarks_ship():
-    assert available_benchmarks() == ["digits", "domainnet", "image_clef", "office31", "office_home", "visda"]
+    assert available_benchmarks() == [
+        "digits",
+        "digits_shift",  # the demo's toy task
+        "domainnet",
+        "image_clef",
+        "office31",
+        "office_home",
+        "visda",
+    ]
 
 
 def test_office_home_values():
     cfg = load_benchmark_config("office_home")
     vit = cfg.backbones["vit_b16"]
     assert cfg.backbone == "vit_b16" and vit.model == "openai/clip-vit-base-patch16"
-    assert (vit.lr, vit.head_lr_multiplier, vit.tau) == (3e-6, 1000, 1e-6)
+    assert (vit.learning_rate, vit.head_lr_multiplier, vit.tau) == (3e-6, 1000, 1e-6)
     rn = cfg.backbones["rn50"]
-    assert (rn.lr, rn.head_lr_multiplier, rn.tau) == (3e-7, 10000, 1e-5)
-    assert cfg.training.iterations == 10000 and cfg.training.batch_size == 32 and cfg.training.seed == 42
-    assert (cfg.cmkd.lambda1, cfg.cmkd.lambda2, cfg.cmkd.lambda3) == (0.25, 0.1, 0.025)
-    assert cfg.cmkd.label_smoothing == 0.1 and cfg.cmkd.gamma == 1.0 and cfg.cmkd.lambda_max_iter == 10000
-    assert cfg.cmkd.prompt_template == "an image of a {}"
-    assert (cfg.fixmatch.threshold, cfg.fixmatch.factor) == (0.95, 0.5)
-    assert (cfg.optim.momentum, cfg.optim.nesterov, cfg.optim.weight_decay) == (0.9, True, 5e-4)
-    assert (cfg.optim.lr_gamma, cfg.optim.lr_power) == (0.0003, 0.75)
+    assert (rn.learning_rate, rn.head_lr_multiplier, rn.tau) == (3e-7, 10000, 1e-5)
+    ta, cc = cfg.training_args, cfg.cmkd_config
+    assert ta["max_steps"] == 10000 and cfg.batch_size == 32 and ta["seed"] == 42
+    assert (cc["lambda1"], cc["lambda2"], cc["lambda3"]) == (0.25, 0.1, 0.025)
+    assert cc["label_smoothing"] == 0.1 and cc["gamma"] == 1.0 and cc["warmup_max_iter"] == 10000
+    assert cfg.prompt_template == "an image of a {}"
+    assert (cc["fixmatch_threshold"], cc["fixmatch_factor"]) == (0.95, 0.5)
+    assert (ta["sgd_momentum"], ta["sgd_nesterov"], ta["weight_decay"]) == (0.9, True, 5e-4)
+    assert (ta["lr_decay_gamma"], ta["lr_decay_power"]) == (0.0003, 0.75)
     assert cfg.num_classes == 65 and cfg.metric == "accuracy"
     assert (cfg.augmentation.train, cfg.augmentation.test, cfg.augmentation.image_size) == (
         "office_train",
@@ -50,7 +60,7 @@ def test_office_home_values():
         224,
     )
     p = cfg.partial
-    assert (p.available, p.num_target_classes, p.class_count_threshold, p.cls_weight, p.transfer_weight) == (
+    assert (p.available, p.num_target_classes, p.partial_class_threshold, p.cls_weight, p.transfer_weight) == (
         True,
         25,
         14,
@@ -70,23 +80,24 @@ def test_office_home_has_the_papers_twelve_tasks_in_table_order():
 def test_visda_values():
     cfg = load_benchmark_config("visda")
     vit = cfg.backbones["vit_b16"]
-    assert (vit.lr, vit.head_lr_multiplier, vit.tau) == (3e-7, 1000, 1e-7)
+    assert (vit.learning_rate, vit.head_lr_multiplier, vit.tau) == (3e-7, 1000, 1e-7)
     rn = cfg.backbones["rn101"]
-    assert (rn.lr, rn.head_lr_multiplier, rn.tau) == (3e-9, 10000, 1e-8)
-    assert (cfg.fixmatch.threshold, cfg.fixmatch.factor) == (0.80, 2.0)
-    assert cfg.training.iterations == 20000
+    assert (rn.learning_rate, rn.head_lr_multiplier, rn.tau) == (3e-9, 10000, 1e-8)
+    assert (cfg.cmkd_config["fixmatch_threshold"], cfg.cmkd_config["fixmatch_factor"]) == (0.80, 2.0)
+    assert cfg.training_args["max_steps"] == 20000
     assert cfg.metric == "mean_class_accuracy" and cfg.table_layout == "per_class"
     assert cfg.task_names() == ["Syn->Real"]
     assert (cfg.domains["Syn"].folder, cfg.domains["Real"].folder) == ("train", "validation")
     assert (cfg.augmentation.train, cfg.augmentation.test) == ("visda_train", "visda_test")
-    assert cfg.cmkd.prompt_template == "a photo of a {}"
+    assert cfg.prompt_template == "a photo of a {}"
 
 
 def test_domainnet_values():
     cfg = load_benchmark_config("domainnet")
-    assert (cfg.cmkd.lambda1, cfg.cmkd.lambda2, cfg.cmkd.lambda3) == (0.025, 0.1, 0.0025)
-    assert (cfg.fixmatch.threshold, cfg.fixmatch.factor) == (0.95, 0.1)
-    assert cfg.training.iterations == 40000 and cfg.num_classes == 345
+    cc = cfg.cmkd_config
+    assert (cc["lambda1"], cc["lambda2"], cc["lambda3"]) == (0.025, 0.1, 0.0025)
+    assert (cc["fixmatch_threshold"], cc["fixmatch_factor"]) == (0.95, 0.1)
+    assert cfg.training_args["max_steps"] == 40000 and cfg.num_classes == 345
     keys = ["clp", "inf", "pnt", "qdr", "rel", "skt"]
     assert len(cfg.tasks) == 30 and set(cfg.tasks) == set(itertools.permutations(keys, 2))
     assert cfg.task_names()[:5] == ["clp->inf", "clp->pnt", "clp->qdr", "clp->rel", "clp->skt"]
@@ -97,8 +108,8 @@ def test_domainnet_values():
 def test_digits_values():
     cfg = load_benchmark_config("digits")
     assert cfg.task_names() == ["S->M", "U->M", "M->U"]
-    assert cfg.training.batch_size == 64 and cfg.training.iterations == 20000 and cfg.training.mixed_precision
-    assert cfg.cmkd.prompt_template == 'a photo of the number: "{}"'
+    assert cfg.batch_size == 64 and cfg.training_args["max_steps"] == 20000 and cfg.training_args["fp16"]
+    assert cfg.prompt_template == 'a photo of the number: "{}"'
     assert cfg.classes == tuple(str(i) for i in range(10))
     assert cfg.augmentation.train_preset("U", "source") == "digits_usps_source"
     assert cfg.augmentation.train_preset("U", "target") == "digits_train"
@@ -109,17 +120,18 @@ def test_digits_values():
 def test_office31_and_image_clef_tasks():
     o31 = load_benchmark_config("office31")
     assert o31.task_names() == ["A->D", "A->W", "D->A", "D->W", "W->A", "W->D"] and o31.num_classes == 31
-    assert o31.domains["A"].folder == "amazon/images" and o31.training.iterations == 10000
+    assert o31.domains["A"].folder == "amazon/images" and o31.training_args["max_steps"] == 10000
     clef = load_benchmark_config("image_clef")
     assert clef.task_names() == ["I->P", "I->C", "P->I", "P->C", "C->I", "C->P"] and clef.num_classes == 12
-    assert clef.requires_image_lists and len(clef.classes) == 12 and clef.training.iterations == 10000
+    assert clef.requires_image_lists and len(clef.classes) == 12 and clef.training_args["max_steps"] == 10000
 
 
 @pytest.mark.parametrize("name", ["office_home", "office31", "image_clef", "visda", "domainnet", "digits"])
 def test_common_values(name):
     cfg = load_benchmark_config(name)
-    assert cfg.training.seed == 42 and cfg.cmkd.label_smoothing == 0.1 and cfg.cmkd.lambda2 == 0.1
-    assert cfg.optim.weight_decay == 5e-4 and cfg.optim.momentum == 0.9
+    assert cfg.training_args["seed"] == 42
+    assert cfg.cmkd_config["label_smoothing"] == 0.1 and cfg.cmkd_config["lambda2"] == 0.1
+    assert cfg.training_args["weight_decay"] == 5e-4 and cfg.training_args["sgd_momentum"] == 0.9
     assert cfg.partial.available == (name == "office_home")
     assert cfg.backbones["vit_b16"].head_lr_multiplier == 1000
 
@@ -129,8 +141,8 @@ def test_unknown_benchmark_and_bad_yaml(tmp_path):
         load_benchmark_config("office_garden")
     src = (config_mod.CONFIG_DIR / "office31.yaml").read_text()
     bad = tmp_path / "bad.yaml"
-    bad.write_text(src.replace("  iterations: 10000", "  iterations: 10000\n  iteratons: 5"))
-    with pytest.raises(ConfigError, match="unknown keys \\['iteratons'\\]"):
+    bad.write_text(src.replace("  max_steps: 10000", "  max_steps: 10000\n  max_step: 5"))
+    with pytest.raises(ConfigError, match="\\['max_step'\\] are not cmkd.CMKDTrainingArguments fields"):
         load_benchmark_config(bad)
     bad.write_text(src.replace("  - W->D", "  - W->X"))
     with pytest.raises(ConfigError, match="unknown domain key 'X'"):
@@ -154,16 +166,35 @@ def base(tmp_path):
 def test_defaults_come_from_yaml_and_flags_override(base):
     run = _resolve("office_home", ["-s", "art", "-t", "Cl", *base])
     assert run.tasks == [("Ar", "Cl")] and run.method == "cmkd" and run.method_label == "CMKD"
-    assert run.lr == 3e-6 and run.head_lr == pytest.approx(3e-3) and run.tau is None
-    assert run.iterations == 10000 and run.batch_size == 32 and run.seed == 42
+    assert run.learning_rate == 3e-6 and run.head_lr == pytest.approx(3e-3) and run.tau is None
+    assert run.max_steps == 10000 and run.batch_size == 32 and run.seed == 42
     run = _resolve(
         "office_home",
-        ["-s", "Ar", "-t", "Rw", "--rst", "--fixmatch", "--lr", "1e-5", "--iterations", "7", "--seed", "0", *base],
+        [
+            "-s",
+            "Ar",
+            "-t",
+            "Rw",
+            "--rst",
+            "--fixmatch",
+            "--learning_rate",
+            "1e-5",
+            "--max_steps",
+            "7",
+            "--seed",
+            "0",
+            *base,
+        ],
     )
-    assert run.tasks == [("Ar", "Re")] and run.tau == 1e-6 and run.lr == 1e-5 and run.head_lr == pytest.approx(1e-2)
-    assert run.iterations == 7 and run.seed == 0 and run.method_label == "CMKD+FixMatch+RST"
+    assert (
+        run.tasks == [("Ar", "Re")]
+        and run.tau == 1e-6
+        and run.learning_rate == 1e-5
+        and run.head_lr == pytest.approx(1e-2)
+    )
+    assert run.max_steps == 7 and run.seed == 0 and run.method_label == "CMKD+FixMatch+RST"
     run = _resolve("visda", ["-s", "Syn", "-t", "Real", "--rst", "--tau", "3e-7", *base])
-    assert run.tau == 3e-7 and run.lr == 3e-7
+    assert run.tau == 3e-7 and run.learning_rate == 3e-7
 
 
 def test_all_runs_every_task(base):
@@ -175,7 +206,7 @@ def test_backbone_without_transformers_checkpoint_needs_model(base):
     with pytest.raises(ConfigError, match="pass --model"):
         _resolve("office_home", ["--all", "--backbone", "rn50", *base])
     run = _resolve("office_home", ["--all", "--backbone", "rn50", "--model", "/ckpt/rn50", "--rst", *base])
-    assert (run.model, run.lr, run.head_lr, run.tau) == ("/ckpt/rn50", 3e-7, pytest.approx(3e-3), 1e-5)
+    assert (run.model, run.learning_rate, run.head_lr, run.tau) == ("/ckpt/rn50", 3e-7, pytest.approx(3e-3), 1e-5)
     with pytest.raises(ConfigError, match="choose from \\['vit_b16', 'rn50'\\]"):
         _resolve("office_home", ["--all", "--backbone", "vit_l14", *base])
 
@@ -193,16 +224,16 @@ def test_backbone_without_transformers_checkpoint_needs_model(base):
         ("office_home", ["-s", "Ar"], "give --source and --target"),
         ("office_home", ["-s", "Ar", "-t", "Kitchen"], "valid domains: Ar \\(Art\\), Cl \\(Clipart\\)"),
         ("office_home", ["-s", "Art", "-t", "ar"], "same domain"),
-        ("office_home", ["--all", "--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
-        ("office_home", ["--all", "--lr", "nan"], "--lr must be a finite number > 0, got nan"),
-        ("office_home", ["--all", "--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+        ("office_home", ["--all", "--learning_rate", "-1"], "--learning_rate must be a finite number > 0, got -1.0"),
+        ("office_home", ["--all", "--learning_rate", "nan"], "--learning_rate must be a finite number > 0, got nan"),
+        ("office_home", ["--all", "--learning_rate", "inf"], "--learning_rate must be a finite number > 0, got inf"),
         ("office_home", ["--all", "--rst", "--tau", "0"], "--tau must be a finite number > 0"),
         ("office_home", ["--all", "--rst", "--tau", "nan"], "--tau must be a finite number > 0, got nan"),
         ("office_home", ["--all", "--num_workers", "-2"], "--num_workers must be an integer >= 0"),
         ("office_home", ["--all", "--seed", "-1"], "--seed must be an integer in \\[0, 4.29497e\\+09\\], got -1"),
         ("office_home", ["--all", "--seed", str(2**32)], "--seed must be an integer in"),
-        ("office_home", ["--all", "--iterations", "0"], "--iterations must be an integer >= 1, got 0"),
-        ("office_home", ["--all", "--eval_interval", "0"], "--eval_interval must be an integer >= 1"),
+        ("office_home", ["--all", "--max_steps", "0"], "--max_steps must be an integer >= 1, got 0"),
+        ("office_home", ["--all", "--eval_steps", "0"], "--eval_steps must be an integer >= 1"),
         ("office_home", ["--all", "--batch_size", "0"], "--batch_size must be an integer >= 1"),
         ("office_home", ["--all", "--download"], "--download only applies"),
         ("office_home", ["--all", "--dataset_id", "u/oh", "--image_list_dir", "x"], "drop --image_list_dir"),
@@ -303,11 +334,13 @@ def test_recipe_specific_arguments_land_in_extra(base):
 
 def test_config_override_yaml(tmp_path, base):
     override = tmp_path / "over.yaml"
-    override.write_text("training:\n  iterations: 123\ncmkd:\n  lambda1: 0.5\n")
+    override.write_text("training_args:\n  max_steps: 123\ncmkd_config:\n  lambda1: 0.5\n")
     run = _resolve("office_home", ["--all", "--config", str(override), *base])
-    assert run.iterations == 123 and run.benchmark.cmkd.lambda1 == 0.5 and run.benchmark.cmkd.lambda3 == 0.025
-    override.write_text("training:\n  iters: 1\n")
-    with pytest.raises(ConfigError, match="unknown keys \\['iters'\\]"):
+    cc = run.benchmark.cmkd_config
+    assert run.max_steps == 123 and cc["lambda1"] == 0.5 and cc["lambda3"] == 0.025
+    assert runner.cmkd_config(run).lambda1 == 0.5  # the preset's name is CMKDConfig's
+    override.write_text("training_args:\n  iters: 1\n")
+    with pytest.raises(ConfigError, match="\\['iters'\\] are not cmkd.CMKDTrainingArguments fields"):
         _resolve("office_home", ["--all", "--config", str(override), *base])
     with pytest.raises(ConfigError, match="does not exist"):
         _resolve("office_home", ["--all", "--config", str(tmp_path / "nope.yaml"), *base])
@@ -321,22 +354,28 @@ def test_config_override_yaml(tmp_path, base):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("training:\n  iterations: 10\n bad indent: [\n", "over.yaml is not valid YAML at line 3"),
-        ("training: {iterations: [1, 2}\n", "over.yaml is not valid YAML at line 1"),
+        ("training_args:\n  max_steps: 10\n bad indent: [\n", "over.yaml is not valid YAML at line 3"),
+        ("training_args: {max_steps: [1, 2}\n", "over.yaml is not valid YAML at line 1"),
         (
-            "training:\n  iterations: ten\n",
-            "over.yaml \\(over office_home.yaml\\).training.iterations must be an integer, got 'ten'",
+            "training_args:\n  max_steps: ten\n",
+            "over.yaml \\(over office_home.yaml\\).training_args.max_steps must be an integer, got 'ten'",
         ),
-        ("training:\n  batch_size: '32'\n", "training.batch_size must be an integer, got '32'"),
-        ("training:\n  seed: 1.5\n", "training.seed must be an integer, got 1.5"),
-        ("optim:\n  nesterov: 'false'\n", "optim.nesterov must be true or false, got 'false'"),
-        ("cmkd:\n  lambda1: high\n", "cmkd.lambda1 must be a number, got 'high'"),
-        ("cmkd:\n  lambda1: -1\n", "cmkd settings: CMKDConfig.lambda1 must be in"),
-        ("cmkd:\n  prompt_template: 5\n", "cmkd.prompt_template must be a string, got 5"),
-        ("training:\n  iterations: 0\n", "training.iterations must be an integer >= 1, got 0"),
-        ("optim:\n  momentum: .nan\n", "optim.momentum must be a finite number in \\[0, 1\\], got nan"),
-        ("backbones:\n  vit_b16:\n    lr: -3\n", "backbones.vit_b16.lr must be a finite number > 0"),
-        ("training: 5\n", "training: expected a mapping, got int"),
+        ("batch_size: '32'\n", "batch_size must be an integer, got '32'"),
+        ("training_args:\n  seed: 1.5\n", "training_args.seed must be an integer, got 1.5"),
+        ("training_args:\n  sgd_nesterov: 'false'\n", "training_args.sgd_nesterov must be true or false, got 'false'"),
+        ("cmkd_config:\n  lambda1: high\n", "cmkd_config.lambda1 must be a number, got 'high'"),
+        ("cmkd_config:\n  lambda1: -1\n", "cmkd settings: CMKDConfig.lambda1 must be in"),
+        ("prompt_template: 5\n", "prompt_template must be a string, got 5"),
+        ("training_args:\n  max_steps: 0\n", "training_args.max_steps must be an integer >= 1, got 0"),
+        (
+            "training_args:\n  sgd_momentum: .nan\n",
+            "training_args.sgd_momentum must be a finite number in \\[0, 1\\], got nan",
+        ),
+        (
+            "backbones:\n  vit_b16:\n    learning_rate: -3\n",
+            "backbones.vit_b16.learning_rate must be a finite number > 0",
+        ),
+        ("training_args: 5\n", "training_args: expected a mapping, got int"),
         ("tasks: Ar->Cl\n", "tasks must be a non-empty list"),
         ("domains: [Ar, Cl]\n", "domains must be a non-empty mapping"),
         ("domains:\n  Ar: Art\n", "domains.Ar must be a mapping"),
@@ -359,7 +398,7 @@ def test_broken_yaml_is_a_one_line_error_naming_file_and_key(tmp_path, base, cap
 
 def test_yaml_in_another_encoding_names_the_file(tmp_path, base):
     override = tmp_path / "over.yaml"
-    override.write_bytes("cmkd:\n  prompt_template: 'une photo d\u00e9 {}'\n".encode("latin-1"))
+    override.write_bytes("prompt_template: 'une photo d\u00e9 {}'\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="over.yaml is not UTF-8 text \\(byte 0xe9"):
         _resolve("office_home", ["--all", "--config", str(override), *base])
 

@@ -78,8 +78,8 @@ def write_small_config(path: Path) -> Path:
     override = {
         "num_classes": len(CLASSES),
         "tasks": ["Ar->Cl", "Cl->Ar", "Pr->Re"],
-        "partial": {"num_target_classes": 2, "class_count_threshold": 1},
-        "training": {"eval_batch_size": 6},
+        "partial": {"num_target_classes": 2, "partial_class_threshold": 1},
+        "training_args": {"per_device_eval_batch_size": 6},
     }
     path.write_text(yaml.safe_dump(override))
     return path
@@ -97,7 +97,7 @@ def assets(tmp_path_factory):
 
 def argv(assets, out: Path, *flags: str, iterations: int = 2, task=("Ar", "Cl")) -> list[str]:
     base = ["--config", str(assets["config"]), "--data_dir", str(assets["data"]), "--model", str(assets["clip"])]
-    base += ["--iterations", str(iterations), "--eval_interval", "2", "--batch_size", "4", "--lr", "1e-3"]
+    base += ["--max_steps", str(iterations), "--eval_steps", "2", "--batch_size", "4", "--learning_rate", "1e-3"]
     base += ["--num_workers", "0", "--quiet", "--output_dir", str(out)]
     if task:
         base += ["-s", task[0], "-t", task[1]]
@@ -254,8 +254,8 @@ def test_digits_trains_on_training_sets_and_scores_the_target_test_set(assets, t
 
     data = make_digits(tmp_path / "digits")
     out = tmp_path / "u_m"
-    flags = ["--data_dir", str(data), "--model", str(assets["clip"]), "--iterations", "2", "--eval_interval", "2"]
-    flags += ["--batch_size", "4", "--lr", "1e-3", "--num_workers", "0", "--quiet", "--baseline"]
+    flags = ["--data_dir", str(data), "--model", str(assets["clip"]), "--max_steps", "2", "--eval_steps", "2"]
+    flags += ["--batch_size", "4", "--learning_rate", "1e-3", "--num_workers", "0", "--quiet", "--baseline"]
     results = digits.main([*flags, "-s", "usps", "-t", "mnist", "--output_dir", str(out)])
     entry = results["methods"]["Baseline"]["U->M"]
 
@@ -361,12 +361,12 @@ def test_every_recipe_help_shows_its_yaml_defaults(name, capsys):
         return re.search(rf" {flag} [A-Z_]+ (?:(?! --).)*?\(default: ([^)]+)\)", options).group(1)
 
     assert float(shown("--tau")) == backbone["tau"]
-    assert float(shown("--lr")) == backbone["lr"]
+    assert float(shown("--learning_rate")) == backbone["learning_rate"]
     assert shown("--model") == backbone["model"]
-    assert int(shown("--iterations")) == raw["training"]["iterations"]
-    assert int(shown("--batch_size")) == raw["training"]["batch_size"]
-    assert int(shown("--eval_interval")) == raw["training"]["eval_interval"]
-    assert int(shown("--seed")) == raw["training"]["seed"]
+    assert int(shown("--max_steps")) == raw["training_args"]["max_steps"]
+    assert int(shown("--batch_size")) == raw["batch_size"]
+    assert int(shown("--eval_steps")) == raw["training_args"]["eval_steps"]
+    assert int(shown("--seed")) == raw["training_args"]["seed"]
     assert "--resume_from_checkpoint" in text and "--push_to_hub" in text
 
 

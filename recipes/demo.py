@@ -94,9 +94,9 @@ def build_demo_parser(benchmark: str | Path, toy: bool, output_dir: str | None) 
     return parser
 
 
-def parse(argv: Sequence[str] | None) -> runner.RunConfig:
+def parse(argv: Sequence[str] | None) -> tuple[runner.RunConfig, int]:
     """The demo's flags over its preset (``--benchmark``, default the toy task); --quick shortens an unset
-    --max_steps / --eval_steps."""
+    --max_steps / --eval_steps. Returns the run's config and the number of seeds per method."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--benchmark", default=TOY)
     pre.add_argument("--output_dir")
@@ -115,13 +115,13 @@ def parse(argv: Sequence[str] | None) -> runner.RunConfig:
         args.max_steps = QUICK_MAX_STEPS if args.max_steps is None else args.max_steps
         args.eval_steps = QUICK_EVAL_STEPS if args.eval_steps is None else args.eval_steps
     cfg = runner.parse(known.benchmark, parser=parser, args=args)
-    return dataclasses.replace(cfg, extra={**cfg.extra, "recipe_script": SCRIPT})
+    return dataclasses.replace(cfg, recipe_script=SCRIPT), args.seeds
 
 
 def main(argv: Sequence[str] | None = None, callbacks: Sequence = ()) -> dict:
     start = time.time()
     # 1. Parse (validated before anything is written); the toy task's data is rendered into the output folder
-    cfg = parse(argv)
+    cfg, num_seeds = parse(argv)
     if cfg.benchmark.name == TOY and "OMP_NUM_THREADS" not in os.environ:
         # the tiny model's matrices are too small to split over threads, and one thread keeps the demo's time when
         # other processes load the machine
@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence = ()) -> dict:
     clip = runner.load_clip(cfg)
     results = runner.start_run(cfg)
     ((source, target),) = cfg.tasks
-    seeds = [cfg.seed + i for i in range(cfg.extra["seeds"])]
+    seeds = [cfg.seed + i for i in range(num_seeds)]
     rule = runner.selection_name(cfg)
 
     # 2-7. For each method and seed: data, model, train, evaluate, save (+ card), push; the benchmark recipes' steps

@@ -143,7 +143,7 @@ def _check_custom_target(cfg: RunConfig) -> None:
     from .data import DataNotFoundError
     from .unlabeled import EVAL_FLAGS, TARGET_FLAGS
 
-    given = [(flag, cfg.extra.get(flag)) for flag in (*TARGET_FLAGS, *EVAL_FLAGS)]
+    given = [(flag, getattr(cfg, flag)) for flag in (*TARGET_FLAGS, *EVAL_FLAGS)]
     given = [(flag, Path(value).expanduser()) for flag, value in given if value]
     if not given:
         raise ConfigError(

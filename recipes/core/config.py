@@ -561,7 +561,30 @@ class RunConfig:
     push_to_hub: bool
     hub_model_id: str | None
     hub_token: str | None
-    extra: dict[str, Any] = field(default_factory=dict)  # recipe-specific arguments added to the parser
+    # target without labels / labeled target for reporting / checkpoint selection (recipes/core/unlabeled.py)
+    target_dir: str | None = None
+    target_list: str | None = None
+    target_dataset_id: str | None = None
+    target_split: str = "train"
+    eval_dir: str | None = None
+    eval_list: str | None = None
+    eval_dataset_id: str | None = None
+    eval_split: str = "train"
+    selection: str | None = None  # a validator, "last" or "oracle"; None: CMKDTrainingArguments' default
+    source_val_fraction: float = 0.0
+    # the run itself (recipes/core/runner.py)
+    resume_from_checkpoint: str | None = None  # "last" or a checkpoint folder
+    keep_checkpoints: bool = False
+    logging_steps: int | None = None
+    quiet: bool = False
+    report_to: str = "none"  # TrainingArguments.report_to
+    recipe_script: str | None = None  # the script named in model cards (default recipes/<benchmark>.py)
+
+    def label_free(self) -> dict[str, Any]:
+        """The target-without-labels / reporting / selection flags by name (recipes/core/unlabeled.py)."""
+        from .unlabeled import LABEL_FREE_DESTS
+
+        return {name: getattr(self, name) for name in LABEL_FREE_DESTS}
 
     @property
     def task_names(self) -> list[str]:
@@ -814,18 +837,11 @@ def resolve_run_config(args: argparse.Namespace, benchmark: str | BenchmarkConfi
                 "--push_to_hub needs a Hub token: set HF_TOKEN, run `hf auth login`, or pass --hub_token"
             )
 
-    known = {f.name for f in dataclasses.fields(RunConfig)} | {
-        "source",
-        "target",
-        "all",
-        "config",
-        "baseline",
-        "zero_shot",
-        "backbone",
-        "image_list",
-        "hub_token",
+    optional = {  # flags with a typed RunConfig field of the same name (absent from a parser without them)
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(RunConfig)
+        if f.default is not dataclasses.MISSING and getattr(args, f.name, None) is not None
     }
-    extra = {k: v for k, v in vars(args).items() if k not in known}
     return RunConfig(
         benchmark=cfg,
         tasks=tasks,
@@ -856,7 +872,7 @@ def resolve_run_config(args: argparse.Namespace, benchmark: str | BenchmarkConfi
         push_to_hub=bool(args.push_to_hub),
         hub_model_id=hub_model_id,
         hub_token=token,
-        extra=extra,
+        **optional,
     )
 
 

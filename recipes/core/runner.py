@@ -152,7 +152,7 @@ def parse(
         _check_run_flags(cfg)
     except ConfigError as exc:
         parser.error(str(exc))
-    if cfg.extra.get("quiet"):
+    if cfg.quiet:
         _quiet()
     return cfg
 
@@ -167,7 +167,7 @@ def _quiet() -> None:
 
 
 def _check_run_flags(cfg: RunConfig) -> None:
-    resume = cfg.extra.get("resume_from_checkpoint")
+    resume = cfg.resume_from_checkpoint
     if resume and cfg.method == "zero_shot":
         raise ConfigError("--zero-shot trains nothing, so there is no checkpoint to --resume_from_checkpoint")
     if resume and cfg.overwrite:
@@ -179,9 +179,9 @@ def _check_run_flags(cfg: RunConfig) -> None:
                 "(each task resumes from its own last checkpoint)"
             )
         check_resume_path(cfg, Path(resume))
-    if cfg.extra.get("logging_steps") is not None:
+    if cfg.logging_steps is not None:
         try:
-            check_number("--logging_steps", cfg.extra["logging_steps"], FLAG_RANGES["logging_steps"])
+            check_number("--logging_steps", cfg.logging_steps, FLAG_RANGES["logging_steps"])
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     try:
@@ -306,7 +306,7 @@ def load_task_data(cfg: RunConfig, source: str, target: str, clip: CLIPBundle | 
     src = domain(source, "train")
     from .unlabeled import split_source
 
-    src, src_val = split_source(src, cfg.extra.get("source_val_fraction") or 0.0, cfg.seed)
+    src, src_val = split_source(src, cfg.source_val_fraction or 0.0, cfg.seed)
     if target not in bench.domains:  # --target_* / --eval_*: a target without (or with optional) labels
         return _custom_task_data(cfg, src, src_val, target, size_kw)
     tgt = domain(target, "train")
@@ -331,7 +331,7 @@ def _custom_task_data(cfg: RunConfig, src: DomainDataset, src_val, target: str, 
     reporting only; alone, its images are also the unlabeled target)."""
     from .unlabeled import EVAL_FLAGS, drop_labels, load_labeled_eval, load_unlabeled_target
 
-    bench, extra = cfg.benchmark, cfg.extra
+    bench, extra = cfg.benchmark, cfg.label_free()
     labeled = load_labeled_eval(extra, src.classes, target) if any(extra.get(f) for f in EVAL_FLAGS) else None
     unlabeled = (
         load_unlabeled_target(extra, src.classes, target)
@@ -511,16 +511,16 @@ SELECTION_RULES = {
     "oracle": "oracle (uses target labels)",  # release: the best target accuracy over the evaluations
     "last": "last checkpoint (label-free)",
 }
-"""``cfg.extra["selection"]`` (a recipe's ``--selection``) -> how the reported checkpoint is named in every output."""
+"""``cfg.selection`` (``--selection``) -> how the reported checkpoint is named in every output."""
 
 
 def selection_arguments(cfg: RunConfig) -> dict[str, Any]:
-    """The Trainer arguments that pick the checkpoint a task reports, from ``cfg.extra["selection"]``.
+    """The Trainer arguments that pick the checkpoint a task reports, from ``cfg.selection``.
 
     None: CMKDTrainingArguments' label-free default validator; a validator name: that validator; ``last``: the last
     checkpoint (label-free); ``oracle``: the benchmark's label metric, i.e. the oracle (uses target labels).
     """
-    rule = cfg.extra.get("selection")
+    rule = cfg.selection
     if rule == "last":
         return {"load_best_model_at_end": False}
     if rule == "oracle":
@@ -532,7 +532,7 @@ def selection_name(cfg: RunConfig) -> str:
     """How the reported checkpoint's rule is named in every output (the oracle always says it uses target labels)."""
     from cmkd.validators import DEFAULT_VALIDATOR, describe
 
-    rule = cfg.extra.get("selection")
+    rule = cfg.selection
     if rule in SELECTION_RULES:
         return SELECTION_RULES[rule]
     return describe(rule or DEFAULT_VALIDATOR)
@@ -558,7 +558,7 @@ def build_trainer(
     if cfg.batch_size % world:
         raise RecipeError(f"--batch_size {cfg.batch_size} must be a multiple of the {world} processes")
     num_workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
-    logging_steps = cfg.extra.get("logging_steps") or min(50, cfg.eval_steps)
+    logging_steps = cfg.logging_steps or min(50, cfg.eval_steps)
     settings = dict(
         output_dir=str(task_dir),
         mode="cmkd_fixmatch" if cfg.fixmatch else MODES[cfg.method],
@@ -570,7 +570,7 @@ def build_trainer(
         iterations_per_epoch=cfg.eval_steps,
         eval_steps=cfg.eval_steps,
         save_steps=cfg.eval_steps,
-        save_total_limit=None if cfg.extra.get("keep_checkpoints") else 1,  # 1: the best and the latest survive
+        save_total_limit=None if cfg.keep_checkpoints else 1,  # 1: the best and the latest survive
         **selection_arguments(cfg),
         partial_set=cfg.partial,
         seed=cfg.seed,
@@ -581,8 +581,8 @@ def build_trainer(
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not _has_accelerator(),  # CPU only: `accelerate launch` processes talk over gloo
         logging_steps=logging_steps,
-        report_to=cfg.extra.get("report_to") or "none",
-        disable_tqdm=bool(cfg.extra.get("quiet")),
+        report_to=cfg.report_to,
+        disable_tqdm=bool(cfg.quiet),
     )
     args = CMKDTrainingArguments(**{**preset, **settings})  # the preset's fields, then the flags that override them
     callbacks = list(callbacks)
@@ -624,7 +624,7 @@ def resume_checkpoint(cfg: RunConfig, task_dir: str | os.PathLike) -> Path | Non
     from accelerate import PartialState
 
     task_dir = Path(task_dir)
-    wanted = cfg.extra.get("resume_from_checkpoint")
+    wanted = cfg.resume_from_checkpoint
     found = _checkpoints(task_dir)
     if wanted is None:
         if found and not cfg.overwrite:
@@ -705,7 +705,7 @@ def evaluate(cfg: RunConfig, trainer) -> dict[str, Any]:
     selection = None
     if cfg.method != "zero_shot":
         # the rule that picked the reported model: "last" keeps the last checkpoint whatever metric_for_best_model says
-        rule = LAST_RULE if cfg.extra.get("selection") == "last" else trainer.args.metric_for_best_model
+        rule = LAST_RULE if cfg.selection == "last" else trainer.args.metric_for_best_model
         selection = selection_summary(trainer.state.log_history, rule, cfg.benchmark.metric)
         if selection is not None:
             selection["rule"] = selection_name(cfg)  # the same words as the logs, tables and card
@@ -773,7 +773,7 @@ def hub_repo_id(cfg: RunConfig, source: str, target: str) -> str:
 def _card_fields(cfg: RunConfig, source: str, target: str, metrics: dict[str, Any], classes: Sequence[str]) -> dict:
     """Model card fields of one task (peft_rst.model_card.CARD_FIELDS); DSP, sizes and tau are measured later."""
     bench = cfg.benchmark
-    script = cfg.extra.get("recipe_script") or f"recipes/{bench.name}.py"  # the demo runs the toy task itself
+    script = cfg.recipe_script or f"recipes/{bench.name}.py"  # the demo runs the toy task itself
     selection = selection_name(cfg)
     notes = (
         f"Trained with `{script}` ({cfg.method_label}, checkpoint: {selection}): {cfg.max_steps} iterations, batch "
@@ -1008,7 +1008,7 @@ def finish_task(cfg: RunConfig, saved: SavedTask, metrics: dict[str, Any], task_
 
     if PartialState().is_main_process:
         atomic_write_text(task_dir / TASK_RESULT_FILENAME, json.dumps(result.to_dict(), indent=2) + "\n")
-        if not cfg.extra.get("keep_checkpoints"):
+        if not cfg.keep_checkpoints:
             for ckpt in _checkpoints(task_dir):
                 shutil.rmtree(ckpt, ignore_errors=True)
     return result

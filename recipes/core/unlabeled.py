@@ -59,7 +59,7 @@ TARGET_FLAGS = ("target_dir", "target_list", "target_dataset_id")
 EVAL_FLAGS = ("eval_dir", "eval_list", "eval_dataset_id")
 SELECTION_FLAGS = ("selection", "source_val_fraction")
 SPLIT_FLAGS = ("target_split", "eval_split")
-LABEL_FREE_DESTS = (*TARGET_FLAGS, *EVAL_FLAGS, *SPLIT_FLAGS, *SELECTION_FLAGS)  # RunConfig.extra keys
+LABEL_FREE_DESTS = (*TARGET_FLAGS, *EVAL_FLAGS, *SPLIT_FLAGS, *SELECTION_FLAGS)  # RunConfig fields
 ORACLE = "oracle"
 LABELS_HINT = "--eval_dir (class sub-folders), --eval_list ('path label' lines) or --eval_dataset_id"
 

@@ -324,12 +324,16 @@ def test_parse_args_turns_config_errors_into_usage_errors(capsys, base):
     assert "no partial-set protocol" in capsys.readouterr().err
 
 
-def test_recipe_specific_arguments_land_in_extra(base):
-    parser = build_parser("office_home")
-    parser.add_argument("--embedded_default", action="store_true")
-    run = parse_args("office_home", ["--all", "--embedded_default", *base], parser=parser)
-    assert run.extra["embedded_default"] is True
-    assert set(run.extra) == {"embedded_default", *LABEL_FREE_DESTS}  # the shared label-free flags live there too
+def test_label_free_and_run_flags_are_typed_fields(base):
+    parser = runner.add_runner_arguments(build_parser("office_home"))
+    flags = ["--selection", "last", "--source_val_fraction", "0.25", "--report_to", "tensorboard", "--quiet"]
+    run = parse_args("office_home", ["-s", "Ar", "--target_dir", "/x/flat", *flags, *base], parser=parser)
+    assert (run.selection, run.source_val_fraction, run.report_to, run.quiet) == ("last", 0.25, "tensorboard", True)
+    assert run.target_dir == "/x/flat" and run.tasks == [("Ar", "flat")]
+    assert set(run.label_free()) == set(LABEL_FREE_DESTS) and run.label_free()["target_dir"] == "/x/flat"
+    assert not hasattr(run, "extra")  # no untyped bag of flags
+    default = parse_args("office_home", ["--all", *base], parser=parser)
+    assert (default.selection, default.report_to, default.resume_from_checkpoint) == (None, "none", None)
 
 
 def test_config_override_yaml(tmp_path, base):

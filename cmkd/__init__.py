@@ -17,6 +17,7 @@ from .data import (
     check_class_lists,
     dataset_class_names,
     image_transform,
+    item_seed,
     make_paired_dataloader,
     with_image_transform,
 )
@@ -35,12 +36,20 @@ from .model import (
 )
 from .partial import estimate_label_set
 from .trainer import MODES, CMKDTrainer, CMKDTrainingArguments, inverse_decay_lambda
+from .transforms import (
+    TRANSFORMS,
+    build_transform,
+    image_size_from_processor,
+    normalization_from_processor,
+    register_transform,
+)
 
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "DEFAULT_PROMPT",
     "MODES",
+    "TRANSFORMS",
     "UDA_ACCURACY_PATH",
     "CLIPAdaptationConfig",
     "CLIPAdaptationHead",
@@ -55,6 +64,7 @@ __all__ = [
     "NonFiniteGuardCallback",
     "TrainingDivergedError",
     "build_prompts",
+    "build_transform",
     "checkpoint_problems",
     "check_class_lists",
     "compute_text_features",
@@ -63,11 +73,15 @@ __all__ = [
     "fixmatch_loss",
     "fixmatch_terms",
     "format_class_name",
+    "image_size_from_processor",
     "image_transform",
     "inverse_decay_lambda",
+    "item_seed",
     "last_complete_checkpoint",
     "load_uda_accuracy",
     "make_paired_dataloader",
+    "normalization_from_processor",
+    "register_transform",
     "strong_transform",
     "with_image_transform",
 ]

@@ -8,15 +8,26 @@ fast-forward it when a run resumes.
 
 Distributed runs share one *global* batch: every process draws the same permutations (same seed) and takes its
 own slice, so N processes with per-device batch B see exactly the batches one process with batch N*B sees.
+
+Seeded augmentation: the batch sampler numbers every key ``(stream, index, batch_number, position)``, position being
+the place in the *global* batch, and `PairedDataset` loads each item with the random generators (torch CPU, python
+``random``, numpy) seeded from `item_seed` of that key. An item's augmentation is then a function of (seed, stream,
+batch number, position) alone: a resumed run (the Trainer fast-forwards the sampler), any number of DataLoader
+workers and any number of processes see exactly the batches of one uninterrupted single-process run.
 """
 
 from __future__ import annotations
 
+import hashlib
+import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .transforms import CLIP_MEAN, CLIP_STD, ToRGB, build_transform
 
 __all__ = [
     "CLIP_MEAN",
@@ -27,12 +38,10 @@ __all__ = [
     "collate_images",
     "dataset_class_names",
     "image_transform",
+    "item_seed",
     "make_paired_dataloader",
     "with_image_transform",
 ]
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 SOURCE, TARGET = "source", "target"
 
@@ -47,17 +56,17 @@ def image_transform(
 ) -> Callable:
     """PIL image -> normalised tensor (3, image_size, image_size), the release's Office-Home style pipeline.
 
-    train: RGB, Resize((r, r)) with r = resize_size or image_size * 256 / 224, RandomCrop, HorizontalFlip, normalise.
-    eval: RGB, Resize((image_size, image_size)), normalise.
+    train: RGB, Resize((r, r)) with r = resize_size or image_size * 256 / 224, RandomCrop, HorizontalFlip, normalise
+    (``cmkd.transforms.build_transform("office_train")``). eval: RGB, Resize((image_size, image_size)), normalise
+    (``"office_test"``). Other release pipelines: `cmkd.transforms.TRANSFORMS`.
     """
+    if not train or resize_size is None:
+        return build_transform("office_train" if train else "office_test", image_size, mean, std)
     from torchvision import transforms as T
 
-    to_rgb = T.Lambda(lambda im: im.convert("RGB") if hasattr(im, "convert") else im)
-    tail = [T.ToTensor(), T.Normalize(mean, std)]
-    if not train:
-        return T.Compose([to_rgb, T.Resize((image_size, image_size)), *tail])
-    r = resize_size or round(image_size * 256 / 224)
-    return T.Compose([to_rgb, T.Resize((r, r)), T.RandomCrop(image_size), T.RandomHorizontalFlip(), *tail])
+    tail = [T.ToTensor(), T.Normalize(tuple(mean), tuple(std))]
+    r = int(resize_size)
+    return T.Compose([ToRGB(), T.Resize((r, r)), T.RandomCrop(image_size), T.RandomHorizontalFlip(), *tail])
 
 
 def with_image_transform(
@@ -78,17 +87,32 @@ def with_image_transform(
     if image_column not in names:
         raise ValueError(f"dataset has no {image_column!r} column (columns: {names}); pass image_column=.")
     has_labels = label_column is not None and label_column in names
+    return dataset.with_transform(
+        ImageTransformer(transform, strong_transform, image_column, label_column if has_labels else None)
+    )
 
-    def apply(batch: dict[str, list]) -> dict[str, Any]:
-        images = batch[image_column]
-        out: dict[str, Any] = {"pixel_values": [transform(im) for im in images]}
-        if strong_transform is not None:
-            out["pixel_values_strong"] = [strong_transform(im) for im in images]
-        if has_labels:
-            out["labels"] = batch[label_column]
+
+class ImageTransformer:
+    """The batched formatting function of `with_image_transform`: a class, so the dataset pickles for workers."""
+
+    def __init__(
+        self,
+        transform: Callable,
+        strong_transform: Callable | None = None,
+        image_column: str = "image",
+        label_column: str | None = "label",
+    ) -> None:
+        self.transform, self.strong_transform = transform, strong_transform
+        self.image_column, self.label_column = image_column, label_column
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, Any]:
+        images = batch[self.image_column]
+        out: dict[str, Any] = {"pixel_values": [self.transform(im) for im in images]}
+        if self.strong_transform is not None:
+            out["pixel_values_strong"] = [self.strong_transform(im) for im in images]
+        if self.label_column is not None:
+            out["labels"] = batch[self.label_column]
         return out
-
-    return dataset.with_transform(apply)
 
 
 # ----------------------------------------------------------------------------------------------- class lists
@@ -180,25 +204,72 @@ def collate_images(examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------- paired stream
+def item_seed(seed: int, stream: str, batch_number: int, position: int) -> int:
+    """The seed item ``position`` (in the global batch) of ``stream`` in batch ``batch_number`` is augmented with.
+
+    A hash, not arithmetic, so neighbouring items, batches and seeds get unrelated random streams."""
+    digest = hashlib.blake2b(f"{seed}/{stream}/{batch_number}/{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class _SeededRandomness:
+    """Seeds torch's CPU generator, python's ``random`` and numpy's global generator for one item, and restores all
+    three afterwards, so the caller's random streams do not depend on which items were loaded.
+
+    Only the CPU generator: augmentations run on the CPU, and `torch.manual_seed` would also queue a lazy CUDA
+    seeding call (with a formatted stack trace) per item on a CUDA build without a GPU."""
+
+    def __enter__(self) -> _SeededRandomness:
+        self._torch = torch.default_generator.get_state()
+        self._python = random.getstate()
+        self._numpy = np.random.get_state()
+        return self
+
+    def seed(self, value: int) -> None:
+        torch.default_generator.manual_seed(value)
+        random.seed(value)
+        np.random.seed(value & 0xFFFFFFFF)
+
+    def __exit__(self, *exc) -> None:
+        torch.default_generator.set_state(self._torch)
+        random.setstate(self._python)
+        np.random.set_state(self._numpy)
+
+
 class PairedDataset(Dataset):
-    """Index ``(stream, i)`` -> item ``i`` of the source or target dataset (fetched in batches when possible)."""
+    """Key ``(stream, index, batch_number, position)`` -> item ``index`` of the source or target dataset.
 
-    def __init__(self, source, target=None):
+    With ``seed`` set, every item is loaded with the random generators seeded from `item_seed` (``seed``, stream,
+    batch number, position), so its augmentation depends on nothing else. Without, items of a stream are fetched
+    in one batched call and draw from the generators as they are. Keys ``(stream, index)`` load unseeded.
+    """
+
+    def __init__(self, source, target=None, seed: int | None = None):
         self.datasets = {SOURCE: source, TARGET: target}
+        self.seed = seed
 
-    def __getitem__(self, key: tuple[str, int]):
-        stream, index = key
-        return stream, self.datasets[stream][index]
+    def __getitem__(self, key: tuple):
+        return self.__getitems__([key])[0]
 
-    def __getitems__(self, keys: list[tuple[str, int]]) -> list:
+    def __getitems__(self, keys: list[tuple]) -> list:
+        if self.seed is not None and all(len(key) == 4 for key in keys):
+            return self._seeded(keys)
         out = []
         for stream in (SOURCE, TARGET):
-            idx = [i for s, i in keys if s == stream]
+            idx = [key[1] for key in keys if key[0] == stream]
             if not idx:
                 continue
             ds = self.datasets[stream]
             items = ds.__getitems__(idx) if hasattr(ds, "__getitems__") else [ds[i] for i in idx]
             out.extend((stream, item) for item in items)
+        return out
+
+    def _seeded(self, keys: list[tuple]) -> list:
+        out = []
+        with _SeededRandomness() as rng:
+            for stream, index, batch_number, position in keys:
+                rng.seed(item_seed(self.seed, stream, batch_number, position))
+                out.append((stream, self.datasets[stream][index]))
         return out
 
     def __len__(self) -> int:
@@ -213,11 +284,14 @@ def _endless_global_batches(n: int, global_batch: int, generator: torch.Generato
 
 
 class PairedInfiniteBatchSampler(Sampler):
-    """Endless batches of ``(stream, index)`` keys: ``source_batch_size`` source + ``target_batch_size`` target.
+    """Endless batches of ``(stream, index, batch_number, position)`` keys: ``source_batch_size`` source +
+    ``target_batch_size`` target keys per batch.
 
     Each stream reshuffles with its own generator (seeded from ``seed``) whenever a pass is used up, dropping the
     incomplete tail. The permutation is global; process ``rank`` of ``num_replicas`` takes its slice of every
-    global batch. No ``__len__``: the stream ends only when the trainer stops (``max_steps``).
+    global batch. ``batch_number`` counts from 0 and ``position`` is the key's place in the stream's *global*
+    batch, which is what `PairedDataset` seeds each item's augmentation with. No ``__len__``: the stream ends only
+    when the trainer stops (``max_steps``).
     """
 
     def __init__(
@@ -253,12 +327,15 @@ class PairedInfiniteBatchSampler(Sampler):
                 g = torch.Generator().manual_seed(self.seed + 1_000_003 * offset)
                 batches = _endless_global_batches(self.sizes[stream], bs * self.num_replicas, g, self.shuffle)
                 streams[stream] = (bs, batches)
+        number = 0
         while True:
             keys = []
             for stream, (bs, batches) in streams.items():
-                local = next(batches)[self.rank * bs : (self.rank + 1) * bs]
-                keys.extend((stream, i) for i in local.tolist())
+                first = self.rank * bs
+                local = next(batches)[first : first + bs]
+                keys.extend((stream, i, number, first + j) for j, i in enumerate(local.tolist()))
             yield keys
+            number += 1
 
 
 def _paired_collate(items: list[tuple[str, dict]]) -> dict[str, torch.Tensor]:
@@ -289,6 +366,7 @@ def make_paired_dataloader(
     rank: int = 0,
     num_workers: int = 0,
     pin_memory: bool = False,
+    seed_augmentation: bool = True,
     **dataloader_kwargs,
 ) -> DataLoader:
     """Endless DataLoader of paired batches.
@@ -296,6 +374,8 @@ def make_paired_dataloader(
     Each batch: ``source_pixel_values`` (B, 3, H, W), ``source_labels`` (B,), and with a target
     ``target_pixel_values`` (Bt, 3, H, W) (+ ``target_strong_pixel_values`` if the target yields strong views).
     Sizes are per process; ``target_batch_size`` defaults to ``source_batch_size`` (release: 32 + 32).
+    ``seed`` fixes the sampling order and, with ``seed_augmentation`` (default), every item's augmentation
+    (see `PairedDataset`): the batches do not depend on workers, processes or resuming.
     """
     if source is None or len(source) == 0:
         raise ValueError("the source dataset is empty.")
@@ -306,7 +386,7 @@ def make_paired_dataloader(
         len(source), source_batch_size, 0 if target is None else len(target), tbs, seed, num_replicas, rank
     )
     return DataLoader(
-        PairedDataset(source, target),
+        PairedDataset(source, target, seed if seed_augmentation else None),
         batch_sampler=sampler,
         collate_fn=_paired_collate,
         num_workers=num_workers,

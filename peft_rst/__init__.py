@@ -15,6 +15,7 @@ from .layer import RSTLayer  # noqa: E402
 from .model import BaseWeightsMismatchError, RSTModel  # noqa: E402
 from .model_card import render_model_card, write_model_card  # noqa: E402
 from .report import AdapterReport, DSPReport, ModuleRow, report  # noqa: E402
+from .resume import restore_reset_step  # noqa: E402
 from .transformers_integration import load_rst_adapter  # noqa: E402
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "push_adapter_to_hub",
     "render_model_card",
     "report",
+    "restore_reset_step",
     "write_model_card",
 ]
 __version__ = "0.1.0"

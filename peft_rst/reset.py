@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+from .resume import before_optimizer_step, record_reset_step
 
 if TYPE_CHECKING:
     from .config import RSTConfig
@@ -69,7 +71,11 @@ def register(group: ResetGroup) -> None:
     with _lock:
         _groups.add(group)
         if _hook_handle is None:
-            _hook_handle = register_optimizer_step_post_hook(_after_optimizer_step)
+            # the pre-step hook adopts a reset step loaded with the optimizer state (peft_rst.resume)
+            _hook_handle = (
+                register_optimizer_step_pre_hook(before_optimizer_step),
+                register_optimizer_step_post_hook(_after_optimizer_step),
+            )
 
 
 def unregister(group: ResetGroup) -> None:
@@ -88,6 +94,7 @@ def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
         if targets:
             group.step += 1
             apply_reset(targets, group.config, group.step)
+            record_reset_step(optimizer, group, targets)  # the step travels with optimizer.state_dict()
 
 
 @torch.no_grad()

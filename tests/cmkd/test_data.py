@@ -17,7 +17,7 @@ from cmkd.data import (
     make_paired_dataloader,
     with_image_transform,
 )
-from cmkd.fixmatch import RandAugmentMstd, strong_transform
+from cmkd.fixmatch import strong_transform
 from cmkd.metrics import load_uda_accuracy
 from cmkd.partial import class_counts, estimate_label_set
 
@@ -39,8 +39,8 @@ def _take(iterator, n):
 def test_each_stream_is_an_endless_reshuffled_pass_without_tail():
     sampler = PairedInfiniteBatchSampler(10, 3, target_size=7, target_batch_size=2, seed=5)
     batches = _take(iter(sampler), 9)
-    source = [[i for s, i in b if s == "source"] for b in batches]
-    target = [[i for s, i in b if s == "target"] for b in batches]
+    source = [[i for s, i, *_ in b if s == "source"] for b in batches]
+    target = [[i for s, i, *_ in b if s == "target"] for b in batches]
     assert all(len(b) == 3 for b in source) and all(len(b) == 2 for b in target)
     # 10 // 3 = 3 batches per source pass (one sample dropped), each pass a set of distinct indices
     for p in range(3):
@@ -67,9 +67,9 @@ def test_replicas_split_exactly_the_single_process_global_batches():
     rank1 = _take(iter(PairedInfiniteBatchSampler(23, 3, 17, 2, seed=3, num_replicas=2, rank=1)), 8)
     for whole, a, b in zip(single, rank0, rank1):
         for stream in ("source", "target"):
-            expected = [i for s, i in whole if s == stream]
-            got = [i for s, i in a if s == stream] + [i for s, i in b if s == stream]
-            assert got == expected
+            expected = [(i, n, p) for s, i, n, p in whole if s == stream]
+            got = [(i, n, p) for s, i, n, p in a if s == stream] + [(i, n, p) for s, i, n, p in b if s == stream]
+            assert got == expected  # same items, batch numbers and global positions
 
 
 def test_sampler_rejects_datasets_smaller_than_a_global_batch():
@@ -93,7 +93,7 @@ def test_paired_dataloader_yields_labeled_source_and_unlabeled_target():
     assert batch["target_strong_pixel_values"].shape == (3, 3, 16, 16)
     assert batch["source_labels"].dtype == torch.long
     # the labels are those of the sampled rows
-    indices = [i for s, i in next(iter(loader.batch_sampler)) if s == "source"]
+    indices = [key[1] for key in next(iter(loader.batch_sampler)) if key[0] == "source"]
     assert batch["source_labels"].tolist() == [i % 3 for i in indices]
 
 
@@ -123,14 +123,6 @@ def test_train_transform_and_strong_view_shapes():
     image = PILImage.fromarray(np.full((20, 24, 3), 128, dtype=np.uint8))
     assert image_transform(16, train=True)(image).shape == (3, 16, 16)
     assert strong_transform(16)(image).shape == (3, 16, 16)
-
-
-def test_rand_augment_mstd_validates_and_restores_magnitude():
-    with pytest.raises(ValueError, match="magnitude"):
-        RandAugmentMstd(magnitude=11)
-    aug = RandAugmentMstd(num_ops=2, magnitude=10, magnitude_std=0.5, apply_prob=1.0)
-    aug(PILImage.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)))
-    assert aug.total_ops == 2 and aug.num_magnitude_bins == aug.resolution + 1
 
 
 def test_collate_errors_are_clear():

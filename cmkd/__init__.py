@@ -34,6 +34,7 @@ from .model import (
     format_class_name,
 )
 from .partial import estimate_label_set
+from .peft_methods import PEFT_LABELS, PEFT_METHODS, apply_peft, count_dsp, peft_callbacks
 from .trainer import MODES, CMKDTrainer, CMKDTrainingArguments, inverse_decay_lambda
 
 __all__ = [
@@ -41,6 +42,8 @@ __all__ = [
     "CLIP_STD",
     "DEFAULT_PROMPT",
     "MODES",
+    "PEFT_LABELS",
+    "PEFT_METHODS",
     "UDA_ACCURACY_PATH",
     "CLIPAdaptationConfig",
     "CLIPAdaptationHead",
@@ -54,10 +57,12 @@ __all__ = [
     "IncompleteCheckpointError",
     "NonFiniteGuardCallback",
     "TrainingDivergedError",
+    "apply_peft",
     "build_prompts",
     "checkpoint_problems",
     "check_class_lists",
     "compute_text_features",
+    "count_dsp",
     "dataset_class_names",
     "estimate_label_set",
     "fixmatch_loss",
@@ -68,6 +73,7 @@ __all__ = [
     "last_complete_checkpoint",
     "load_uda_accuracy",
     "make_paired_dataloader",
+    "peft_callbacks",
     "strong_transform",
     "with_image_transform",
 ]

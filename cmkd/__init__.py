@@ -35,6 +35,7 @@ from .model import (
     format_class_name,
 )
 from .partial import estimate_label_set
+from .peft_methods import PEFT_LABELS, PEFT_METHODS, apply_peft, count_dsp, peft_callbacks
 from .trainer import MODES, CMKDTrainer, CMKDTrainingArguments, inverse_decay_lambda
 from .transforms import (
     TRANSFORMS,
@@ -50,6 +51,8 @@ __all__ = [
     "DEFAULT_PROMPT",
     "MODES",
     "TRANSFORMS",
+    "PEFT_LABELS",
+    "PEFT_METHODS",
     "UDA_ACCURACY_PATH",
     "CLIPAdaptationConfig",
     "CLIPAdaptationHead",
@@ -63,11 +66,13 @@ __all__ = [
     "IncompleteCheckpointError",
     "NonFiniteGuardCallback",
     "TrainingDivergedError",
+    "apply_peft",
     "build_prompts",
     "build_transform",
     "checkpoint_problems",
     "check_class_lists",
     "compute_text_features",
+    "count_dsp",
     "dataset_class_names",
     "estimate_label_set",
     "fixmatch_loss",
@@ -82,6 +87,7 @@ __all__ = [
     "make_paired_dataloader",
     "normalization_from_processor",
     "register_transform",
+    "peft_callbacks",
     "strong_transform",
     "with_image_transform",
 ]

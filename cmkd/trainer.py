@@ -45,6 +45,7 @@ from .fixmatch import fixmatch_terms
 from .loss import CMKDLoss
 from .model import CLIPAdaptationModel
 from .partial import estimate_label_set
+from .peft_methods import add_peft_callbacks
 from .validators import (
     DEFAULT_VALIDATOR,
     LABEL_METRICS,
@@ -262,6 +263,7 @@ class CMKDTrainer(Trainer):
         self._reset_term_logs()
         if args.halt_on_nonfinite:
             self.add_callback(NonFiniteGuardCallback())
+        add_peft_callbacks(self, model)  # AdaLoRA: rank allocation + orthogonality penalty (cmkd.peft_methods)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """`Trainer.train`; ``resume_from_checkpoint=True`` takes the newest *complete* checkpoint of

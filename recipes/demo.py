@@ -144,6 +144,8 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence = ()) -> dict:
             cfg,
             method=method,
             rst=rst,
+            peft="rst" if rst else "full",
+            peft_methods=("rst",) if rst else ("full",),
             tau=cfg.tau if rst else None,
             fixmatch=cfg.fixmatch and method == "cmkd",
             push_to_hub=cfg.push_to_hub and rst,  # the demo pushes the RST adapter only

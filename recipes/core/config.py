@@ -457,6 +457,14 @@ def build_parser(
     method = parser.add_argument_group("method")
     method.add_argument("--rst", action="store_true", help="Residual Sparse Training: ship a sparse patch per task")
     method.add_argument("--tau", type=float, help=f"RST reset threshold {dflt('tau')}")
+    method.add_argument(
+        "--peft",
+        metavar="METHOD[,METHOD...]",
+        help="how the vision tower is trained: rst, lora, adalora, bitfit, linear_probe, full (default: full; "
+        "--rst = --peft rst). Several methods, comma separated, run one after the other through the same CMKD "
+        "trainer (each in <output_dir>/<method>) and end with the paper's Table VII: accuracy per task, average and "
+        "DSP(M) per method (results.md, accuracy_vs_dsp.png)",
+    )
     method.add_argument("--fixmatch", action="store_true", help="add FixMatch consistency on strong target views")
     method.add_argument("--partial", action="store_true", help="partial-set protocol (Office-Home 65 -> 25 classes)")
     method.add_argument("--baseline", action="store_true", help="source-only fine-tuning, no CMKD")
@@ -535,8 +543,8 @@ class RunConfig:
     benchmark: BenchmarkConfig
     tasks: list[tuple[str, str]]  # domain keys
     method: str  # "cmkd" | "baseline" | "zero_shot"
-    rst: bool
-    tau: float | None  # None unless rst
+    rst: bool  # this run trains an RST adapter (peft == "rst")
+    tau: float | None  # None unless RST is among the methods
     fixmatch: bool
     partial: bool
     backbone: BackboneSpec
@@ -579,6 +587,8 @@ class RunConfig:
     quiet: bool = False
     report_to: str = "none"  # TrainingArguments.report_to
     recipe_script: str | None = None  # the script named in model cards (default recipes/<benchmark>.py)
+    peft: str = "full"  # cmkd.PEFT_METHODS: the method of this run
+    peft_methods: tuple[str, ...] = ("full",)  # every method asked for (--peft a,b,...): one run each
 
     def label_free(self) -> dict[str, Any]:
         """The target-without-labels / reporting / selection flags by name (recipes/core/unlabeled.py)."""
@@ -600,6 +610,10 @@ class RunConfig:
             label += "+FixMatch"
         if self.rst:
             label += "+RST"
+        elif self.peft != "full":
+            from cmkd import PEFT_LABELS
+
+            label += f"+{PEFT_LABELS[self.peft]}"
         return label
 
     def to_dict(self) -> dict[str, Any]:
@@ -617,6 +631,8 @@ class RunConfig:
                 value = {k: str(v) for k, v in value.items()}
             elif f.name == "tasks":
                 value = [task_name(s, t) for s, t in value]
+            elif isinstance(value, tuple):
+                value = list(value)
             out[f.name] = value
         out["benchmark"] = self.benchmark.name
         out["method_label"] = self.method_label
@@ -680,8 +696,26 @@ DEFAULT_RUNS_DIR = "runs"
 def method_slug(method: str, args: argparse.Namespace) -> str:
     """Folder name of a method (``cmkd_rst``, ``baseline``, ``clip``, ``cmkd_fixmatch_partial`` ...)."""
     parts = ["clip" if method == "zero_shot" else method]
-    parts += [name for name in ("fixmatch", "rst", "partial") if getattr(args, name, False)]
-    return "_".join(parts)
+    methods = _peft_methods(args)
+    peft = [] if methods == ("full",) else [methods[0]] if len(methods) == 1 else ["peft"]
+    parts += ["fixmatch"] * bool(getattr(args, "fixmatch", False)) + peft
+    return "_".join(parts + ["partial"] * bool(getattr(args, "partial", False)))
+
+
+def _peft_methods(args: argparse.Namespace) -> tuple[str, ...]:
+    """``--peft a,b`` (and ``--rst`` = ``--peft rst``) -> the methods to run, in the given order; default full."""
+    from cmkd import PEFT_METHODS
+
+    text = getattr(args, "peft", None)
+    if not text:
+        return ("rst",) if getattr(args, "rst", False) else ("full",)
+    methods = tuple(dict.fromkeys(m.strip() for m in str(text).split(",") if m.strip()))
+    unknown = [m for m in methods if m not in PEFT_METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"--peft {text!r}: unknown method(s) {unknown}; choose from {', '.join(PEFT_METHODS)}")
+    if getattr(args, "rst", False) and methods != ("rst",):
+        raise ConfigError("--rst is --peft rst; pass --peft with every method you want (e.g. --peft rst,lora)")
+    return methods
 
 
 def default_output_dir(benchmark: str, method: str, tasks: Sequence[tuple[str, str]] | None) -> Path:
@@ -723,10 +757,12 @@ def resolve_run_config(args: argparse.Namespace, benchmark: str | BenchmarkConfi
     method = "baseline" if args.baseline else "zero_shot" if args.zero_shot else "cmkd"
     if args.fixmatch and method != "cmkd":
         raise ConfigError(f"--fixmatch extends CMKD and cannot be combined with --{method.replace('_', '-')}")
-    if args.rst and method == "zero_shot":
-        raise ConfigError("--rst trains a sparse patch, but --zero-shot trains nothing; drop one of them")
-    if args.tau is not None and not args.rst:
-        raise ConfigError("--tau is the RST threshold; add --rst or drop --tau")
+    peft_methods = _peft_methods(args)
+    rst = "rst" in peft_methods
+    if method == "zero_shot" and peft_methods != ("full",):
+        raise ConfigError("--rst/--peft choose how the model is trained, but --zero-shot trains nothing; drop one")
+    if args.tau is not None and not rst:
+        raise ConfigError("--tau is the RST threshold; add --rst (or --peft rst) or drop --tau")
     if args.partial and not cfg.partial.available:
         with_partial = [
             b for b in available_benchmarks() if b != cfg.name and load_benchmark_config(b).partial.available
@@ -780,7 +816,7 @@ def resolve_run_config(args: argparse.Namespace, benchmark: str | BenchmarkConfi
         args,
         defaults={
             "learning_rate": backbone.learning_rate,
-            "tau": backbone.tau if args.rst else None,
+            "tau": backbone.tau if rst else None,
             "max_steps": cfg.training_args["max_steps"],
             "eval_steps": cfg.training_args["eval_steps"],
             "batch_size": cfg.batch_size,
@@ -840,13 +876,17 @@ def resolve_run_config(args: argparse.Namespace, benchmark: str | BenchmarkConfi
     optional = {  # flags with a typed RunConfig field of the same name (absent from a parser without them)
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(RunConfig)
-        if f.default is not dataclasses.MISSING and getattr(args, f.name, None) is not None
+        if f.default is not dataclasses.MISSING
+        and f.name not in ("peft", "peft_methods")
+        and getattr(args, f.name, None) is not None
     }
     return RunConfig(
         benchmark=cfg,
         tasks=tasks,
         method=method,
-        rst=bool(args.rst),
+        rst=peft_methods == ("rst",),
+        peft=peft_methods[0],
+        peft_methods=peft_methods,
         tau=tau,
         fixmatch=bool(args.fixmatch),
         partial=bool(args.partial),

@@ -12,9 +12,9 @@ Every recipe (``recipes/office_home.py`` ...) is ``run_benchmark``, which reads 
     finish_run(cfg, results)                      # Markdown table, accuracy-vs-DSP plot, results.json (last)
 
 Reproducibility: training augmentations draw their randomness from ``(seed, batch number, position in the global
-batch)`` (:class:`RecipeTrainer`), not from a stateful stream, so an interrupted run resumed from its last
-checkpoint, or the same run with any number of DataLoader workers, sees exactly the same batches; the RST reset
-schedule's step is saved with every checkpoint (:class:`RSTResetStepCallback`). Together with the Trainer's own
+batch)`` (``cmkd.data``, on in every ``CMKDTrainer``), not from a stateful stream, so an interrupted run resumed
+from its last checkpoint, or the same run with any number of DataLoader workers, sees exactly the same batches; the
+RST reset schedule's step travels in the optimizer state (``peft_rst.resume``). Together with the Trainer's own
 optimizer / scheduler / RNG state, a resumed run ends with bitwise the weights of an uninterrupted one.
 """
 
@@ -22,25 +22,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 from transformers import TrainerCallback
 
-from cmkd import CLIPAdaptationModel, CMKDConfig, CMKDTrainer, CMKDTrainingArguments
+from cmkd import CLIPAdaptationModel, CMKDConfig, CMKDTrainer, CMKDTrainingArguments, apply_peft, count_dsp
 from cmkd.callbacks import TrainingDivergedError
 from cmkd.checkpoints import checkpoint_problems, complete_checkpoints
+from cmkd.peft_methods import PEFT_SAVED_AS
 from peft_rst.files import atomic_write_text
 
 from .checks import check_inputs, check_model_source, sentence
@@ -61,9 +61,7 @@ __all__ = [
     "MODES",
     "TASK_RESULT_FILENAME",
     "CLIPBundle",
-    "RSTResetStepCallback",
     "RecipeError",
-    "RecipeTrainer",
     "SavedTask",
     "TaskData",
     "TaskResult",
@@ -94,7 +92,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TASK_RESULT_FILENAME = "task_result.json"  # written last in a task folder: the task is finished
-RESET_STEP_FILENAME = "rst_reset_step.json"  # written into every checkpoint of an RST run
 ADAPTER_DIRNAME = "adapter"  # RST: sparse backbone patch + head (+ README.md model card)
 MODEL_DIRNAME = "model"  # full fine-tuning: the whole adapted model
 MODES = {"cmkd": "cmkd", "baseline": "source_only", "zero_shot": "zero_shot"}  # RunConfig.method -> trainer mode
@@ -197,19 +194,13 @@ def _check_run_flags(cfg: RunConfig) -> None:
             )
 
 
-def _required_checkpoint_files(cfg: RunConfig) -> tuple[str, ...]:
-    """Files a checkpoint of this run needs beyond the Trainer's own (RST: the reset schedule's step)."""
-    return (RESET_STEP_FILENAME,) if cfg.rst else ()
-
-
 def check_resume_path(cfg: RunConfig, path: Path) -> None:
-    """``--resume_from_checkpoint PATH`` must be a complete Trainer checkpoint (an RST step file is optional here:
-    `RSTResetStepCallback` falls back to the global step, with a warning)."""
+    """``--resume_from_checkpoint PATH`` must be a complete Trainer checkpoint (``cmkd.checkpoints``)."""
     if not path.is_dir():
         raise ConfigError(f"--resume_from_checkpoint {str(path)!r} is not a checkpoint folder (it does not exist)")
     problems = checkpoint_problems(path)
     if problems:
-        complete, _ = complete_checkpoints(path, _required_checkpoint_files(cfg))
+        complete, _ = complete_checkpoints(path)
         hint = (
             f"; it holds complete checkpoints, e.g. {complete[-1]}"
             if complete
@@ -368,19 +359,16 @@ def check_batch_fits(cfg: RunConfig, data: TaskData, source: str, target: str) -
 
 def build_model(cfg: RunConfig, clip: CLIPBundle, classes: Sequence[str]):
     """``CLIPAdaptationModel`` (vision tower + projection + head, zero-shot teacher cached from the text tower) and,
-    with ``--rst``, the RST adapter around it (the head trained densely and saved whole)."""
+    with ``--peft`` (``--rst``), that method around it (``cmkd.apply_peft``; the head trains densely in all)."""
     torch.manual_seed(cfg.seed)  # head initialisation
     model = CLIPAdaptationModel.from_clip(
         clip.model, list(classes), cfg.benchmark.prompt_template, tokenizer=clip.tokenizer
     )
     model.name_or_path = model.config._name_or_path = clip.name  # peft records it as the adapter's base model
-    if not cfg.rst:
+    if cfg.peft == "full":
         return model
-    from peft import get_peft_model
-
-    import peft_rst  # registers RST with peft
-
-    return get_peft_model(model, peft_rst.RSTConfig(tau=cfg.tau, modules_to_save=["head"]))
+    options = {"rst": {"tau": cfg.tau}, "adalora": {"total_step": cfg.max_steps}}.get(cfg.peft, {})
+    return apply_peft(model, cfg.peft, **options)  # RST / LoRA / AdaLoRA adapter, or BitFit / linear probe flags
 
 
 def cmkd_config(cfg: RunConfig):
@@ -392,113 +380,6 @@ def cmkd_config(cfg: RunConfig):
 # --------------------------------------------------------------------------------------------------------------------
 # 3. Trainer: deterministic augmentation and RST schedule state across resumes
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def _item_seed(base: int, stream: str, batch: int, position: int) -> int:
-    digest = hashlib.blake2b(f"{base}/{stream}/{batch}/{position}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-class _NumberedBatches(Sampler):
-    """Wraps the paired batch sampler: each key gets its batch number and its position in the *global* batch."""
-
-    def __init__(self, batch_sampler: Iterable) -> None:
-        self.inner = batch_sampler
-
-    def __iter__(self):
-        rank = getattr(self.inner, "rank", 0)
-        sizes = getattr(self.inner, "batch_sizes", {})
-        for number, keys in enumerate(self.inner):
-            seen: dict[str, int] = {}
-            out = []
-            for stream, index in keys:
-                local = seen.get(stream, 0)
-                seen[stream] = local + 1
-                out.append((stream, index, number, rank * sizes.get(stream, 0) + local))
-            yield out
-
-
-class _SeededItems(Dataset):
-    """Loads each paired item with torch's RNG seeded from (seed, stream, batch number, position), then restores the
-    RNG: an item's augmentation does not depend on what was loaded before it, in which process, or after a resume."""
-
-    def __init__(self, paired: Dataset, seed: int) -> None:
-        self.paired = paired
-        self.seed = seed
-
-    def __getitem__(self, key):
-        return self.__getitems__([key])[0]
-
-    def __getitems__(self, keys):
-        out = []
-        with torch.random.fork_rng(devices=[]):
-            for stream, index, number, position in keys:
-                # the CPU generator only (augmentations run on the CPU): `torch.manual_seed` also queues a lazy CUDA
-                # seeding call, with a formatted stack trace, on every item of a CUDA build that has no GPU
-                torch.default_generator.manual_seed(_item_seed(self.seed, stream, number, position))
-                out.append(self.paired[(stream, index)])
-        return out
-
-    def __len__(self) -> int:
-        return len(self.paired)
-
-
-class RecipeTrainer(CMKDTrainer):
-    """`CMKDTrainer` whose training augmentations are a function of (seed, batch number, position): resumed runs and
-    runs with any number of DataLoader workers see exactly the batches of one uninterrupted run."""
-
-    def get_train_dataloader(self) -> DataLoader:
-        loader = super().get_train_dataloader()
-        kwargs: dict[str, Any] = {}
-        if loader.num_workers > 0:
-            kwargs = dict(
-                persistent_workers=loader.persistent_workers,
-                prefetch_factor=loader.prefetch_factor,
-                worker_init_fn=loader.worker_init_fn,
-            )
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return DataLoader(
-            _SeededItems(loader.dataset, seed),
-            batch_sampler=_NumberedBatches(loader.batch_sampler),
-            collate_fn=loader.collate_fn,
-            num_workers=loader.num_workers,
-            pin_memory=loader.pin_memory,
-            **kwargs,
-        )
-
-
-class RSTResetStepCallback(TrainerCallback):
-    """Saves the RST reset schedule's step with every checkpoint and restores it when training resumes.
-
-    The Trainer restores weights, optimizer, scheduler and RNG, but the step an RST tau / keep-ratio schedule is at
-    lives in the tuner (``RSTModel.reset_step()``); without this a resumed schedule would start again from 0.
-    """
-
-    def __init__(self, model, resume_from: str | os.PathLike | None = None) -> None:
-        self.model = model
-        self.resume_from = Path(resume_from) if resume_from else None
-
-    def _tuner(self):
-        return self.model.base_model
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if self.resume_from is None:
-            return
-        path = self.resume_from / RESET_STEP_FILENAME
-        if path.is_file():
-            step = int(json.loads(path.read_text())["reset_step"])
-        else:  # a checkpoint written without this callback: optimizer steps == global steps unless fp16 skipped some
-            step = int(state.global_step)
-            logger.warning("%s has no %s; restarting the RST schedule at step %d", self.resume_from, path.name, step)
-        self._tuner().set_reset_step(step)
-
-    def on_save(self, args, state, control, **kwargs):
-        if not args.should_save:
-            return
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if folder.is_dir():
-            payload = {"reset_step": self._tuner().reset_step(), "global_step": state.global_step}
-            atomic_write_text(folder / RESET_STEP_FILENAME, json.dumps(payload) + "\n")
 
 
 def _has_accelerator() -> bool:
@@ -546,7 +427,7 @@ def build_trainer(
     callbacks: Sequence[TrainerCallback] = (),
     resume_from: str | os.PathLike | None = None,
 ):
-    """`CMKDTrainer` (as :class:`RecipeTrainer`) with the benchmark's optimisation settings.
+    """`CMKDTrainer` with the benchmark's optimisation settings.
 
     ``cfg.batch_size`` is the *global* per-domain batch (the paper's 32 + 32): under ``accelerate launch`` with N
     processes each process takes batch / N, which the trainer turns into exactly the one-process run.
@@ -585,10 +466,7 @@ def build_trainer(
         disable_tqdm=bool(cfg.quiet),
     )
     args = CMKDTrainingArguments(**{**preset, **settings})  # the preset's fields, then the flags that override them
-    callbacks = list(callbacks)
-    if cfg.rst:  # first, so the step is in the checkpoint before any other callback sees the save
-        callbacks.insert(0, RSTResetStepCallback(model, resume_from))
-    return RecipeTrainer(
+    return CMKDTrainer(  # seeds each item's augmentation; RST's reset step travels in the optimizer state
         model,
         args,
         source_dataset=data.source,
@@ -596,7 +474,7 @@ def build_trainer(
         eval_dataset=data.eval,
         cmkd_config=cmkd_config(cfg),
         source_val_dataset=data.source_val,
-        callbacks=callbacks,
+        callbacks=list(callbacks),
     )
 
 
@@ -640,7 +518,7 @@ def resume_checkpoint(cfg: RunConfig, task_dir: str | os.PathLike) -> Path | Non
         return None
     if wanted != "last":
         return Path(wanted)
-    complete, incomplete = complete_checkpoints(task_dir, _required_checkpoint_files(cfg))
+    complete, incomplete = complete_checkpoints(task_dir)
     last = complete[-1] if complete else None
     if PartialState().is_main_process:
         for path, problems in incomplete:  # a killed save; the resumed run writes this step again
@@ -773,7 +651,7 @@ def hub_repo_id(cfg: RunConfig, source: str, target: str) -> str:
 def _card_fields(cfg: RunConfig, source: str, target: str, metrics: dict[str, Any], classes: Sequence[str]) -> dict:
     """Model card fields of one task (peft_rst.model_card.CARD_FIELDS); DSP, sizes and tau are measured later."""
     bench = cfg.benchmark
-    script = cfg.recipe_script or f"recipes/{bench.name}.py"  # the demo runs the toy task itself
+    script = cfg.recipe_script or recipe_script(bench.name)
     selection = selection_name(cfg)
     notes = (
         f"Trained with `{script}` ({cfg.method_label}, checkpoint: {selection}): {cfg.max_steps} iterations, batch "
@@ -803,6 +681,14 @@ def _card_fields(cfg: RunConfig, source: str, target: str, metrics: dict[str, An
         training_notes=notes,
         base_loading_code=code,
     )
+
+
+def recipe_script(benchmark: str) -> str:
+    """The command that reruns a preset, as a model card names it: ``recipes/<benchmark>.py`` where that alias
+    exists, else ``recipes/run_uda.py --benchmark <benchmark>``."""
+    if (Path(__file__).resolve().parents[1] / f"{benchmark}.py").is_file():
+        return f"recipes/{benchmark}.py"
+    return f"recipes/run_uda.py --benchmark {benchmark}"
 
 
 def selection_notes(metrics: dict[str, Any]) -> str:
@@ -846,7 +732,8 @@ def save_task(
     if cfg.method == "zero_shot":
         return SavedTask(source, target, None, 0, 0, "none")
     model = trainer.model
-    final = task_dir / (ADAPTER_DIRNAME if cfg.rst else MODEL_DIRNAME)
+    kind = "rst_adapter" if cfg.rst else "peft_adapter" if PEFT_SAVED_AS[cfg.peft] == "adapter" else "model"
+    final = task_dir / (MODEL_DIRNAME if kind == "model" else ADAPTER_DIRNAME)
     fields = _card_fields(cfg, source, target, metrics, trainer.eval_dataset.classes)
     dsp = nbytes = 0
     if trainer.args.should_save:
@@ -863,7 +750,8 @@ def save_task(
             else:
                 model.save_pretrained(tmp)
                 atomic_write_text(tmp / "README.md", _full_model_card(fields))
-                dsp = sum(p.numel() for p in model.parameters())
+                # full: every parameter; BitFit / linear probe / LoRA / AdaLoRA: what differs from the base
+                dsp = sum(p.numel() for p in model.parameters()) if cfg.peft == "full" else count_dsp(model, cfg.peft)
                 nbytes = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
             if image_processor is not None:
                 image_processor.save_pretrained(tmp)
@@ -872,7 +760,7 @@ def save_task(
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
-    return SavedTask(source, target, final, int(dsp), int(nbytes), "rst_adapter" if cfg.rst else "model", fields)
+    return SavedTask(source, target, final, int(dsp), int(nbytes), kind, fields)
 
 
 def _full_model_card(fields: dict[str, Any]) -> str:
@@ -1027,16 +915,26 @@ def start_run(cfg: RunConfig) -> dict[str, Any]:
     return results
 
 
-def run_benchmark(benchmark: str, argv: Sequence[str] | None = None, callbacks: Sequence = ()) -> dict[str, Any]:
+def run_benchmark(
+    benchmark: str,
+    argv: Sequence[str] | None = None,
+    callbacks: Sequence = (),
+    parser: argparse.ArgumentParser | None = None,
+) -> dict[str, Any]:
     """A benchmark recipe from command line to results: every ``recipes/<benchmark>.py`` is this call."""
     # 1. Parse: YAML defaults + flags, checked (flags, data folder, output folder, Hub token) before anything runs
-    cfg = parse(benchmark, argv)
+    cfg = parse(benchmark, argv, parser=parser)
     check_inputs(cfg)  # every task's data and the output folder, before a model is loaded
     clip = load_clip(cfg)  # the pretrained CLIP: vision tower to adapt, text tower for the zero-shot teacher
     results = start_run(cfg)
-    for source, target in cfg.tasks:
-        # resume? -> 2. data -> 3. model (+RST) -> 4. CMKDTrainer.train -> 5. evaluate -> 6. save + card -> 7. push
-        record_task(results, run_task(cfg, clip, source, target, callbacks))
+    for number, peft in enumerate(cfg.peft_methods, 1):  # --peft a,b,...: one row per method (Table VII)
+        run = cfg
+        if len(cfg.peft_methods) > 1:
+            run = dataclasses.replace(cfg, peft=peft, rst=peft == "rst", output_dir=cfg.output_dir / peft)
+            print(f"method {number} of {len(cfg.peft_methods)}: {run.method_label}", flush=True)
+        for source, target in cfg.tasks:
+            # resume? -> 2. data -> 3. model (+PEFT) -> 4. CMKDTrainer.train -> 5. evaluate -> 6. save, card -> 7. push
+            record_task(results, run_task(run, clip, source, target, callbacks))
     # 8. Results JSON, the paper's table layout (per task, Avg., DSP(M)) and the accuracy-vs-DSP plot
     finish_run(cfg, results)
     return results

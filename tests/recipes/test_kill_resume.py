@@ -190,7 +190,7 @@ def run_child(
 def complete_step(task: Path) -> int:
     from cmkd.checkpoints import complete_checkpoints
 
-    done, _ = complete_checkpoints(task, (runner.RESET_STEP_FILENAME,))
+    done, _ = complete_checkpoints(task)
     return int(done[-1].name.split("-")[-1]) if done else 0
 
 

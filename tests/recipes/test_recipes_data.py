@@ -29,7 +29,6 @@ from recipes.core.transforms import (
     CLIP_MEAN,
     CLIP_STD,
     FixMatchViews,
-    RandAugmentMstd,
     build_transform,
     eval_transform,
     image_size_from_processor,
@@ -355,7 +354,7 @@ def test_presets_scale_with_image_size():
     gray = Image.fromarray(np.zeros((16, 16), np.uint8), mode="L")  # USPS-like
     for preset in ("digits_usps_source", "digits_test", "digits_train"):
         assert build_transform(preset, 24)(gray).shape == (3, 24, 24), preset
-    with pytest.raises(ValueError, match="unknown augmentation preset 'office'"):
+    with pytest.raises(ValueError, match="unknown transform 'office'"):
         build_transform("office")
 
 
@@ -385,18 +384,24 @@ def test_normalisation_and_size_from_hf_processor():
     assert x.shape == (3, 32, 32) and torch.allclose(x, torch.full_like(x, 2.0))  # (1 - 0.5) / 0.25
 
 
-def test_randaugment_mstd_magnitudes():
-    torch.manual_seed(0)
-    ra = RandAugmentMstd(num_ops=2, magnitude=10, magnitude_std=0.0)
-    assert ra._draw_bin() == 100  # timm's m10 = strongest torchvision bin
-    assert RandAugmentMstd(magnitude=5, magnitude_std=0.0)._draw_bin() == 50
-    draws = [RandAugmentMstd(magnitude=10, magnitude_std=0.5)._draw_bin() for _ in range(200)]
-    assert max(draws) == 100 and 85 <= min(draws) < 100  # N(10, 0.5) clipped at 10, 0.1-step bins
+def test_fixmatch_strong_view_is_the_releases_timm_randaugment():
+    """The preset's strong view is cmkd's one transform stack: timm's rand-n2-m10-mstd0.5 (the release's)."""
+    from timm.data.auto_augment import RandAugment
+
+    oh = load_benchmark_config("office_home")
+    views = train_transform(oh, "Cl", "target", fixmatch=True, image_size=16)
+    (ra,) = [s for s in views.strong.transforms if isinstance(s, RandAugment)]
+    assert (
+        ra.num_layers == 2 and {op.magnitude for op in ra.ops} == {10} and {op.magnitude_std for op in ra.ops} == {0.5}
+    )
+    assert not any(isinstance(s, RandAugment) for s in views.weak.transforms)
     img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (20, 20, 3), dtype=np.uint8))
-    off = RandAugmentMstd(apply_prob=0.0)
-    assert np.array_equal(np.asarray(off(img)), np.asarray(img))
-    with pytest.raises(ValueError):
-        RandAugmentMstd(magnitude=11)
+    from transformers import set_seed  # torch, numpy and python's random: what cmkd seeds per item
+
+    set_seed(0)
+    first = views(img)[1]
+    set_seed(0)
+    assert torch.equal(first, views(img)[1])  # a function of the seed: cmkd seeds each item's augmentation
 
 
 # ------------------------------------------------------------------------------------------------------------------

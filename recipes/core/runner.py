@@ -432,10 +432,12 @@ def build_trainer(
     ``cfg.batch_size`` is the *global* per-domain batch (the paper's 32 + 32): under ``accelerate launch`` with N
     processes each process takes batch / N, which the trainer turns into exactly the one-process run.
     """
-    from accelerate import PartialState
+    from accelerate.utils import get_int_from_env
 
     preset = dict(cfg.benchmark.training_args)  # CMKDTrainingArguments fields of the benchmark YAML
-    world = PartialState().num_processes
+    # the processes the launcher started (torchrun / MPI), read as TrainingArguments will set up its devices; an
+    # AcceleratorState made earlier without cpu=True can still count 1 on a CPU-only `accelerate launch`
+    world = get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
     if cfg.batch_size % world:
         raise RecipeError(f"--batch_size {cfg.batch_size} must be a multiple of the {world} processes")
     num_workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers

@@ -124,6 +124,11 @@ def _pct(value: float | None) -> str:
     return MISSING if value is None or math.isnan(value) else f"{value:.1f}"
 
 
+def _dsp_cell(millions: float) -> str:
+    """DSP in millions as the paper prints it (2 decimals), with 4 significant digits below 0.01 M (small models)."""
+    return f"{millions:.2f}" if millions == 0 or millions >= 0.01 else f"{millions:.4g}"
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -190,7 +195,7 @@ def render_task_table(results: Mapping[str, Any]) -> str:
     for method, per_task in results["methods"].items():
         s = summarize(results, method)
         cells = [_pct(_acc(per_task[t])) if t in per_task else MISSING for t in tasks]
-        rows.append([method, *cells, _avg_cell(s), f"{s['dsp_m']:.2f}"])
+        rows.append([method, *cells, _avg_cell(s), _dsp_cell(s["dsp_m"])])
     return _table(header, rows) + _footnote(results)
 
 
@@ -212,7 +217,7 @@ def render_per_class_table(results: Mapping[str, Any], task: str | None = None) 
             continue
         per_class = entry.get("per_class", {})
         cells = [_pct(per_class[c] * 100) if c in per_class else MISSING for c in classes]
-        rows.append([method, *cells, _pct(_acc(entry)), f"{entry['dsp'] / 1e6:.2f}"])
+        rows.append([method, *cells, _pct(_acc(entry)), _dsp_cell(entry["dsp"] / 1e6)])
     return f"Task: {format_task(task)}\n\n" + _table(header, rows)
 
 
@@ -239,7 +244,7 @@ def render_matrix_tables(results: Mapping[str, Any]) -> str:
             rows.append(row)
         avg_row = ["Avg."] + [_pct(sum(v) / len(v)) if v else MISSING for v in col_vals.values()] + [_avg_cell(s)]
         rows.append(avg_row)
-        blocks.append(f"**{method}** (DSP(M) {s['dsp_m']:.2f})\n\n" + _table([method, *domains, "Avg."], rows))
+        blocks.append(f"**{method}** (DSP(M) {_dsp_cell(s['dsp_m'])})\n\n" + _table([method, *domains, "Avg."], rows))
     return "\n\n".join(blocks) + _footnote(results)
 
 

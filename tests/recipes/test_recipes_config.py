@@ -417,3 +417,20 @@ def test_benchmark_yaml_syntax_error_names_the_file(tmp_path):
 def test_config_that_is_a_folder_is_named(tmp_path, base):
     with pytest.raises(ConfigError, match="--config file .* is a folder; pass the YAML file"):
         _resolve("office_home", ["--all", "--config", str(tmp_path), *base])
+
+
+@pytest.mark.parametrize(
+    "preset, name",
+    [("office_home", "office_home"), ("office31", "office31"), ("image_clef", "imageclef"), ("digits", "digits")]
+    + [("visda", "visda"), ("domainnet", "domainnet")],
+)
+def test_library_benchmark_configs_match_the_presets(preset, name):
+    """cmkd's CMKDConfig.for_benchmark repeats the presets' numbers (a library shortcut without the YAML): they must
+    agree, partial-set protocol included, or one of the two is wrong."""
+    from cmkd import CMKDConfig
+
+    cfg = load_benchmark_config(preset)
+    assert CMKDConfig(**cfg.cmkd_config) == CMKDConfig.for_benchmark(name)
+    if cfg.partial.available:
+        merged = CMKDConfig(**{**cfg.cmkd_config, **cfg.partial.cmkd_config()})
+        assert merged == CMKDConfig.for_benchmark(f"{name}_partial")

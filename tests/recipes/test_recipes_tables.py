@@ -33,6 +33,20 @@ def office31_results():
     return res
 
 
+def test_small_dsp_keeps_four_significant_digits():
+    """A tiny model's DSP (thousands of entries) must not print as 0.00 M next to zero-shot's true 0."""
+    res = new_results(load_benchmark_config("office31"))
+    add_result(res, "CLIP", "A->D", 0.5, 0)
+    add_result(res, "CMKD+RST", "A->D", 0.6, 1_093)
+    add_result(res, "CMKD", "A->D", 0.7, 170_000)
+    rows = {
+        line.split(" | ")[0].strip("| "): line.split(" | ")[-1].strip(" |")
+        for line in render_markdown(res).splitlines()
+        if line.startswith("| C")
+    }
+    assert rows == {"CLIP": "0.00", "CMKD+RST": "0.001093", "CMKD": "0.17"}
+
+
 def test_task_table_matches_paper_layout(office31_results):
     expected = (
         "## Office-31: accuracy (%)\n"
@@ -158,7 +172,7 @@ def test_selection_table_shows_last_pick_oracle_and_gap_and_unlabeled_cells():
     add_result(results, "CMKD", "Ar->Cl", 0.70, 10, selection=sel)
     add_result(results, "CMKD", "Ar->photos", None, 10, selection={"metric": "zs_agreement", "value": 0.8})
     text = render_markdown(results)
-    assert "| CMKD | 70.0 | – | 70.0† | 0.00 |" in text  # the unlabeled task shows "–" and is left out of Avg.
+    assert "| CMKD | 70.0 | – | 70.0† | 2e-05 |" in text  # the unlabeled task shows "–" and is left out of Avg.
     assert "† average over the tasks with target labels" in text
     assert (
         "| Method | Task | Selection | Last | Label-free pick | oracle (uses target labels) | Gap (points) |" in text

@@ -32,7 +32,6 @@ def _scalars(folder) -> dict[str, list[float]]:
 
 
 def test_tensorboard_logs_losses_and_evaluations_offline(assets, tmp_path):
-    pytest.importorskip("tensorboard")
     out = tmp_path / "tb"
     runner.run_recipe(
         office_home.main, argv(assets, out, "--report_to", "tensorboard", "--logging_steps", "1", iterations=2)

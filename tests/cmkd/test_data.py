@@ -251,6 +251,38 @@ def test_each_item_is_augmented_from_seed_stream_batch_number_and_position_alone
                 assert torch.equal(batch["target_strong_pixel_values"][position], strong(raw_target[index]["image"]))
 
 
+class _PlainDataset(torch.utils.data.Dataset):
+    """A map-style dataset that is not a `with_image_transform` view: PairedDataset seeds it item by item."""
+
+    def __init__(self, raw, transform, strong=None):
+        self.raw, self.transform, self.strong = raw, transform, strong
+
+    def __len__(self):
+        return len(self.raw)
+
+    def __getitem__(self, i):
+        row = self.raw[i]
+        item = {"pixel_values": self.transform(row["image"]), "labels": row["label"]}
+        if self.strong is not None:
+            item["pixel_values_strong"] = self.strong(row["image"])
+        return item
+
+
+def test_any_map_style_dataset_gets_the_same_seeded_items():
+    source, target = _augmented_sets()
+    plain_source = _PlainDataset(_image_dataset(12, size=20), build_transform("office_train", 16))
+    plain_target = _PlainDataset(
+        _image_dataset(10, seed=1, size=20),
+        build_transform("digits_train", 16),
+        build_transform("fixmatch_strong", 16),
+    )
+    hf = _first(make_paired_dataloader(source, target, source_batch_size=4, target_batch_size=3, seed=5), 3)
+    plain = _first(
+        make_paired_dataloader(plain_source, plain_target, source_batch_size=4, target_batch_size=3, seed=5), 3
+    )
+    assert _same_batches(plain, hf)
+
+
 def test_loading_seeded_items_leaves_the_callers_generators_untouched():
     source, target = _augmented_sets()
     loader = make_paired_dataloader(source, target, source_batch_size=4, seed=5)

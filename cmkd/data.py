@@ -18,6 +18,7 @@ workers and any number of processes see exactly the batches of one uninterrupted
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -107,9 +108,19 @@ class ImageTransformer:
 
     def __call__(self, batch: dict[str, list]) -> dict[str, Any]:
         images = batch[self.image_column]
-        out: dict[str, Any] = {"pixel_values": [self.transform(im) for im in images]}
+        seeds = _BATCH_ITEM_SEEDS.get()  # set by PairedDataset: seed per image inside one batched fetch
+        if seeds is not None and len(seeds) != len(images):
+            raise RuntimeError(f"{len(seeds)} item seeds for a batch of {len(images)} images.")
+        weak, strong = [], []
+        for j, image in enumerate(images):
+            if seeds is not None:
+                _seed_generators(seeds[j])
+            weak.append(self.transform(image))
+            if self.strong_transform is not None:
+                strong.append(self.strong_transform(image))
+        out: dict[str, Any] = {"pixel_values": weak}
         if self.strong_transform is not None:
-            out["pixel_values_strong"] = [self.strong_transform(im) for im in images]
+            out["pixel_values_strong"] = strong
         if self.label_column is not None:
             out["labels"] = batch[self.label_column]
         return out
@@ -212,6 +223,23 @@ def item_seed(seed: int, stream: str, batch_number: int, position: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+# the item seeds of the batch a PairedDataset is fetching from a `with_image_transform` dataset (one batched call)
+_BATCH_ITEM_SEEDS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("cmkd_item_seeds", default=None)
+
+
+def _seed_generators(value: int) -> None:
+    torch.default_generator.manual_seed(value)
+    random.seed(value)
+    np.random.seed(value & 0xFFFFFFFF)
+
+
+def _formatted_by_image_transformer(dataset) -> bool:
+    """A `with_image_transform` dataset: its batched fetch can seed every image itself (no per-item fetches)."""
+    fmt = getattr(dataset, "format", None)
+    transform = fmt.get("format_kwargs", {}).get("transform") if isinstance(fmt, dict) else None
+    return isinstance(transform, ImageTransformer) and hasattr(dataset, "__getitems__")
+
+
 class _SeededRandomness:
     """Seeds torch's CPU generator, python's ``random`` and numpy's global generator for one item, and restores all
     three afterwards, so the caller's random streams do not depend on which items were loaded.
@@ -226,9 +254,7 @@ class _SeededRandomness:
         return self
 
     def seed(self, value: int) -> None:
-        torch.default_generator.manual_seed(value)
-        random.seed(value)
-        np.random.seed(value & 0xFFFFFFFF)
+        _seed_generators(value)
 
     def __exit__(self, *exc) -> None:
         torch.default_generator.set_state(self._torch)
@@ -267,9 +293,24 @@ class PairedDataset(Dataset):
     def _seeded(self, keys: list[tuple]) -> list:
         out = []
         with _SeededRandomness() as rng:
-            for stream, index, batch_number, position in keys:
-                rng.seed(item_seed(self.seed, stream, batch_number, position))
-                out.append((stream, self.datasets[stream][index]))
+            for stream in (SOURCE, TARGET):
+                mine = [key for key in keys if key[0] == stream]
+                if not mine:
+                    continue
+                ds = self.datasets[stream]
+                seeds = [item_seed(self.seed, stream, number, position) for _, _, number, position in mine]
+                if _formatted_by_image_transformer(ds):
+                    token = _BATCH_ITEM_SEEDS.set(seeds)
+                    try:
+                        items = ds.__getitems__([key[1] for key in mine])
+                    finally:
+                        _BATCH_ITEM_SEEDS.reset(token)
+                else:
+                    items = []
+                    for key, seed in zip(mine, seeds):
+                        rng.seed(seed)
+                        items.append(ds[key[1]])
+                out.extend((stream, item) for item in items)
         return out
 
     def __len__(self) -> int:

@@ -76,11 +76,15 @@ def before_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: A
 
 
 def _first_state(optimizer: torch.optim.Optimizer, group: ResetGroup) -> dict | None:
+    """The optimizer state of the group's first parameter that has one (layer by layer: usually the first)."""
     state = optimizer.state
-    for target in group.targets():
-        found = state.get(target.weight)  # .get: the state is a defaultdict, indexing would add entries
-        if found:
-            return found
+    if not state:
+        return None
+    for layer in group.layers:
+        for target in layer.reset_targets(group.adapter_name):
+            found = state.get(target.weight)  # .get: the state is a defaultdict, indexing would add entries
+            if found:
+                return found
     return None
 
 

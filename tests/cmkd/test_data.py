@@ -1,5 +1,7 @@
 """Paired source/target streams, transforms, class-list checks, partial-set estimation and the UDA metric."""
 
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -14,12 +16,14 @@ from cmkd.data import (
     collate_images,
     dataset_class_names,
     image_transform,
+    item_seed,
     make_paired_dataloader,
     with_image_transform,
 )
 from cmkd.fixmatch import strong_transform
 from cmkd.metrics import load_uda_accuracy
 from cmkd.partial import class_counts, estimate_label_set
+from cmkd.transforms import build_transform
 
 NAMES = ["cat", "dog", "bird"]
 
@@ -184,3 +188,174 @@ def test_uda_accuracy_metric_matches_hand_counts():
     assert out["mean_class_accuracy"] == pytest.approx((0.5 + 2 / 3 + 1.0) / 3)
     with pytest.raises(ValueError, match="missing labels"):
         metric.compute(predictions=[0], references=[-1])
+
+
+# ----------------------------------------------------------------------------------------------- seeded augmentation
+def _augmented_sets():
+    """Source and target whose every view is random (crop, flip, timm RandAugment, colour jitter)."""
+    source = with_image_transform(_image_dataset(12, size=20), build_transform("office_train", 16))
+    target = with_image_transform(
+        _image_dataset(10, seed=1, size=20),
+        build_transform("digits_train", 16),
+        strong_transform=build_transform("fixmatch_strong", 16),
+    )
+    return source, target
+
+
+def _first(loader, n: int) -> list[dict]:
+    iterator = iter(loader)
+    return [next(iterator) for _ in range(n)]
+
+
+def _same_batches(a: list[dict], b: list[dict]) -> bool:
+    return all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b, strict=True))
+
+
+def _rng_states():
+    return torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+
+
+def test_seeded_augmentation_is_the_same_with_any_number_of_workers_and_any_global_rng():
+    source, target = _augmented_sets()
+    inline = _first(make_paired_dataloader(source, target, source_batch_size=4, target_batch_size=3, seed=5), 5)
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)  # what the caller's generators hold is irrelevant
+    workers = make_paired_dataloader(source, target, source_batch_size=4, target_batch_size=3, seed=5, num_workers=2)
+    assert _same_batches(_first(workers, 5), inline)
+    other_seed = make_paired_dataloader(source, target, source_batch_size=4, target_batch_size=3, seed=6)
+    assert not _same_batches(_first(other_seed, 5), inline)
+    # without seeding the augmentation follows the global generators: the same loader gives other batches
+    unseeded = make_paired_dataloader(
+        source, target, source_batch_size=4, target_batch_size=3, seed=5, seed_augmentation=False
+    )
+    assert not _same_batches(_first(unseeded, 5), _first(unseeded, 5))
+
+
+def test_each_item_is_augmented_from_seed_stream_batch_number_and_position_alone():
+    source, target = _augmented_sets()
+    raw_source, raw_target = _image_dataset(12, size=20), _image_dataset(10, seed=1, size=20)
+    loader = make_paired_dataloader(source, target, source_batch_size=4, target_batch_size=3, seed=5)
+    keys = _first(iter(loader.batch_sampler), 3)
+    weak, strong = build_transform("digits_train", 16), build_transform("fixmatch_strong", 16)
+    for number, (batch, batch_keys) in enumerate(zip(_first(loader, 3), keys)):
+        for stream, index, key_number, position in batch_keys:
+            assert key_number == number
+            # the reference: seed the three generators by hand and transform the raw image
+            s = item_seed(5, stream, number, position)
+            torch.default_generator.manual_seed(s), random.seed(s), np.random.seed(s & 0xFFFFFFFF)
+            if stream == "source":
+                expected = build_transform("office_train", 16)(raw_source[index]["image"])
+                assert torch.equal(batch["source_pixel_values"][position], expected)
+            else:
+                view = weak(raw_target[index]["image"])
+                assert torch.equal(batch["target_pixel_values"][position], view)
+                assert torch.equal(batch["target_strong_pixel_values"][position], strong(raw_target[index]["image"]))
+
+
+class _PlainDataset(torch.utils.data.Dataset):
+    """A map-style dataset that is not a `with_image_transform` view: PairedDataset seeds it item by item."""
+
+    def __init__(self, raw, transform, strong=None):
+        self.raw, self.transform, self.strong = raw, transform, strong
+
+    def __len__(self):
+        return len(self.raw)
+
+    def __getitem__(self, i):
+        row = self.raw[i]
+        item = {"pixel_values": self.transform(row["image"]), "labels": row["label"]}
+        if self.strong is not None:
+            item["pixel_values_strong"] = self.strong(row["image"])
+        return item
+
+
+def test_any_map_style_dataset_gets_the_same_seeded_items():
+    source, target = _augmented_sets()
+    plain_source = _PlainDataset(_image_dataset(12, size=20), build_transform("office_train", 16))
+    plain_target = _PlainDataset(
+        _image_dataset(10, seed=1, size=20),
+        build_transform("digits_train", 16),
+        build_transform("fixmatch_strong", 16),
+    )
+    hf = _first(make_paired_dataloader(source, target, source_batch_size=4, target_batch_size=3, seed=5), 3)
+    plain = _first(
+        make_paired_dataloader(plain_source, plain_target, source_batch_size=4, target_batch_size=3, seed=5), 3
+    )
+    assert _same_batches(plain, hf)
+
+
+def test_loading_seeded_items_leaves_the_callers_generators_untouched():
+    source, target = _augmented_sets()
+    loader = make_paired_dataloader(source, target, source_batch_size=4, seed=5)
+    keys = next(iter(loader.batch_sampler))
+    torch.manual_seed(9), random.seed(9), np.random.seed(9)
+    before = _rng_states()
+    items = loader.dataset.__getitems__(keys)  # what a worker (or the main process) runs per batch
+    after = _rng_states()
+    assert len(items) == len(keys)
+    assert torch.equal(before[0], after[0]) and before[1] == after[1] and (before[2] == after[2]).all()
+
+
+def test_a_fast_forwarded_stream_continues_with_the_uninterrupted_batches():
+    from accelerate import skip_first_batches
+
+    source, target = _augmented_sets()
+    make = lambda: make_paired_dataloader(source, target, source_batch_size=4, seed=5)  # noqa: E731
+    full = _first(make(), 6)
+    resumed = _first(skip_first_batches(make(), 3), 3)  # a new loader, as in a resumed process
+    assert _same_batches(resumed, full[3:])
+
+
+def test_two_processes_see_the_single_process_augmented_global_batch():
+    source, target = _augmented_sets()
+    single = _first(make_paired_dataloader(source, target, source_batch_size=4, target_batch_size=2, seed=5), 3)
+    ranks = [
+        _first(
+            make_paired_dataloader(
+                source, target, source_batch_size=2, target_batch_size=1, seed=5, num_replicas=2, rank=r
+            ),
+            3,
+        )
+        for r in (0, 1)
+    ]
+    for whole, a, b in zip(single, *ranks):
+        for key in whole:
+            assert torch.equal(torch.cat([a[key], b[key]]), whole[key]), key
+
+
+def _trainer_run(output_dir, workers: int, resume: str | None = None, save: bool = False) -> dict:
+    from tiny_clip_models import CharTokenizer, tiny_clip
+
+    from cmkd import CLIPAdaptationModel, CMKDTrainer, CMKDTrainingArguments
+
+    source = with_image_transform(_image_dataset(16, size=36), build_transform("office_train", 32))
+    target = with_image_transform(_image_dataset(16, seed=1, size=36), build_transform("office_train", 32))
+    torch.manual_seed(1)
+    model = CLIPAdaptationModel.from_clip(tiny_clip(), NAMES, "a photo of a {}.", tokenizer=CharTokenizer())
+    args = CMKDTrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=4,
+        iterations_per_epoch=4,  # checkpoint-2 is in the middle of an "epoch"
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        eval_strategy="no",
+        save_strategy="steps" if save else "no",
+        save_steps=2,
+        save_total_limit=None,
+        load_best_model_at_end=False,
+        use_cpu=True,
+        disable_tqdm=True,
+        report_to="none",
+        seed=7,
+        dataloader_num_workers=workers,
+    )
+    CMKDTrainer(model, args, source, target).train(resume_from_checkpoint=resume)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_trainer_resumed_mid_epoch_with_workers_ends_bitwise_like_one_uninterrupted_run(tmp_path):
+    straight = _trainer_run(tmp_path / "straight", workers=0, save=True)
+    with_workers = _trainer_run(tmp_path / "workers", workers=2)
+    resumed = _trainer_run(tmp_path / "resumed", workers=2, resume=str(tmp_path / "straight" / "checkpoint-2"))
+    for name, value in straight.items():
+        assert torch.equal(with_workers[name], value), f"{name}: 2 workers differ from 0 workers"
+        assert torch.equal(resumed[name], value), f"{name}: the resumed run differs"

@@ -159,6 +159,7 @@ def test_rst_changes_only_entries_past_tau_and_dsp_counts_them(clip, data, tmp_p
         assert torch.all((diff == 0) | (diff > 1e-4)), name
         changed += int((diff > 0).sum())
     assert changed > 0
+    assert not torch.equal(merged.head.classifier.weight, untouched.head.classifier.weight)
     assert count_dsp(model, "rst") == changed + head_stored(untouched)
 
 
@@ -180,6 +181,11 @@ def test_adalora_allocates_ranks_and_dsp_matches_saved_adapter(clip, data, tmp_p
             owner, _, leaf = name.rpartition(".")
             wrapped = model.get_base_model().get_submodule(owner)
             assert torch.equal(getattr(getattr(wrapped, "base_layer", wrapped), leaf), p)
+    moved = [n for n, p in model.named_parameters() if p.requires_grad]
+    start = apply_peft(fresh(clip), "adalora", total_step=STEPS, tinit=0, tfinal=1).state_dict()
+    assert all(not torch.equal(model.state_dict()[n], start[n]) for n in moved if "lora_E" not in n)
+    assert {n.split(".")[-2] for n in moved if "lora_" in n} == {"lora_A", "lora_B", "lora_E"}
+    assert any("modules_to_save" in n for n in moved)  # the head copy trains
     model.save_pretrained(tmp_path / "adapter")
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     stored = sum(t.numel() for n, t in saved.items() if "lora_" in n)

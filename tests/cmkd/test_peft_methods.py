@@ -237,6 +237,7 @@ def test_unknown_method_lists_the_choices(clip):
         ("adalora", {}, "needs total_step"),
         ("adalora", {"total_step": 10, "tinit": 9, "tfinal": 5}, "invalid 'adalora' options"),
         ("rst", {"tau": -1.0}, "invalid 'rst' options"),
+        ("rst", {"target_modules": ["query"]}, "'query' matches no module"),
         ("bitfit", {"r": 1}, "takes no options"),
         ("full", {"tau": 1e-6}, "takes no options"),
     ],

@@ -142,6 +142,8 @@ def test_lora_trains_adapters_and_head_only(clip, data, tmp_path):
     }
     assert targeted  # the CLIP encoder's own layer names are adapted
     assert count_dsp(model, "lora") == lora_numel_by_formula(untouched, 1) + head_stored(untouched)
+    one = apply_peft(fresh(clip), "lora", target_modules=["vision_model.encoder.layers.0.mlp.fc1"])
+    assert count_dsp(one, "lora") == 32 + 64 + head_stored(untouched)  # r=1 x (hidden 32 + intermediate 64)
     apply_r4 = apply_peft(fresh(clip), "lora", r=4)
     assert count_dsp(apply_r4, "lora") == lora_numel_by_formula(untouched, 4) + head_stored(untouched)
 

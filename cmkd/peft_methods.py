@@ -152,9 +152,10 @@ def _peft_config(method: str, options: dict[str, Any], core: CLIPAdaptationModel
         )
     targets = settings.get("target_modules")
     if method != "rst" and isinstance(targets, (list, tuple, set)):
-        existing = _linear_names(core)
-        missing = sorted(set(targets) - set(existing))
+        names = [n for n, m in core.named_modules() if isinstance(m, nn.Linear) and n]
+        missing = sorted(t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names))  # peft's rule
         if missing:
+            existing = _linear_names(core)
             raise ValueError(
                 f"target_modules {missing} match no linear layer of this model; its linear layers are {existing}."
             )

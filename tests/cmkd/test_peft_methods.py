@@ -142,6 +142,8 @@ def test_lora_trains_adapters_and_head_only(clip, data, tmp_path):
     }
     assert targeted  # the CLIP encoder's own layer names are adapted
     assert count_dsp(model, "lora") == lora_numel_by_formula(untouched, 1) + head_stored(untouched)
+    one = apply_peft(fresh(clip), "lora", target_modules=["vision_model.encoder.layers.0.mlp.fc1"])
+    assert count_dsp(one, "lora") == 32 + 64 + head_stored(untouched)  # r=1 x (hidden 32 + intermediate 64)
     apply_r4 = apply_peft(fresh(clip), "lora", r=4)
     assert count_dsp(apply_r4, "lora") == lora_numel_by_formula(untouched, 4) + head_stored(untouched)
 
@@ -159,6 +161,7 @@ def test_rst_changes_only_entries_past_tau_and_dsp_counts_them(clip, data, tmp_p
         assert torch.all((diff == 0) | (diff > 1e-4)), name
         changed += int((diff > 0).sum())
     assert changed > 0
+    assert not torch.equal(merged.head.classifier.weight, untouched.head.classifier.weight)
     assert count_dsp(model, "rst") == changed + head_stored(untouched)
 
 
@@ -180,6 +183,11 @@ def test_adalora_allocates_ranks_and_dsp_matches_saved_adapter(clip, data, tmp_p
             owner, _, leaf = name.rpartition(".")
             wrapped = model.get_base_model().get_submodule(owner)
             assert torch.equal(getattr(getattr(wrapped, "base_layer", wrapped), leaf), p)
+    moved = [n for n, p in model.named_parameters() if p.requires_grad]
+    start = apply_peft(fresh(clip), "adalora", total_step=STEPS, tinit=0, tfinal=1).state_dict()
+    assert all(not torch.equal(model.state_dict()[n], start[n]) for n in moved if "lora_E" not in n)
+    assert {n.split(".")[-2] for n in moved if "lora_" in n} == {"lora_A", "lora_B", "lora_E"}
+    assert any("modules_to_save" in n for n in moved)  # the head copy trains
     model.save_pretrained(tmp_path / "adapter")
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     stored = sum(t.numel() for n, t in saved.items() if "lora_" in n)
@@ -231,6 +239,7 @@ def test_unknown_method_lists_the_choices(clip):
         ("adalora", {}, "needs total_step"),
         ("adalora", {"total_step": 10, "tinit": 9, "tfinal": 5}, "invalid 'adalora' options"),
         ("rst", {"tau": -1.0}, "invalid 'rst' options"),
+        ("rst", {"target_modules": ["query"]}, "'query' matches no module"),
         ("bitfit", {"r": 1}, "takes no options"),
         ("full", {"tau": 1e-6}, "takes no options"),
     ],

@@ -359,15 +359,18 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         dense = modules["rst_weight"]._modules
         if isinstance(active, str):
             weights = dense.get(active)
-            self._dense_active = weights is not None
+            if self._dense_active is (weights is None):  # set only on change: nn.Module.__setattr__ is slow
+                self._dense_active = weights is not None
             if weights is None or self.merged_adapters:
                 return modules["base_layer"](*args, **kwargs)
             base = modules["base_layer"]
             if not base._modules:  # a leaf module (Linear, norm, Conv, ...): no functional_call needed
                 return _run_leaf(base, _cast_to_base(weights._parameters, base._parameters), args, kwargs)
         else:
-            self._dense_active = any(a in dense for a in active)
-            if self.merged_adapters or not self._dense_active:
+            dense_active = any(a in dense for a in active)
+            if self._dense_active != dense_active:
+                self._dense_active = dense_active
+            if self.merged_adapters or not dense_active:
                 return modules["base_layer"](*args, **kwargs)
         return functional_call(
             self.base_layer, self._effective_parameters(self.active_adapters), args, kwargs, strict=False

@@ -107,7 +107,7 @@ def _reset_flat_(w: torch.Tensor, b: torch.Tensor, tau: float) -> None:
     Bit for bit `torch.where(|w - b| <= tau, b, w, out=w)` (NaN differences keep w), as w ^= (w ^ b) & mask.
     """
     bits = _BITS.get(w.element_size()) if w.dtype.is_floating_point else None
-    if bits is None:
+    if bits is None or isinstance(w, DTensor):  # a DTensor whose shards are not aligned with w0's: no bit views
         torch.where((w - b).abs_() <= tau, b, w, out=w)
         return
     mask = (w - b).abs_().le_(tau).to(bits).neg_()  # all ones where the entry goes back to w0

@@ -17,6 +17,14 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from torch import nn
 from torch.autograd.graph import increment_version
 from torch.func import functional_call
+from torch.nn import functional as F
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+from torch.nn.modules.module import (
+    _global_backward_hooks,
+    _global_backward_pre_hooks,
+    _global_forward_hooks,
+    _global_forward_pre_hooks,
+)
 
 from . import format as rst_format
 from .reset import ResetTarget
@@ -189,15 +197,21 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         """W and w0 of every parameter of trainable adapter `adapter_name`, for the reset after an optimizer step.
 
         An active inference adapter is written into the base parameters; it is taken out first so that the reset
-        compares W with the true w0 (the next forward puts it back), not with the patched values.
+        compares W with the true w0 (the next forward puts it back), not with the patched values. This runs for
+        every layer after every optimizer step, so it reads the instance dicts directly.
         """
-        if adapter_name not in self.rst_weight or self.merged:
+        weights = self._modules["rst_weight"]._modules.get(adapter_name)
+        if weights is None or self.merged_adapters:
             return []
-        self.restore_base_weights()
-        bases = self._base_parameters()
+        if self._patched is not None:
+            self.restore_base_weights()
+        base_layer = self._modules["base_layer"]
+        if isinstance(base_layer, BaseTunerLayer):  # a wrapped tuner layer: w0 is in the innermost base layer
+            base_layer = base_layer.get_base_layer()
+        bases = base_layer._parameters
         return [
             ResetTarget(weight=w, base=bases[name], is_bias=name == "bias" or name.endswith("_bias"))
-            for name, w in self.rst_weight[adapter_name].items()
+            for name, w in weights._parameters.items()
         ]
 
     # ------------------------------------------------------------------ forward
@@ -330,16 +344,34 @@ class RSTLayer(nn.Module, BaseTunerLayer):
             return functional_call(
                 self.base_layer, self._effective_parameters(self.active_adapters), args, kwargs, strict=False
             )
-        if self.disable_adapters:
-            if self.merged:
+        # Eager: this runs for every wrapped module on every call, so it reads instance dicts directly.
+        if self._disable_adapters:
+            if self.merged_adapters:
                 self.unmerge()
             self.restore_base_weights()
             return self.base_layer(*args, **kwargs)
-        if len(self.rst_sparse):
+        modules = self._modules
+        if len(modules["rst_sparse"]):
             self.sync_patch()  # cheap when nothing changed; covers adapters toggled behind peft's back
-        self._dense_active = any(a in self.rst_weight for a in self.active_adapters)
-        if self.merged or not self._dense_active:
-            return self.base_layer(*args, **kwargs)
+        active = self._active_adapter
+        if not isinstance(active, str) and len(active) == 1:
+            active = active[0]
+        dense = modules["rst_weight"]._modules
+        if isinstance(active, str):
+            weights = dense.get(active)
+            if self._dense_active is (weights is None):  # set only on change: nn.Module.__setattr__ is slow
+                self._dense_active = weights is not None
+            if weights is None or self.merged_adapters:
+                return modules["base_layer"](*args, **kwargs)
+            base = modules["base_layer"]
+            if not base._modules:  # a leaf module (Linear, norm, Conv, ...): no functional_call needed
+                return _run_leaf(base, _cast_to_base(weights._parameters, base._parameters), args, kwargs)
+        else:
+            dense_active = any(a in dense for a in active)
+            if self._dense_active != dense_active:
+                self._dense_active = dense_active
+            if self.merged_adapters or not dense_active:
+                return modules["base_layer"](*args, **kwargs)
         return functional_call(
             self.base_layer, self._effective_parameters(self.active_adapters), args, kwargs, strict=False
         )
@@ -421,3 +453,63 @@ class RSTLayer(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "rst." + super().__repr__()
+
+
+# ---------------------------------------------------------------------------------------------- forward helpers
+# Module kinds whose forward is one functional op on (input, weight, bias): with no hooks, RST calls the op with W
+# directly. Exact types only: a subclass may override forward (quantised layers, parametrizations).
+_DIRECT_OPS: dict[type, Any] = {
+    nn.Linear: lambda module, x, weight, bias: F.linear(x, weight, bias),
+    NonDynamicallyQuantizableLinear: lambda module, x, weight, bias: F.linear(x, weight, bias),
+    nn.LayerNorm: lambda module, x, weight, bias: F.layer_norm(x, module.normalized_shape, weight, bias, module.eps),
+}
+
+
+def _cast_to_base(weights: dict[str, torch.Tensor], params: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """`weights` as they are, or cast to the base parameters' dtypes (peft keeps W in fp32 for fp16/bf16 bases)."""
+    for name, w in weights.items():
+        base = params.get(name)
+        if base is not None and w.dtype != base.dtype:
+            return {
+                n: w if (b := params.get(n)) is None or w.dtype == b.dtype else w.to(b.dtype)
+                for n, w in weights.items()
+            }
+    return weights
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or _global_forward_hooks
+        or _global_forward_pre_hooks
+        or _global_backward_hooks
+        or _global_backward_pre_hooks
+    )
+
+
+def _run_leaf(module: nn.Module, weights: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+    """Run a module without submodules as if its own parameters were `weights` (what `functional_call` does).
+
+    `functional_call` re-parametrises through a module walk, tie detection and a context manager on every call. A
+    leaf has nothing to tie, so swapping the entries of its `_parameters` dict and putting them back is the same
+    re-parametrisation (hooks run, autograd reaches W); for a hook-free Linear or LayerNorm, the op itself is called
+    with W.
+    """
+    op = _DIRECT_OPS.get(type(module))
+    if op is not None and len(args) == 1 and not kwargs and not _has_hooks(module):
+        params = module._parameters
+        return op(module, args[0], weights.get("weight", params["weight"]), weights.get("bias", params.get("bias")))
+    params = module._parameters
+    saved = {name: params[name] for name in weights if name in params}
+    try:
+        params.update(weights)
+        return module(*args, **kwargs)
+    finally:
+        for name in weights:
+            if name in saved:
+                params[name] = saved[name]
+            else:
+                del params[name]

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from .resume import before_optimizer_step, record_reset_step
@@ -25,6 +27,10 @@ if TYPE_CHECKING:
 # Elements processed per chunk: temporaries stay in cache, which makes the reset ~4x faster than one torch.where
 # over the whole tensor and costs no extra memory proportional to the model.
 _CHUNK = 1 << 16
+# Tensors up to _CHUNK elements (biases, norms, small layers) are reset together, concatenated in batches of up to
+# _BATCH elements: a handful of ops per batch instead of per tensor, so the per-tensor Python and kernel-launch cost
+# does not grow with the number of wrapped modules.
+_BATCH = 1 << 16
 
 
 @dataclass
@@ -97,6 +103,26 @@ def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
             record_reset_step(optimizer, group, targets)  # the step travels with optimizer.state_dict()
 
 
+# Integer dtypes of each float width: the reset selects bit patterns with integer ops, because torch.where with a
+# bool mask and bool-valued comparisons run several times slower on CPU than arithmetic over the same elements.
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _reset_flat_(w: torch.Tensor, b: torch.Tensor, tau: float) -> None:
+    """In place on 1-D contiguous `w`: w[i] = b[i] wherever |w[i] - b[i]| <= tau, `b` already in `w`'s dtype.
+
+    Bit for bit `torch.where(|w - b| <= tau, b, w, out=w)` (NaN differences keep w), as w ^= (w ^ b) & mask.
+    """
+    bits = _BITS.get(w.element_size()) if w.dtype.is_floating_point else None
+    if bits is None or isinstance(w, DTensor):  # a DTensor whose shards are not aligned with w0's: no bit views
+        torch.where((w - b).abs_() <= tau, b, w, out=w)
+        return
+    mask = (w - b).abs_().le_(tau).to(bits).neg_()  # all ones where the entry goes back to w0
+    w_bits = w.view(bits)
+    flips = torch.bitwise_xor(w_bits, b.view(bits)).bitwise_and_(mask)
+    w_bits.bitwise_xor_(flips)
+
+
 @torch.no_grad()
 def reset_below_threshold_(weight: torch.Tensor, base: torch.Tensor, tau: float) -> None:
     """In place: weight[i] = base[i] wherever |weight[i] - base[i]| <= tau (bitwise copy of base)."""
@@ -108,7 +134,60 @@ def reset_below_threshold_(weight: torch.Tensor, base: torch.Tensor, tau: float)
         b = flat_b[start : start + _CHUNK]
         if not same_dtype:
             b = b.to(w.dtype)
-        torch.where((w - b).abs_() <= tau, b, w, out=w)
+        _reset_flat_(w, b, tau)
+
+
+def _local_pair(weight: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The local shards of a sharded (FSDP2 DTensor) W and w0 laid out alike; the tensors themselves otherwise.
+
+    W and w0 have the same shape, so equal placements on the same mesh make the local shards entry-aligned, and the
+    elementwise reset on them is the reset of the whole tensor.
+    """
+    if isinstance(weight, DTensor) and isinstance(base, DTensor):
+        if weight.placements == base.placements and weight.device_mesh == base.device_mesh:
+            return weight.to_local(), base.to_local()
+    return weight, base
+
+
+@torch.no_grad()
+def _reset_batch_(weights: list[torch.Tensor], bases: list[torch.Tensor], tau: float) -> None:
+    """`reset_below_threshold_` for several small tensors of one dtype and device, with one op of each kind.
+
+    The flatten / unflatten helpers (those of DDP's bucketing) concatenate and split in C++, without a Python view
+    per tensor.
+    """
+    flat_w = _flatten_dense_tensors(weights)
+    flat_b = _flatten_dense_tensors(bases).to(flat_w.dtype)
+    _reset_flat_(flat_w, flat_b, tau)
+    torch._foreach_copy_(weights, _unflatten_dense_tensors(flat_w, weights))
+
+
+@torch.no_grad()
+def reset_all_below_threshold_(targets: list[ResetTarget], tau: float) -> None:
+    """`reset_below_threshold_` on every target: large tensors chunk by chunk, small ones batched together."""
+    batches: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor], list[int]]] = {}
+    for t in targets:
+        w, b = t.weight, t.base
+        if isinstance(w, DTensor):
+            w, b = _local_pair(w, b)
+        n = w.numel()
+        if n > _CHUNK or isinstance(w, DTensor):  # a sharded pair whose shards are not entry-aligned stays whole
+            reset_below_threshold_(w, b, tau)
+            continue
+        if not n:
+            continue
+        key = (w.dtype, b.dtype, w.device)
+        batch = batches.get(key)
+        if batch is None:
+            batch = batches[key] = ([], [], [0])
+        batch[0].append(w)
+        batch[1].append(b)
+        batch[2][0] += n
+        if batch[2][0] >= _BATCH:
+            _reset_batch_(batch[0], batch[1], tau)
+            del batches[key]
+    for ws, bs, _ in batches.values():
+        _reset_batch_(ws, bs, tau)
 
 
 @torch.no_grad()
@@ -142,6 +221,4 @@ def apply_reset(targets: list[ResetTarget], config: RSTConfig, step: int) -> Non
     if config.keep_ratio is not None:
         _keep_top_fraction_(targets, config.keep_ratio_at(step))
         return
-    tau = config.tau_at(step)
-    for t in targets:
-        reset_below_threshold_(t.weight, t.base, tau)
+    reset_all_below_threshold_(targets, config.tau_at(step))

@@ -1,0 +1,48 @@
+"""RST's training state is exactly what docs/rst.md accounts for: w0 + W + gradient + optimizer state.
+
+Bytes of the distinct storages of parameters, gradients and optimizer state after one step, against P targeted
+parameters of 4 bytes: full fine-tuning 3P (SGD momentum) / 4P (AdamW), RST one P more (w0). A hidden copy (a
+second w0, a backup of the patched base, a dense delta) would show as more. benchmarks/rst_memory.py runs the same
+check for each rank of a 2-process FSDP2 run and prints the towers' figures.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from tiny_vision import tiny_clip_vision_config
+from transformers import CLIPVisionModelWithProjection
+
+import peft_rst
+
+
+def _held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    seen, total = set(), 0
+    state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim()]
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    for t in [*model.parameters(), *grads, *state]:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+@pytest.mark.parametrize("optimizer_name,states", [("sgd", 1), ("adamw", 2)])
+@pytest.mark.parametrize("rst", [False, True])
+def test_state_after_a_step_is_the_accounted_multiple_of_the_weights(optimizer_name, states, rst):
+    torch.manual_seed(0)
+    model = CLIPVisionModelWithProjection(tiny_clip_vision_config())
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if rst:
+        model = get_peft_model(model, peft_rst.RSTConfig(tau=1e-6))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = (
+        torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+        if optimizer_name == "sgd"
+        else torch.optim.AdamW(params, lr=1e-4)
+    )
+    model(pixel_values=torch.randn(2, 3, 16, 16)).image_embeds.sum().backward()
+    optimizer.step()
+    assert _held_bytes(model, optimizer) == weights * (2 + states + int(rst))

@@ -239,6 +239,7 @@ class CMKDTrainer(Trainer):
                     f"choose another validator from {[v for v in VALIDATORS if v != 'zs_agreement']}."
                 )
 
+        _refuse_rst_under_deepspeed(args, model)
         super().__init__(
             model=model,
             args=args,
@@ -787,3 +788,24 @@ def _adaptation_model(model: nn.Module) -> CLIPAdaptationModel:
         f"CMKDTrainer trains a cmkd.CLIPAdaptationModel (optionally wrapped by peft), got {type(model).__name__}; "
         "build one with CLIPAdaptationModel.from_clip(...)."
     )
+
+
+def _deepspeed_requested(args: TrainingArguments) -> bool:
+    return bool(args.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+
+
+def _refuse_rst_under_deepspeed(args: TrainingArguments, model: nn.Module) -> None:
+    """RST resets W after each step of the optimizer that holds W. DeepSpeed ZeRO steps its own flattened fp32 copies
+    instead and writes them back afterwards, so the reset would find nothing to reset and the run would silently be
+    dense fine-tuning. Refuse it before anything is built."""
+    if not _deepspeed_requested(args):
+        return
+    from peft_rst.layer import RSTLayer
+
+    if any(isinstance(module, RSTLayer) for module in model.modules()):
+        raise ValueError(
+            "RST adapters cannot be trained under DeepSpeed: ZeRO steps flattened copies of the weights, so the RST "
+            "reset (|W - w0| <= tau -> w0) would never run and the result would be dense fine-tuning. Shard RST with "
+            "FSDP2 instead (docs/rst.md, 'Sharded training (FSDP2)'), or train without --deepspeed / "
+            "ACCELERATE_USE_DEEPSPEED."
+        )

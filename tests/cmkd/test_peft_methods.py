@@ -262,3 +262,28 @@ def test_refuses_an_already_adapted_model_and_a_mismatched_count(clip):
         apply_peft(lora, "rst")
     with pytest.raises(ValueError, match=r"apply_peft\(model, 'adalora'\)"):
         count_dsp(lora, "adalora")
+
+
+@pytest.mark.parametrize("method", ["rst", "lora"])
+def test_rst_under_deepspeed_is_refused_and_other_methods_are_not(clip, data, tmp_path, method):
+    """ZeRO steps flattened copies of the weights, so RST's reset would never run: refused before anything is built.
+    DeepSpeed is not installed here, so the config is set on arguments built without it."""
+    model = apply_peft(fresh(clip), method, **OPTIONS.get(method, {}))
+    args = CMKDTrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        eval_strategy="no",
+        save_strategy="no",
+        load_best_model_at_end=False,
+        use_cpu=True,
+        report_to="none",
+    )
+    args.deepspeed = {"zero_optimization": {"stage": 2}}
+    before = plain_state(model)
+    if method == "rst":
+        with pytest.raises(ValueError, match="cannot be trained under DeepSpeed.*FSDP2"):
+            CMKDTrainer(model, args, source_dataset=data[0], target_dataset=data[1])
+        assert changed_names(before, plain_state(model)) == set()
+    else:
+        CMKDTrainer(model, args, source_dataset=data[0], target_dataset=data[1])

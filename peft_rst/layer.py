@@ -271,8 +271,8 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         flat, spans = self.rst_sparse.flat_positions(wanted)
         entries = self.rst_sparse[wanted]
         if flat is not None:
-            positions = flat.long()
-            updates = ((name, positions[a:b], entries[name].values) for name, a, b in spans)
+            parts = flat.long().split([b - a for _, a, b in spans])  # one widening, views per parameter
+            updates = ((name, part, entries[name].values) for (name, _, _), part in zip(spans, parts, strict=True))
         else:
             updates = ((name, entries[name].indices.long(), entries[name].values) for name, _, _ in spans)
         params = self._modules["base_layer"]._parameters

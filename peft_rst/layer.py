@@ -21,7 +21,7 @@ from torch.func import functional_call
 
 from . import format as rst_format
 from . import overwrite
-from .reset import ResetTarget
+from .reset import ResetTarget, unregister
 
 
 class SparseEntries(NamedTuple):
@@ -299,13 +299,18 @@ class RSTLayer(nn.Module, BaseTunerLayer):
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
         dense = self._modules.get("rst_weight")
-        if dense or self.frozen_peft_weight_names:  # requires_grad flags of trainable adapters to update
-            super().set_adapter(names, inference_mode=inference_mode)
-            self.__dict__["_dense_active"] = any(a in dense for a in names)
-        else:  # inference adapters only: what BaseTunerLayer.set_adapter would do, without its module walks
-            state = self.__dict__
-            state["_active_adapter"] = names
-            state["_dense_active"] = False
+        # BaseTunerLayer.set_adapter, except that W of a non-float parameter (e.g. quantisation metadata) never
+        # requires grad (peft would raise), and that layers holding only inference adapters skip its module walks
+        for adapter, weights in dense.items() if dense else ():
+            wanted = adapter in names and not inference_mode
+            for w in weights.values():
+                if w.is_leaf:
+                    w.requires_grad_(wanted and w.dtype.is_floating_point)
+        if self.frozen_peft_weight_names:
+            self._freeze_non_trainable_peft_weights(names)
+        state = self.__dict__  # plain attributes: skip nn.Module.__setattr__ on this hot path
+        state["_active_adapter"] = names
+        state["_dense_active"] = bool(dense) and any(a in dense for a in names)
         sparse = self._modules.get("rst_sparse")
         if sparse is not None and len(sparse):
             self.sync_patch()
@@ -318,7 +323,11 @@ class RSTLayer(nn.Module, BaseTunerLayer):
     def delete_adapter(self, adapter_name: str) -> None:
         if self._patched == adapter_name:
             self.restore_base_weights()
-        self._reset_groups.pop(adapter_name, None)
+        group = self._reset_groups.pop(adapter_name, None)
+        if group is not None:  # the adapter's reset hook stops once its last layer is gone
+            group.layers = [layer for layer in group.layers if layer is not self]
+            if not group.layers:
+                unregister(group)
         super().delete_adapter(adapter_name)
 
     def adapter_entries(self, adapter_name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -312,16 +312,6 @@ class RSTModel(BaseTuner):
             layer._reset_groups[adapter_name] = group
         register(group)
 
-    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        super()._mark_only_adapters_as_trainable(model)
-        # integer parameters (rare, e.g. quantisation metadata) cannot require grad
-        for module in model.modules():
-            if isinstance(module, RSTLayer):
-                for weights in module.rst_weight.values():
-                    for w in weights.values():
-                        if not w.dtype.is_floating_point:
-                            w.requires_grad_(False)
-
     # ------------------------------------------------------------------ adapters
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """peft's `set_adapter` over the adapter modules found once, not over every module of the model per call.
@@ -354,22 +344,20 @@ class RSTModel(BaseTuner):
             self.__dict__["_switch_cache"] = cached
         return cached
 
-    def delete_adapter(self, adapter_name: str) -> None:
-        self.__dict__["_switch_cache"] = None
-        super().delete_adapter(adapter_name)
-        group = self._reset_groups.pop(adapter_name, None)
-        if group is not None:
-            unregister(group)
-        for group in self._reset_groups.values():
-            group.layers = [layer for layer in group.layers if group.adapter_name in layer.rst_weight]
-
     def reset_step(self, adapter_name: str | None = None) -> int:
         """Optimizer steps seen by the reset schedule of `adapter_name` (default: the active adapter)."""
-        return self._reset_groups[adapter_name or self.active_adapters[0]].step
+        return self._reset_group(adapter_name).step
 
     def set_reset_step(self, step: int, adapter_name: str | None = None) -> None:
         """Restore the schedule position when resuming training from a checkpoint."""
-        self._reset_groups[adapter_name or self.active_adapters[0]].step = int(step)
+        self._reset_group(adapter_name).step = int(step)
+
+    def _reset_group(self, adapter_name: str | None) -> ResetGroup:
+        name = adapter_name or self.active_adapters[0]
+        if name not in self.peft_config or name not in self._reset_groups:  # deleted adapters keep no schedule
+            known = sorted(set(self._reset_groups) & set(self.peft_config))
+            raise KeyError(f"Adapter '{name}' has no reset schedule; adapters with one: {known}")
+        return self._reset_groups[name]
 
     # ------------------------------------------------------------------ unloading
     def _replace_module(self, parent, child_name, new_module, child) -> None:

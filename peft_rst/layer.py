@@ -243,9 +243,12 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         """The inference adapter that should be written into the base parameters right now, if any."""
         if self._disable_adapters or self.merged_adapters:
             return None
-        active = self.active_adapters
+        active = self._active_adapter
+        if isinstance(active, str):
+            active = [active]
         # an inference adapter is patched in once its entries are loaded (peft creates it empty, then loads)
-        sparse = [a for a in active if self.rst_sparse.is_loaded(a)]
+        loaded = self._modules["rst_sparse"].is_loaded
+        sparse = [a for a in active if loaded(a)]
         if not sparse:
             return None
         if len(active) > 1:
@@ -268,8 +271,9 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         self.restore_base_weights()
         if wanted is None:
             return
-        flat, spans = self.rst_sparse.flat_positions(wanted)
-        entries = self.rst_sparse[wanted]
+        adapters = self._modules["rst_sparse"]
+        flat, spans = adapters.flat_positions(wanted)
+        entries = adapters[wanted]
         if flat is not None:
             parts = flat.long().split([b - a for _, a, b in spans])  # one widening, views per parameter
             updates = ((name, part, entries[name].values) for (name, _, _), part in zip(spans, parts, strict=True))

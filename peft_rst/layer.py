@@ -9,13 +9,14 @@ the weight of a fully fine-tuned model would be, which is what makes the reset o
 
 from __future__ import annotations
 
+import inspect
+import sys
 import warnings
 from typing import Any, NamedTuple
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
-from torch.autograd.graph import increment_version
 from torch.func import functional_call
 from torch.nn import functional as F
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
@@ -27,7 +28,8 @@ from torch.nn.modules.module import (
 )
 
 from . import format as rst_format
-from .reset import ResetTarget
+from . import overwrite
+from .reset import ResetTarget, unregister
 
 
 class SparseEntries(NamedTuple):
@@ -63,12 +65,22 @@ class SparseAdapters(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._adapters: dict[str, dict[str, SparseEntries]] = {}
+        # adapter name -> (positions of every parameter in one buffer, [(parameter, start, end)]), see `_pack`
+        self._flat: dict[str, tuple[torch.Tensor | None, list[tuple[str, int, int]]]] = {}
 
     def add(self, adapter_name: str) -> None:
         self._adapters[adapter_name] = {}
+        self._flat[adapter_name] = (None, [])
 
     def fill(self, adapter_name: str, entries: dict[str, SparseEntries]) -> None:
-        self._adapters[adapter_name] = dict(entries)
+        self._adapters[adapter_name], self._flat[adapter_name] = _pack(entries)
+
+    def flat_positions(self, adapter_name: str) -> tuple[torch.Tensor | None, list[tuple[str, int, int]]]:
+        """All positions of adapter `adapter_name` in this layer as one buffer, and each parameter's span in it.
+
+        Activating a domain widens this buffer to int64 once (index ops need int64) instead of once per parameter.
+        """
+        return self._flat[adapter_name]
 
     def is_loaded(self, adapter_name: str) -> bool:
         return bool(self._adapters.get(adapter_name))
@@ -86,6 +98,7 @@ class SparseAdapters(nn.Module):
 
     def __delitem__(self, adapter_name: str) -> None:
         del self._adapters[adapter_name]
+        self._flat.pop(adapter_name, None)
 
     def __contains__(self, adapter_name: object) -> bool:
         return adapter_name in self._adapters
@@ -104,13 +117,34 @@ class SparseAdapters(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
-        for params in self._adapters.values():
-            for name, e in params.items():
-                params[name] = e._replace(indices=fn(e.indices), values=fn(e.values))
+        for adapter, params in self._adapters.items():
+            moved = {name: e._replace(indices=fn(e.indices), values=fn(e.values)) for name, e in params.items()}
+            self._adapters[adapter], self._flat[adapter] = _pack(moved)
         return self
 
     def extra_repr(self) -> str:
         return f"adapters={list(self._adapters)}"
+
+
+def _pack(
+    entries: dict[str, SparseEntries],
+) -> tuple[dict[str, SparseEntries], tuple[torch.Tensor | None, list[tuple[str, int, int]]]]:
+    """Put the positions of all parameters into one buffer; each `SparseEntries.indices` becomes a view of it.
+
+    Memory is unchanged (views); parameters without changed entries get no span, so a switch skips them.
+    """
+    written = [(name, e) for name, e in entries.items() if e.indices.numel()]
+    kinds = {(e.indices.dtype, e.indices.device) for _, e in written}
+    if len(kinds) != 1:  # nothing to write, or positions of mixed width/device (a parameter of >= 2**31 entries)
+        return dict(entries), (None, [(name, 0, e.indices.numel()) for name, e in written])
+    flat = torch.cat([e.indices.reshape(-1) for _, e in written])
+    packed, spans, start = dict(entries), [], 0
+    for name, e in written:
+        end = start + e.indices.numel()
+        packed[name] = e._replace(indices=flat[start:end])
+        spans.append((name, start, end))
+        start = end
+    return packed, (flat, spans)
 
 
 class RSTLayer(nn.Module, BaseTunerLayer):
@@ -126,9 +160,9 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         self.rst_sparse = SparseAdapters()  # inference adapters: their changed entries only
         # inference adapter currently written into the base parameters, and the base values it replaced
         self._patched: str | None = None
-        self._patch_backup: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-        # adapter name -> list of (flat indices, previous values) per merged parameter, to unmerge bit-exactly
-        self._merge_backup: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._patch_backup: overwrite.Saved = []
+        # adapter name -> the base values its merge replaced (see `overwrite`), to unmerge bit-exactly
+        self._merge_backup: dict[str, overwrite.Saved] = {}
         self.merged_adapters: list[str] = []
         self._reset_groups: dict[str, Any] = {}  # adapter name -> its ResetGroup (see RSTModel._register_reset)
         self._disable_adapters = False
@@ -139,6 +173,10 @@ class RSTLayer(nn.Module, BaseTunerLayer):
             warnings.simplefilter("ignore", UserWarning)
             self.in_features, self.out_features = _get_in_out_features(base_layer)
         self.update_layer(adapter_name, config, shared)
+        # state_dict() shows w0 under the base keys and every inference adapter as a dense W (as peft expects)
+        self.register_state_dict_post_hook(_state_dict_as_in_peft)
+        self.register_load_state_dict_pre_hook(_take_inference_adapter_keys)
+        self.register_load_state_dict_post_hook(_repatch_after_load)
 
     def __getattr__(self, name: str) -> Any:
         """Resolve the wrapped module's children through the wrapper.
@@ -219,9 +257,12 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         """The inference adapter that should be written into the base parameters right now, if any."""
         if self._disable_adapters or self.merged_adapters:
             return None
-        active = self.active_adapters
+        active = self._active_adapter
+        if isinstance(active, str):
+            active = [active]
         # an inference adapter is patched in once its entries are loaded (peft creates it empty, then loads)
-        sparse = [a for a in active if self.rst_sparse.is_loaded(a)]
+        loaded = self._modules["rst_sparse"].is_loaded
+        sparse = [a for a in active if loaded(a)]
         if not sparse:
             return None
         if len(active) > 1:
@@ -234,11 +275,9 @@ class RSTLayer(nn.Module, BaseTunerLayer):
     def sync_patch(self) -> None:
         """Make the base parameters hold w0 patched by the wanted inference adapter (O(changed entries)).
 
-        This runs for every layer on every adapter switch, so it stays lean: direct dict access, `.data` views
-        (outside autograd, no grad-mode context needed), and only the parameters the adapter changes. Positions are
-        stored as int32 (half the memory per loaded adapter) and widened once here for the active adapter only:
-        `index_select` / `index_copy_` on int64 cost ~25 % less per switch than `index_put_` on int32, which
-        widens internally on every call.
+        This runs for every layer on every adapter switch, so it stays lean: direct dict access, plain attribute
+        writes, and only the parameters the adapter changes. Positions are held as int32 (half the memory per loaded
+        adapter) in one buffer per layer and adapter, widened to int64 once here for the adapter being activated.
         """
         wanted = self._wanted_patch()
         if wanted == self._patched:
@@ -246,30 +285,27 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         self.restore_base_weights()
         if wanted is None:
             return
+        adapters = self._modules["rst_sparse"]
+        flat, spans = adapters.flat_positions(wanted)
+        entries = adapters[wanted]
+        if flat is not None:
+            parts = flat.long().split([b - a for _, a, b in spans])  # one widening, views per parameter
+            updates = ((name, part, entries[name].values) for (name, _, _), part in zip(spans, parts, strict=True))
+        else:
+            updates = ((name, entries[name].indices.long(), entries[name].values) for name, _, _ in spans)
         params = self._modules["base_layer"]._parameters
-        backup = []
-        for name, (idx, values, _, _) in self.rst_sparse[wanted].items():
-            if not idx.numel():  # most bias/norm vectors of a sparse adapter: nothing to write or restore
-                continue
-            flat = params[name].data.view(-1)
-            idx = idx.long()
-            backup.append((name, idx, flat.index_select(0, idx)))
-            flat.index_copy_(0, idx, values if values.dtype == flat.dtype else values.to(flat.dtype))
-        self._patch_backup = backup
-        self._patched = wanted
+        state = self.__dict__  # plain attributes: skip nn.Module.__setattr__ on this hot path
+        state["_patch_backup"] = overwrite.write_entries(params, updates, visible=False)
+        state["_patched"] = wanted
 
     def restore_base_weights(self) -> None:
         """Undo the patch of an inference adapter, bit-exactly (base values were kept at the patched positions)."""
-        if self._patched is None:
+        state = self.__dict__
+        if state["_patched"] is None:
             return
-        params = self._modules["base_layer"]._parameters
-        for name, idx, previous in self._patch_backup:
-            flat = params[name].data.view(-1)
-            if previous.dtype != flat.dtype or previous.device != flat.device:  # the model was moved or cast since
-                idx, previous = idx.to(flat.device), previous.to(device=flat.device, dtype=flat.dtype)
-            flat.index_copy_(0, idx, previous)
-        self._patch_backup = []
-        self._patched = None
+        overwrite.write_back(self._modules["base_layer"]._parameters, state["_patch_backup"], visible=False)
+        state["_patch_backup"] = []
+        state["_patched"] = None
 
     def load_sparse(self, adapter_name: str, entries: dict[str, SparseEntries]) -> None:
         """Give inference adapter `adapter_name` its changed entries (replacing any) and patch it in if active."""
@@ -279,9 +315,22 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         self.sync_patch()
 
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
-        super().set_adapter(adapter_names, inference_mode=inference_mode)
-        self._dense_active = any(a in self.rst_weight for a in self.active_adapters)
-        if self._modules.get("rst_sparse") is not None and len(self.rst_sparse):
+        names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
+        dense = self._modules.get("rst_weight")
+        # BaseTunerLayer.set_adapter, except that W of a non-float parameter (e.g. quantisation metadata) never
+        # requires grad (peft would raise), and that layers holding only inference adapters skip its module walks
+        for adapter, weights in dense.items() if dense else ():
+            wanted = adapter in names and not inference_mode
+            for w in weights.values():
+                if w.is_leaf:
+                    w.requires_grad_(wanted and w.dtype.is_floating_point)
+        if self.frozen_peft_weight_names:
+            self._freeze_non_trainable_peft_weights(names)
+        state = self.__dict__  # plain attributes: skip nn.Module.__setattr__ on this hot path
+        state["_active_adapter"] = names
+        state["_dense_active"] = bool(dense) and any(a in dense for a in names)
+        sparse = self._modules.get("rst_sparse")
+        if sparse is not None and len(sparse):
             self.sync_patch()
 
     def enable_adapters(self, enabled: bool) -> None:
@@ -292,7 +341,11 @@ class RSTLayer(nn.Module, BaseTunerLayer):
     def delete_adapter(self, adapter_name: str) -> None:
         if self._patched == adapter_name:
             self.restore_base_weights()
-        self._reset_groups.pop(adapter_name, None)
+        group = self._reset_groups.pop(adapter_name, None)
+        if group is not None:  # the adapter's reset hook stops once its last layer is gone
+            group.layers = [layer for layer in group.layers if layer is not self]
+            if not group.layers:
+                unregister(group)
         super().delete_adapter(adapter_name)
 
     def adapter_entries(self, adapter_name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -398,30 +451,25 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         for adapter in adapter_names:
             if adapter not in self.rst_weight and adapter not in self.rst_sparse:
                 continue
-            entries = self.adapter_entries(adapter) if not self.merged_adapters else None
             bases = self._base_parameters()
-            backup, updates = {}, {}
-            for name, base in bases.items():
-                flat_base = base.data.view(-1)
-                if entries is not None:
-                    idx, new = entries[name]
-                    new = new.to(base.dtype)
-                else:
-                    # another adapter is merged already: add this adapter's delta against the original w0
-                    original = self._original_base(name)
+            if not self.merged_adapters:
+                updates = [(name, idx, new) for name, (idx, new) in self.adapter_entries(adapter).items()]
+            else:
+                # another adapter is merged already: add this adapter's delta against the original w0
+                updates = []
+                for name, base in bases.items():
+                    original = overwrite.original_values(self._merge_backup.values(), name, base)
                     idx, values = self._entries_against(adapter, name, original)
-                    new = flat_base[idx] + (values.to(base.dtype) - original[idx])
-                if safe_merge and not torch.isfinite(new).all():
-                    raise ValueError(
-                        f"NaNs or infs detected in the merged weights of adapter '{adapter}' ({name}); "
-                        "the adapter seems to be broken. Nothing was merged for this layer."
-                    )
-                updates[name] = (idx, new)
-                backup[name] = (idx, flat_base[idx].clone())
-            for name, (idx, new) in updates.items():
-                bases[name].data.view(-1)[idx] = new
-                increment_version(bases[name])  # the base now differs from w0: cached fingerprints must not match
-            self._merge_backup[adapter] = backup
+                    current = base.detach().reshape(-1)[idx]
+                    updates.append((name, idx, current + (values.to(base.dtype) - original[idx])))
+            if safe_merge:
+                for name, _, new in updates:
+                    if not torch.isfinite(new).all():
+                        raise ValueError(
+                            f"NaNs or infs detected in the merged weights of adapter '{adapter}' ({name}); "
+                            "the adapter seems to be broken. Nothing was merged for this layer."
+                        )
+            self._merge_backup[adapter] = overwrite.write_entries(bases, updates, visible=True)
             self.merged_adapters.append(adapter)
 
     def _entries_against(self, adapter: str, name: str, original: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -431,14 +479,6 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         idx = torch.nonzero(flat != original.to(flat.dtype), as_tuple=True)[0]
         return idx, flat[idx]
 
-    def _original_base(self, name: str) -> torch.Tensor:
-        """w0 of parameter `name` reconstructed from the merge backups (the base currently holds merged values)."""
-        flat = self._base_parameters()[name].data.view(-1).clone()
-        for adapter in reversed(self.merged_adapters):
-            idx, previous = self._merge_backup[adapter][name]
-            flat[idx] = previous
-        return flat
-
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
@@ -446,10 +486,70 @@ class RSTLayer(nn.Module, BaseTunerLayer):
             return
         bases = self._base_parameters()
         while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            for name, (idx, previous) in self._merge_backup.pop(adapter).items():
-                bases[name].data.view(-1)[idx] = previous
-                increment_version(bases[name])
+            overwrite.write_back(bases, self._merge_backup.pop(self.merged_adapters.pop()), visible=True)
+
+    # ------------------------------------------------------------------ state_dict
+    def _w0(self, name: str) -> torch.Tensor:
+        """w0 of base parameter `name`: the parameter itself, or a copy with the active patch taken out."""
+        base = self._modules["base_layer"]._parameters[name].detach()
+        saved = [entry for entry in self._patch_backup if entry[0] == name]
+        if not saved:
+            return base
+        return overwrite.original_values([saved], name, base).view(base.shape)
+
+    def _add_peft_state(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """Make `state_dict` what peft gives for trainable adapters: base keys hold w0, each adapter its W.
+
+        Inference adapters hold only their changed entries, and the active one is written into the base; here the
+        base keys get w0 back (a copy of each patched parameter) and each loaded inference adapter a dense W
+        (w0 with its entries), built for this call only. `keep_vars=True` callers get the live parameters; peft's
+        own adapter saving reads the entries directly, so nothing is materialised there.
+        """
+        sparse = self._modules.get("rst_sparse")
+        if (sparse is None or not len(sparse)) or _in_adapter_save():
+            return
+        base_prefix = f"{prefix}base_layer."
+        for name, param in self._modules["base_layer"]._parameters.items():
+            key = base_prefix + name
+            if param is None or key not in state_dict or state_dict[key] is param:
+                continue  # keep_vars=True: the caller wants the parameters themselves
+            w0 = self._w0(name)
+            state_dict[key] = w0
+            for adapter, entries in sparse.items():
+                e = entries.get(name)
+                if e is None or adapter in self.rst_weight:
+                    continue
+                dense = w0.to(e.values.dtype, copy=True).view(-1)
+                dense[e.indices.to(device=dense.device, dtype=torch.long)] = e.values.to(dense.device)
+                state_dict[f"{prefix}{_CONTAINER}.{adapter}.{name}"] = dense.view(w0.shape)
+
+    def _take_adapter_keys(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """`load_state_dict` of what `state_dict()` gives: dense W of inference adapters become their entries again.
+
+        The base receives w0 from the state dict (the active patch is taken out first, and written in again by
+        `_repatch_after_load`); an inference adapter's W is stored as the entries where it differs from w0.
+        """
+        sparse = self._modules.get("rst_sparse")
+        if sparse is None or not len(sparse):
+            return
+        self.restore_base_weights()
+        base_prefix = f"{prefix}base_layer."
+        for adapter in [a for a in sparse if a not in self.rst_weight]:
+            updated = {}
+            for name, param in self._modules["base_layer"]._parameters.items():
+                dense = state_dict.pop(f"{prefix}{_CONTAINER}.{adapter}.{name}", None)
+                if param is None or dense is None:
+                    continue
+                w0 = state_dict.get(base_prefix + name, param).detach()
+                dense = dense.detach().to(param.device).reshape(-1)
+                idx = torch.nonzero(dense != w0.reshape(-1).to(device=dense.device, dtype=dense.dtype), as_tuple=True)
+                idx = idx[0]
+                old = sparse[adapter].get(name)
+                fingerprint = old.base_fingerprint if old is not None else rst_format.tensor_fingerprint(w0)
+                data = rst_format.SparseTensorData(idx, dense[idx], dense.numel(), fingerprint)
+                updated[name] = SparseEntries.from_data(data, param.device)
+            if updated:
+                sparse.fill(adapter, {**sparse[adapter], **updated})
 
     def __repr__(self) -> str:
         return "rst." + super().__repr__()
@@ -513,3 +613,32 @@ def _run_leaf(module: nn.Module, weights: dict[str, torch.Tensor], args: tuple, 
                 params[name] = saved[name]
             else:
                 del params[name]
+
+
+_CONTAINER = RSTLayer.adapter_layer_names[0]
+
+
+def _state_dict_as_in_peft(module: RSTLayer, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    module._add_peft_state(state_dict, prefix)
+
+
+def _take_inference_adapter_keys(module: RSTLayer, state_dict: dict, prefix: str, *args: Any) -> None:
+    module._take_adapter_keys(state_dict, prefix)
+
+
+def _repatch_after_load(module: RSTLayer, incompatible_keys: Any) -> None:
+    if len(module.rst_sparse):
+        module.sync_patch()
+
+
+def _in_adapter_save() -> bool:
+    """Whether peft's `get_peft_model_state_dict` is on the stack: it reads inference adapters' entries directly."""
+    from peft.utils.save_and_load import get_peft_model_state_dict
+
+    code = inspect.unwrap(get_peft_model_state_dict).__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False

@@ -204,6 +204,7 @@ class RSTModel(BaseTuner):
         loading, e.g. its `modules_to_save` key mapping, would otherwise fail half-way). For other loads (a Hub id)
         the snapshot is kept until `_remap_adapter_state_dict_for_load` has checked the file.
         """
+        self.__dict__["_switch_cache"] = None  # see set_adapter
         snapshot = ModelSnapshot(self)
         snapshot.forget(self.peft_config, adapter_name)  # peft registers the new adapter's config before injecting
         call = current_load_call()
@@ -311,32 +312,52 @@ class RSTModel(BaseTuner):
             layer._reset_groups[adapter_name] = group
         register(group)
 
-    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        super()._mark_only_adapters_as_trainable(model)
-        # integer parameters (rare, e.g. quantisation metadata) cannot require grad
-        for module in model.modules():
-            if isinstance(module, RSTLayer):
-                for weights in module.rst_weight.values():
-                    for w in weights.values():
-                        if not w.dtype.is_floating_point:
-                            w.requires_grad_(False)
-
     # ------------------------------------------------------------------ adapters
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        group = self._reset_groups.pop(adapter_name, None)
-        if group is not None:
-            unregister(group)
-        for group in self._reset_groups.values():
-            group.layers = [layer for layer in group.layers if group.adapter_name in layer.rst_weight]
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """peft's `set_adapter` over the adapter modules found once, not over every module of the model per call.
+
+        Switching domains is the deployment hot path; peft walks the whole module tree twice per switch (its
+        auxiliary modules, then its tuner layers), which costs more than writing the entries. The module lists are
+        rebuilt after every injection or deletion, the only peft steps that add or remove adapter modules.
+        """
+        layers, wrappers = self._switch_modules()
+        for module in wrappers:  # as peft.utils.other._set_adapter
+            name = module.check_set_adapter(adapter_name)
+            module.set_adapter(name if name in module._adapters else [], inference_mode=inference_mode)
+        for layer in layers:  # as peft.tuners.tuners_utils.set_adapter
+            if layer.merged:
+                warnings.warn(
+                    "Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=2
+                )
+                layer.unmerge()
+            layer.set_adapter(adapter_name, inference_mode=inference_mode)
+        self.active_adapter = adapter_name
+
+    def _switch_modules(self) -> tuple[list[RSTLayer], list[AuxiliaryTrainingWrapper]]:
+        cached = self.__dict__.get("_switch_cache")
+        if cached is None:
+            modules = list(self.model.modules())
+            cached = (
+                [m for m in modules if isinstance(m, RSTLayer)],
+                [m for m in modules if isinstance(m, AuxiliaryTrainingWrapper)],
+            )
+            self.__dict__["_switch_cache"] = cached
+        return cached
 
     def reset_step(self, adapter_name: str | None = None) -> int:
         """Optimizer steps seen by the reset schedule of `adapter_name` (default: the active adapter)."""
-        return self._reset_groups[adapter_name or self.active_adapters[0]].step
+        return self._reset_group(adapter_name).step
 
     def set_reset_step(self, step: int, adapter_name: str | None = None) -> None:
         """Restore the schedule position when resuming training from a checkpoint."""
-        self._reset_groups[adapter_name or self.active_adapters[0]].step = int(step)
+        self._reset_group(adapter_name).step = int(step)
+
+    def _reset_group(self, adapter_name: str | None) -> ResetGroup:
+        name = adapter_name or self.active_adapters[0]
+        if name not in self.peft_config or name not in self._reset_groups:  # deleted adapters keep no schedule
+            known = sorted(set(self._reset_groups) & set(self.peft_config))
+            raise KeyError(f"Adapter '{name}' has no reset schedule; adapters with one: {known}")
+        return self._reset_groups[name]
 
     # ------------------------------------------------------------------ unloading
     def _replace_module(self, parent, child_name, new_module, child) -> None:
@@ -347,6 +368,7 @@ class RSTModel(BaseTuner):
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         if merge:
             self._check_merge_allowed()
+        self.__dict__["_switch_cache"] = None
         layers = [(key, m) for key, m in self.model.named_modules() if isinstance(m, RSTLayer)]
         for key, layer in reversed(layers):  # innermost first, so that outer keys stay valid
             if merge:

@@ -248,7 +248,8 @@ def test_casting_the_model_casts_the_loaded_domains(domains):
             torch.testing.assert_close(out, outputs[int(name[1])].double(), rtol=1e-5, atol=1e-6)
         model.base_model.disable_adapter_layers()
     for key, value in model.get_base_model().state_dict().items():
-        assert torch.equal(value, state[key.replace("base_layer.", "")].double()), key
+        if ".rst_" not in key:  # the adapters' own keys (dense W, materialised by state_dict())
+            assert torch.equal(value, state[key.replace("base_layer.", "")].double()), key
 
 
 def _train_with_head(state, seed: int, folder) -> None:

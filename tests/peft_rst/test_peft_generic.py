@@ -105,6 +105,11 @@ IDENTITY = [
     "test_delete_unknown_adapter_raises",
     "test_delete_adapter_properly_cleans_up_after_itself",
     "test_get_base_model_state_dict",
+    # an adapter loaded for inference keeps only its changed entries; its state_dict() still shows w0 under the base
+    # keys and a dense W per adapter, exactly like the trained model's
+    "test_save_pretrained",
+    "test_save_pretrained_pickle",
+    "test_parameters_after_loading_model",
 ]
 # ... and checks that need a non-identity one (peft's convention: init_weights=False)
 PERTURBED = [
@@ -119,25 +124,12 @@ PERTURBED = [
     "test_forward_float16_no_autocast",
     "test_delete_merged_adapter_raises_without_mutation",
     "test_peft_model_device_map",
+    "test_save_pretrained",
+    "test_save_pretrained_pickle",
 ]
-BY_DESIGN = (
-    "RST by design: an adapter loaded for inference keeps only its changed entries (held by the layer, outside "
-    "state_dict) instead of a dense W, so the loaded model's state_dict keys differ from the trained model's, which "
-    "these checks compare"
-)
-KNOWN = {
-    "test_save_pretrained": BY_DESIGN,
-    "test_parameters_after_loading_model": BY_DESIGN,
-}
-
 CASES = [
-    pytest.param(method, model_id, init, id=f"{method}-{model_id}")
+    pytest.param(method, model_id, init, id=f"{method}-{model_id}-{'identity' if init else 'perturbed'}")
     for method, init in [*((m, True) for m in IDENTITY), *((m, False) for m in PERTURBED)]
-    for model_id in MODELS
-]
-CASES += [
-    pytest.param(method, model_id, True, id=f"{method}-{model_id}", marks=pytest.mark.xfail(strict=True, reason=why))
-    for method, why in KNOWN.items()
     for model_id in MODELS
 ]
 

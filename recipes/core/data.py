@@ -439,10 +439,7 @@ def _load_hub(cfg, spec, split, dataset_id, domain_column, hub_config, cache_dir
         raise DataError(f"cannot load split {split!r} of {dataset_id!r}: {sentence(exc)}.{hint}") from exc
 
     features = ds.features
-    image_column = next((k for k, f in features.items() if isinstance(f, hfds.Image)), None)
-    label_column = next((k for k, f in features.items() if isinstance(f, hfds.ClassLabel)), None)
-    if label_column is None:
-        label_column = next((k for k in ("label", "labels") if k in features), None)
+    image_column, label_column = image_and_label_columns(ds)
     if image_column is None or label_column is None:
         raise DataError(f"{dataset_id!r} needs an Image column and a label column; found columns {list(features)}")
     if domain_column:
@@ -470,6 +467,16 @@ def _load_hub(cfg, spec, split, dataset_id, domain_column, hub_config, cache_dir
             "'classes:' to the benchmark YAML"
         )
     return as_image_dataset(ds, image_column, label_column, classes)
+
+
+def image_and_label_columns(ds: HFDataset) -> tuple[str | None, str | None]:
+    """The ``Image`` column and the label column (a ``ClassLabel``, else one named label/labels) of a dataset."""
+    features = ds.features
+    image = next((k for k, f in features.items() if isinstance(f, HFImage)), None)
+    label = next((k for k, f in features.items() if isinstance(f, ClassLabel)), None)
+    if label is None:
+        label = next((k for k in ("label", "labels") if k in features), None)
+    return image, label
 
 
 def as_image_dataset(ds: HFDataset, image_column: str, label_column: str | None, classes=None) -> HFDataset:
@@ -547,10 +554,12 @@ def load_domain(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def check_same_classes(source: HFDataset, target: HFDataset, names: tuple[str, str] = ("source", "target")) -> None:
-    """Raise :class:`ClassMismatchError` listing the difference unless both domains share one class list (order too:
-    the label indices must mean the same class). ``names`` name the two domains in the message."""
-    a, b = classes_of(source), classes_of(target)
+def check_same_classes(
+    source: HFDataset | Sequence[str], target: HFDataset | Sequence[str], names: tuple[str, str] = ("source", "target")
+) -> None:
+    """Raise :class:`ClassMismatchError` listing the difference unless both (datasets or class lists) share one class
+    list (order too: the label indices must mean the same class). ``names`` name the two in the message."""
+    a, b = (classes_of(x) if isinstance(x, HFDataset) else list(x) for x in (source, target))
     if a == b:
         return
     only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
@@ -565,8 +574,8 @@ def check_same_classes(source: HFDataset, target: HFDataset, names: tuple[str, s
             "same names in a different label order, e.g. " + ", ".join(f"#{i}: {x} vs {y}" for i, x, y in moved)
         )
     raise ClassMismatchError(
-        f"source {names[0]} and target {names[1]} have different classes ({'; '.join(parts)}). Both "
-        "domains must use the same class folders / label numbering"
+        f"{names[0]} and {names[1]} have different classes ({'; '.join(parts)}). Both domains must use the same "
+        "class folders / label numbering"
     )
 
 

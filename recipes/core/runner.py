@@ -308,9 +308,9 @@ def load_task_data(cfg: RunConfig, source: str, target: str, clip: CLIPBundle | 
     classes = classes_of(src)
     if target in bench.domains:
         tgt = domain(target, "train")
-        check_same_classes(src, tgt, (source, target))
+        check_same_classes(src, tgt, (f"source {source}", f"target {target}"))
         tgt_eval = tgt if bench.eval_split == "train" else domain(target, bench.eval_split)
-        check_same_classes(src, tgt_eval, (source, target))
+        check_same_classes(src, tgt_eval, (f"source {source}", f"target {target}"))
         if cfg.partial:
             tgt, tgt_eval = partial_target(tgt, bench), partial_target(tgt_eval, bench)
         tgt = drop_labels(tgt)  # adaptation never sees target labels

@@ -32,13 +32,13 @@ from cmkd.validators import ORACLE_NAME, VALIDATORS
 from .config import ConfigError
 from .data import (
     IMG_EXTENSIONS,
-    ClassMismatchError,
     DataError,
     DataNotFoundError,
     _is_image,
     as_image_dataset,
-    classes_of,
+    check_same_classes,
     files_dataset,
+    image_and_label_columns,
     labels_of,
     read_image_list,
     scan_image_folder,
@@ -214,17 +214,6 @@ def _path_list(list_file: Path) -> list[str]:
     return paths
 
 
-def _image_and_label_columns(ds) -> tuple[str | None, str | None]:
-    import datasets as hfds
-
-    features = ds.features
-    image = next((k for k, f in features.items() if isinstance(f, hfds.Image)), None)
-    label = next((k for k, f in features.items() if isinstance(f, hfds.ClassLabel)), None)
-    if label is None:
-        label = next((k for k in ("label", "labels") if k in features), None)
-    return image, label
-
-
 def _load_dataset(dataset_id: str, split: str, flag: str):
     import datasets as hfds
 
@@ -258,7 +247,7 @@ def load_unlabeled_target(args: argparse.Namespace | dict[str, Any]) -> Dataset:
         return files_dataset(_path_list(Path(get("target_list"))))
     dataset_id = get("target_dataset_id")
     ds = _load_dataset(dataset_id, get("target_split") or "train", "--target_dataset_id")
-    image, label = _image_and_label_columns(ds)
+    image, label = image_and_label_columns(ds)
     if image is None:
         raise DataError(f"--target_dataset_id {dataset_id!r} has no Image column; columns: {list(ds.features)}")
     if label is not None:
@@ -297,7 +286,7 @@ def load_labeled_eval(args: argparse.Namespace | dict[str, Any], classes: Sequen
     else:
         dataset_id = get("eval_dataset_id")
         hf = _load_dataset(dataset_id, get("eval_split") or "train", "--eval_dataset_id")
-        image, label = _image_and_label_columns(hf)
+        image, label = image_and_label_columns(hf)
         if image is None or label is None:
             hint = " Without labels it is an unlabeled target: --target_dataset_id." if image and not label else ""
             raise DataError(
@@ -306,20 +295,8 @@ def load_labeled_eval(args: argparse.Namespace | dict[str, Any], classes: Sequen
             )
         names = getattr(hf.features[label], "names", None) or list(classes)
         ds = as_image_dataset(hf, image, label, names)
-    _check_classes(ds, classes)
+    check_same_classes(list(classes), ds, ("the source", "the labeled target"))
     return ds
-
-
-def _check_classes(ds: Dataset, classes: Sequence[str]) -> None:
-    found = classes_of(ds)
-    if found != list(classes):
-        missing = [c for c in classes if c not in found]
-        extra = [c for c in found if c not in classes]
-        detail = f"missing {missing[:10]}, unexpected {extra[:10]}" if missing or extra else "a different order"
-        raise ClassMismatchError(
-            f"the labeled target has classes {found[:10]}{' ...' if len(found) > 10 else ''} but the "
-            f"source has {len(classes)} ({detail}); label ids must mean the same class in both"
-        )
 
 
 def drop_labels(ds: Dataset) -> Dataset:

@@ -178,3 +178,11 @@ def test_labeled_folder_alone_is_adapted_on_without_labels_and_oracle_is_named(w
     entry = office_home.main(flags(world, out, *extra))["methods"]["CMKD"]["Ar->Clipart"]
     assert entry["selection"]["metric"] == "accuracy" and entry["selection"]["rule"].startswith(ORACLE)
     assert entry["selection"]["gap"] == 0.0
+
+
+def test_labeled_target_with_other_classes_is_refused(world):
+    from recipes.core.data import ClassMismatchError
+
+    wrong = [*sorted(CLASSES)[:-1], "Zebra"]
+    with pytest.raises(ClassMismatchError, match=r"only in the source: \['Zebra'\]; only in the labeled target"):
+        load_labeled_eval({"eval_dir": str(world["data"] / "Clipart")}, wrong)

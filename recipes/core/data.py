@@ -409,6 +409,43 @@ def _load_torchvision_digits(cfg, spec, split, data_dir, download) -> HFDataset:
     return HFDataset.from_dict(data, features=image_features(classes))
 
 
+def load_hf_dataset(
+    dataset_id: str, split: str, flag: str, name: str | None = None, cache_dir: str | None = None, hint: str = ""
+) -> HFDataset:
+    """``datasets.load_dataset`` (Hub id or local files) or ``load_from_disk`` (a ``save_to_disk`` folder), with
+    errors that name ``flag`` and the fix; ``hint`` is added to the offline message."""
+    import datasets as hfds
+
+    local = Path(dataset_id)
+    if (local / "state.json").is_file() or (local / "dataset_dict.json").is_file():  # written by save_to_disk
+        ds = hfds.load_from_disk(str(local))
+        if isinstance(ds, hfds.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{flag} {dataset_id!r} has splits {list(ds)}, not {split!r}: pass the split flag")
+            ds = ds[split]
+        return ds
+    try:
+        return hfds.load_dataset(dataset_id, name=name, split=split, cache_dir=cache_dir)
+    except ConnectionError as exc:
+        raise DataNotFoundError(
+            f"{flag}: could not reach the Hub for dataset {dataset_id!r} ({exc}). If you are offline, download it "
+            f"once with network access (it is then cached) and set HF_HUB_OFFLINE=1, or use a local path.{hint}"
+        ) from exc
+    except (FileNotFoundError, hfds.exceptions.DatasetNotFoundError) as exc:
+        raise DataNotFoundError(
+            f"{flag}: no dataset {dataset_id!r} on the Hub or on disk (or it is private/gated: log in with "
+            f"`hf auth login`): {exc}"
+        ) from exc
+    except ValueError as exc:  # unknown config name or split
+        extra = (
+            f" The dataset has no config {name!r}; if one config holds all domains, pass --domain_column with the "
+            "column that names them."
+            if name
+            else ""
+        )
+        raise DataError(f"{flag}: cannot load split {split!r} of {dataset_id!r}: {sentence(exc)}.{extra}") from exc
+
+
 def _load_hub(cfg, spec, split, dataset_id, domain_column, hub_config, cache_dir) -> HFDataset:
     import datasets as hfds
 
@@ -416,28 +453,8 @@ def _load_hub(cfg, spec, split, dataset_id, domain_column, hub_config, cache_dir
         config_name = hub_config.format(domain=spec.folder, key=spec.key, name=spec.name) or None
     else:
         config_name = None if domain_column else spec.folder
-    try:
-        ds = hfds.load_dataset(dataset_id, name=config_name, split=split, cache_dir=cache_dir)
-    except ConnectionError as exc:
-        raise DataNotFoundError(
-            f"could not reach the Hub for dataset {dataset_id!r} ({exc}). If you are offline, download it once with "
-            "network access (it is then cached) and set HF_HUB_OFFLINE=1, or use --data_dir with the files. "
-            f"{_where_to_get(cfg)}"
-        ) from exc
-    except hfds.exceptions.DatasetNotFoundError as exc:
-        raise DataNotFoundError(
-            f"no dataset {dataset_id!r} on the Hub or on disk (or it is private/gated: log in with `hf auth login`)"
-            f": {exc}"
-        ) from exc
-    except ValueError as exc:  # unknown config name or split
-        hint = (
-            f" The dataset has no config {config_name!r} for domain {spec.key}; if one config holds all domains, "
-            "pass --domain_column with the column that names them."
-            if config_name
-            else ""
-        )
-        raise DataError(f"cannot load split {split!r} of {dataset_id!r}: {sentence(exc)}.{hint}") from exc
-
+    hint = f" Or use --data_dir with the files. {_where_to_get(cfg)}"
+    ds = load_hf_dataset(dataset_id, split, "--dataset_id", config_name, cache_dir, hint)
     features = ds.features
     image_column, label_column = image_and_label_columns(ds)
     if image_column is None or label_column is None:

@@ -40,6 +40,7 @@ from .data import (
     files_dataset,
     image_and_label_columns,
     labels_of,
+    load_hf_dataset,
     read_image_list,
     scan_image_folder,
 )
@@ -214,30 +215,6 @@ def _path_list(list_file: Path) -> list[str]:
     return paths
 
 
-def _load_dataset(dataset_id: str, split: str, flag: str):
-    import datasets as hfds
-
-    local = Path(dataset_id)
-    if (local / "state.json").is_file() or (local / "dataset_dict.json").is_file():  # written by save_to_disk
-        ds = hfds.load_from_disk(str(local))
-        if isinstance(ds, hfds.DatasetDict):
-            if split not in ds:
-                raise DataError(f"{flag} {dataset_id!r} has splits {list(ds)}, not {split!r}: pass the split flag")
-            ds = ds[split]
-        return ds
-    try:
-        return hfds.load_dataset(dataset_id, split=split)
-    except ConnectionError as exc:
-        raise DataNotFoundError(
-            f"{flag} {dataset_id!r}: the Hub is unreachable ({exc}); offline, use a local path or a cached dataset "
-            "with HF_HUB_OFFLINE=1"
-        ) from exc
-    except (FileNotFoundError, hfds.exceptions.DatasetNotFoundError) as exc:
-        raise DataNotFoundError(f"{flag} {dataset_id!r}: no such dataset on the Hub or on disk ({exc})") from exc
-    except ValueError as exc:
-        raise DataError(f"{flag} {dataset_id!r}: cannot load split {split!r} ({exc})") from exc
-
-
 def load_unlabeled_target(args: argparse.Namespace | dict[str, Any]) -> Dataset:
     """The unlabeled target given by --target_dir / --target_list / --target_dataset_id (an ``image`` column)."""
     get = args.get if isinstance(args, dict) else lambda k: getattr(args, k, None)
@@ -246,7 +223,7 @@ def load_unlabeled_target(args: argparse.Namespace | dict[str, Any]) -> Dataset:
     if get("target_list"):
         return files_dataset(_path_list(Path(get("target_list"))))
     dataset_id = get("target_dataset_id")
-    ds = _load_dataset(dataset_id, get("target_split") or "train", "--target_dataset_id")
+    ds = load_hf_dataset(dataset_id, get("target_split") or "train", "--target_dataset_id")
     image, label = image_and_label_columns(ds)
     if image is None:
         raise DataError(f"--target_dataset_id {dataset_id!r} has no Image column; columns: {list(ds.features)}")
@@ -285,7 +262,7 @@ def load_labeled_eval(args: argparse.Namespace | dict[str, Any], classes: Sequen
         ds = files_dataset(*zip(*samples), found)
     else:
         dataset_id = get("eval_dataset_id")
-        hf = _load_dataset(dataset_id, get("eval_split") or "train", "--eval_dataset_id")
+        hf = load_hf_dataset(dataset_id, get("eval_split") or "train", "--eval_dataset_id")
         image, label = image_and_label_columns(hf)
         if image is None or label is None:
             hint = " Without labels it is an unlabeled target: --target_dataset_id." if image and not label else ""

@@ -275,6 +275,15 @@ def test_hub_dataset_with_domain_column(tmp_path, office_home_3):
         load_domain(office_home_3, "Cl", dataset_id=str(path), domain_column="dom", cache_dir=str(tmp_path / "c"))
 
 
+def test_dataset_saved_to_disk_is_a_source(tmp_path, office_home_3):
+    """--dataset_id also takes a save_to_disk folder: the same loader as the --*_dataset_id targets."""
+    files = str(_hub_dir(tmp_path) / "data" / "*.parquet")
+    rows = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "cache"))
+    rows.save_to_disk(str(tmp_path / "saved"))
+    ds = load_domain(office_home_3, "Ar", dataset_id=str(tmp_path / "saved"), domain_column="domain")
+    assert classes_of(ds) == CLASSES and labels_of(ds) == [0, 1, 2] and list(ds.features) == ["image", "label"]
+
+
 def test_hub_dataset_offline_error(tmp_path, monkeypatch, office_home_3):
     import datasets
     import huggingface_hub.constants

@@ -596,11 +596,6 @@ def check_same_classes(
     )
 
 
-def class_names_for_prompts(classes: Sequence[str]) -> list[str]:
-    """Folder names as the release feeds them to prompts: lower-cased, underscores to spaces."""
-    return [c.replace("_", " ").lower().strip() for c in classes]
-
-
 def partial_target_classes(classes: Sequence[str], num_classes: int) -> list[int]:
     """Label indices of the first ``num_classes`` class names in alphabetical order (partial-set protocol)."""
     if not 0 < num_classes <= len(classes):

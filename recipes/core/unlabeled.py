@@ -42,6 +42,7 @@ from .data import (
     labels_of,
     load_hf_dataset,
     read_image_list,
+    read_list_text,
     scan_image_folder,
 )
 
@@ -185,7 +186,7 @@ def _path_list(list_file: Path) -> list[str]:
         raise DataNotFoundError(f"--target_list {list_file} does not exist")
     root = list_file.parent
     paths, missing, labeled = [], [], []
-    for lineno, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_list_text(list_file).splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue

@@ -186,3 +186,11 @@ def test_labeled_target_with_other_classes_is_refused(world):
     wrong = [*sorted(CLASSES)[:-1], "Zebra"]
     with pytest.raises(ClassMismatchError, match=r"only in the source: \['Zebra'\]; only in the labeled target"):
         load_labeled_eval({"eval_dir": str(world["data"] / "Clipart")}, wrong)
+
+
+def test_target_list_in_another_encoding_names_file_and_line(world, tmp_path):
+    """--target_list is read like the labeled image lists: UTF-8, or a DataError naming the file, line and byte."""
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("# ok\ncaf\xe9.png\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.txt:2: not UTF-8 text \(byte 0xe9\)"):
+        load_unlabeled_target({"target_list": str(bad)})

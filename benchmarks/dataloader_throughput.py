@@ -30,7 +30,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from recipes.core.config import load_benchmark_config  # noqa: E402
-from recipes.core.data import available_cpus, build_dataloader, load_domain  # noqa: E402
+from recipes.core.data import available_cpus, build_dataloader, load_domain, transformed  # noqa: E402
 from recipes.core.transforms import train_transform  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def loader_rate(dataset, batch_size: int, num_workers: int, batches: int) -> flo
     start = time.perf_counter()
     n = 0
     for _ in range(batches):
-        x, _ = next(it)
+        x = next(it)["pixel_values"]
         n += x.shape[0]
     rate = n / (time.perf_counter() - start)
     del it, loader
@@ -106,7 +106,7 @@ def main() -> None:
         root = Path(tmp)
         make_image_folder(root, args.num_images, num_classes, 256, args.format)
         tf = train_transform(cfg, "Ar", "source")  # office_train at 224
-        ds = load_domain(cfg_small, "Ar", data_dir=root, transform=tf)
+        ds = transformed(load_domain(cfg_small, "Ar", data_dir=root), tf)
         fmt = args.format.upper()
         print(f"\nloader: {len(ds)} {fmt} images 256x256, office_train -> 224, batch {args.batch_size}")
         out["loader"] = {}
@@ -153,7 +153,7 @@ def main() -> None:
         waits, computes = [], []
         for _ in range(args.steps):
             a = time.perf_counter()
-            xb, _ = next(it)
+            xb = next(it)["pixel_values"]
             b = time.perf_counter()
             step(xb)
             waits.append(b - a)

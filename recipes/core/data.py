@@ -1,6 +1,7 @@
 """Domain datasets for the benchmarks: ImageFolder trees, image lists, Hub datasets and torchvision digits.
 
-:func:`load_domain` returns a :class:`DomainDataset` yielding ``(pixel_values, label)`` with ``.classes``. Every
+:func:`load_domain` returns a ``datasets.Dataset`` (``image`` column, ``label`` as a ``ClassLabel`` naming the
+classes), turned into pixel values by cmkd's transforms through :func:`transformed`. Every
 failure a user can cause (missing folder, unknown domain, classes differing between domains, unreadable images,
 offline Hub) raises a :class:`DataError` whose message says what is wrong, where to get the data and how to lay it
 out (docs/datasets.md has the long form).
@@ -8,18 +9,23 @@ out (docs/datasets.md has the long form).
 
 from __future__ import annotations
 
-import copy
 import io
 import os
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from datasets import ClassLabel, Features
+from datasets import Dataset as HFDataset
+from datasets import Image as HFImage
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+
+from cmkd.data import with_image_transform
 
 from .checks import sentence
 from .config import BenchmarkConfig, ConfigError, DomainSpec, load_benchmark_config
@@ -46,160 +52,71 @@ class CorruptImageError(DataError):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Datasets
+# Datasets: {"image": Image(decode=False), "label": ClassLabel}; decoded (RGB) by the transform, see `transformed`
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class DomainDataset(Dataset):
-    """Base class: ``(transform(image), label)`` samples over some storage, with ``classes`` and a view of indices.
+def image_features(classes: Sequence[str] | None) -> Features:
+    """The recipes' one schema: lazily decoded images (+ a ``ClassLabel`` with the class names when labeled)."""
+    features = {"image": HFImage(decode=False)}
+    if classes is not None:
+        features["label"] = ClassLabel(names=list(classes))
+    return Features(features)
 
-    ``with_transform`` and ``select`` return shallow copies sharing the storage, so the same domain can serve as a
-    training set (augmenting) and an evaluation set (plain) without scanning the disk twice.
-    """
 
-    def __init__(self, classes: Sequence[str], domain: str, transform: Callable | None = None) -> None:
-        self.classes = list(classes)
-        self.domain = domain
+def files_dataset(paths: Sequence[str], labels: Sequence[int] | None = None, classes=None) -> HFDataset:
+    """Image files (+ labels) as a ``datasets.Dataset``; no file is opened here."""
+    data: dict[str, list] = {"image": [str(p) for p in paths]}
+    if labels is not None:
+        data["label"] = [int(y) for y in labels]
+    return HFDataset.from_dict(data, features=image_features(classes if labels is not None else None))
+
+
+def open_rgb(image: Any) -> Image.Image:
+    """An ``Image(decode=False)`` value (``{"path", "bytes"}``) or a PIL image, as RGB; unreadable -> CorruptImageError
+    naming the file."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    path = image.get("path") if isinstance(image, dict) else None
+    try:
+        data = image.get("bytes") if isinstance(image, dict) else None
+        with io.BytesIO(data) if data is not None else open(path, "rb") as fh:
+            return Image.open(fh).convert("RGB")  # forces the full decode while the file is open
+    except (OSError, ValueError, TypeError, Image.DecompressionBombError) as exc:
+        raise CorruptImageError(
+            f"cannot read image {path or '(embedded bytes)'} ({type(exc).__name__}: {exc}). Replace or delete the "
+            "file (and its image-list line), or run with --verify_images header to list every unreadable file up front"
+        ) from exc
+
+
+class DecodeThen:
+    """Decode to RGB, then ``transform``: the image step in front of every cmkd transform (picklable for workers)."""
+
+    def __init__(self, transform: Callable) -> None:
         self.transform = transform
-        self.indices: list[int] | None = None  # None = every item of the storage
-        self.active_classes: list[int] | None = None  # set by filter_classes (partial-set targets)
-        self.item_format = "tuple"  # "tuple": (pixel_values, label); "dict": see as_dicts
 
-    # storage interface -------------------------------------------------------------------------------------------
-    def _num_items(self) -> int:
-        raise NotImplementedError
-
-    def _load(self, j: int) -> tuple[Image.Image, int]:
-        raise NotImplementedError
-
-    def _targets_all(self) -> list[int]:
-        raise NotImplementedError
-
-    # public ------------------------------------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return len(self.indices) if self.indices is not None else self._num_items()
-
-    def __getitem__(self, i: int) -> tuple[Any, int] | dict[str, Any]:
-        j = self.indices[i] if self.indices is not None else i
-        img, label = self._load(j)
-        x = self.transform(img) if self.transform is not None else img
-        if self.item_format == "tuple":
-            return x, label
-        if isinstance(x, tuple):  # FixMatchViews: (weak, strong)
-            return {"pixel_values": x[0], "pixel_values_strong": x[1], "labels": label}
-        return {"pixel_values": x, "labels": label}
-
-    def as_dicts(self) -> DomainDataset:
-        """A view yielding ``{"pixel_values", "labels"}`` (+ ``"pixel_values_strong"`` under a FixMatch transform),
-        the example format of ``cmkd.data.collate_images`` / ``make_paired_dataloader``."""
-        new = copy.copy(self)
-        new.item_format = "dict"
-        return new
-
-    @property
-    def targets(self) -> list[int]:
-        all_targets = self._targets_all()
-        return all_targets if self.indices is None else [all_targets[j] for j in self.indices]
-
-    def with_transform(self, transform: Callable | None) -> DomainDataset:
-        new = copy.copy(self)
-        new.transform = transform
-        return new
-
-    def select(self, indices: Iterable[int]) -> DomainDataset:
-        """A view keeping positions ``indices`` of this dataset (labels and classes unchanged)."""
-        new = copy.copy(self)
-        base = self.indices
-        new.indices = [base[i] for i in indices] if base is not None else list(indices)
-        return new
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(domain={self.domain!r}, samples={len(self)}, classes={len(self.classes)})"
+    def __call__(self, image: Any) -> Any:
+        return self.transform(open_rgb(image))
 
 
-def _open_rgb(path: str) -> Image.Image:
-    with open(path, "rb") as fh:
-        img = Image.open(fh)
-        return img.convert("RGB")  # forces the full decode while the file is open
+def transformed(dataset: HFDataset, transform: Callable, strong_transform: Callable | None = None) -> HFDataset:
+    """``cmkd.data.with_image_transform`` over a recipes dataset: items ``{"pixel_values", "labels"?,
+    "pixel_values_strong"?}``."""
+    strong = DecodeThen(strong_transform) if strong_transform is not None else None
+    return with_image_transform(dataset, DecodeThen(transform), strong)
 
 
-class FileImageDataset(DomainDataset):
-    """Image files on disk with integer labels (from an ImageFolder tree or an image list)."""
-
-    def __init__(self, samples: Sequence[tuple[str, int]], classes, domain, transform=None, source: str = ""):
-        super().__init__(classes, domain, transform)
-        self.samples = list(samples)
-        self.source = source  # folder or list file, for messages
-
-    def _num_items(self) -> int:
-        return len(self.samples)
-
-    def _load(self, j: int) -> tuple[Image.Image, int]:
-        path, label = self.samples[j]
-        try:
-            return _open_rgb(path), label
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise CorruptImageError(
-                f"cannot read image {path} ({type(exc).__name__}: {exc}). Replace or delete the file (and its "
-                "image-list line), or run with --verify_images header to list every unreadable file up front"
-            ) from exc
-
-    def _targets_all(self) -> list[int]:
-        return [label for _, label in self.samples]
-
-    @property
-    def paths(self) -> list[str]:
-        idx = self.indices if self.indices is not None else range(len(self.samples))
-        return [self.samples[j][0] for j in idx]
+def image_paths(dataset: HFDataset) -> list[str]:
+    """The file of every row (None for images stored as bytes)."""
+    return [v.get("path") if isinstance(v, dict) else None for v in dataset.select_columns(["image"])["image"]]
 
 
-class TorchvisionDigitsDataset(DomainDataset):
-    """MNIST / USPS / SVHN from torchvision (PIL images, labels 0-9)."""
-
-    def __init__(self, base, classes, domain, transform=None):
-        super().__init__(classes, domain, transform)
-        self.base = base
-        targets = getattr(base, "targets", None)
-        if targets is None:
-            targets = base.labels  # SVHN
-        self._targets = [int(t) for t in targets]
-
-    def _num_items(self) -> int:
-        return len(self.base)
-
-    def _load(self, j: int) -> tuple[Image.Image, int]:
-        img, label = self.base[j]
-        return img, int(label)
-
-    def _targets_all(self) -> list[int]:
-        return self._targets
+def labels_of(dataset: HFDataset) -> list[int]:
+    return list(dataset.select_columns(["label"])["label"])
 
 
-class HubImageDataset(DomainDataset):
-    """Rows of a ``datasets.Dataset`` with an image column and an integer label column."""
-
-    def __init__(self, hf_dataset, image_column: str, label_column: str, classes, domain, transform=None):
-        super().__init__(classes, domain, transform)
-        self.hf = hf_dataset.select_columns([image_column, label_column])
-        self.image_column = image_column
-        self.label_column = label_column
-        self._targets = [int(t) for t in self.hf[label_column]]
-
-    def _num_items(self) -> int:
-        return len(self.hf)
-
-    def _load(self, j: int) -> tuple[Image.Image, int]:
-        try:
-            row = self.hf[j]
-            img = row[self.image_column]
-            if not isinstance(img, Image.Image):
-                raise TypeError(f"column {self.image_column!r} holds {type(img).__name__}, not an image")
-            return img.convert("RGB"), int(row[self.label_column])
-        except (OSError, ValueError) as exc:
-            raise CorruptImageError(f"cannot decode image of row {j} of the Hub dataset ({exc})") from exc
-
-    def _targets_all(self) -> list[int]:
-        return self._targets
+def classes_of(dataset: HFDataset) -> list[str]:
+    return list(dataset.features["label"].names)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -351,13 +268,15 @@ def read_image_list(
     return [next(iter(names[i])) for i in range(n_labels)], samples
 
 
-def verify_images(dataset: DomainDataset, mode: str = "header", max_workers: int = 8, max_report: int = 20) -> int:
+def verify_images(
+    dataset: HFDataset, mode: str = "header", domain: str = "", max_workers: int = 8, max_report: int = 20
+) -> int:
     """Open every image file of ``dataset`` up front; raise one :class:`CorruptImageError` listing all bad files.
 
     ``header`` reads only the header (fast: catches non-images and truncated headers); ``full`` decodes every image.
-    Returns the number of files checked (0 for datasets that are not image files).
+    Returns the number of files checked (0 for images stored as bytes).
     """
-    if mode == "none" or not isinstance(dataset, FileImageDataset):
+    if mode == "none":
         return 0
     if mode not in ("header", "full"):
         raise ValueError(f"verify mode must be 'none', 'header' or 'full', got {mode!r}")
@@ -373,14 +292,14 @@ def verify_images(dataset: DomainDataset, mode: str = "header", max_workers: int
             return f"{path}: {type(exc).__name__}: {exc}"
         return None
 
-    paths = dataset.paths
+    paths = [p for p in image_paths(dataset) if p is not None]
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
         bad = [msg for msg in pool.map(check, paths) if msg]
     if bad:
         listing = "\n  ".join(bad[:max_report])
         more = f"\n  ... and {len(bad) - max_report} more" if len(bad) > max_report else ""
         raise CorruptImageError(
-            f"{len(bad)} of {len(paths)} images of domain {dataset.domain!r} cannot be read:\n  {listing}{more}\n"
+            f"{len(bad)} of {len(paths)} images of domain {domain!r} cannot be read:\n  {listing}{more}\n"
             "Re-download / re-extract them, or delete them (and their image-list lines)"
         )
     return len(paths)
@@ -444,15 +363,15 @@ def _find_list_file(cfg, spec, split, data_dir, image_list, image_list_dir) -> P
     )
 
 
-def _check_class_count(cfg: BenchmarkConfig, ds: DomainDataset, where: str) -> None:
-    if len(ds.classes) != cfg.num_classes:
+def _check_class_count(cfg: BenchmarkConfig, ds: HFDataset, where: str) -> None:
+    if len(classes_of(ds)) != cfg.num_classes:
         raise ClassMismatchError(
-            f"{where} has {len(ds.classes)} classes but {cfg.display_name} has {cfg.num_classes}: is this the "
+            f"{where} has {len(classes_of(ds))} classes but {cfg.display_name} has {cfg.num_classes}: is this the "
             f"right folder, and is the download complete? {_where_to_get(cfg)}"
         )
 
 
-def _load_torchvision_digits(cfg, spec, split, data_dir, download, transform) -> TorchvisionDigitsDataset:
+def _load_torchvision_digits(cfg, spec, split, data_dir, download) -> HFDataset:
     from torchvision import datasets as tvd
 
     if data_dir is None:
@@ -481,43 +400,63 @@ def _load_torchvision_digits(cfg, spec, split, data_dir, download, transform) ->
             f"{hint}. {_where_to_get(cfg)}"
         ) from exc
     classes = cfg.classes or [str(i) for i in range(cfg.num_classes)]
-    return TorchvisionDigitsDataset(base, classes, spec.key, transform)
+    images = np.asarray(base.data)
+    if images.ndim == 4:  # SVHN: N, C, H, W
+        images = images.transpose(0, 2, 3, 1)
+    labels = getattr(base, "targets", None)
+    labels = base.labels if labels is None else labels
+    data = {"image": list(images), "label": [int(y) for y in labels]}
+    return HFDataset.from_dict(data, features=image_features(classes))
 
 
-def _load_hub(cfg, spec, split, dataset_id, domain_column, hub_config, cache_dir, transform) -> HubImageDataset:
+def load_hf_dataset(
+    dataset_id: str, split: str, flag: str, name: str | None = None, cache_dir: str | None = None, hint: str = ""
+) -> HFDataset:
+    """``datasets.load_dataset`` (Hub id or local files) or ``load_from_disk`` (a ``save_to_disk`` folder), with
+    errors that name ``flag`` and the fix; ``hint`` is added to the offline message."""
+    import datasets as hfds
+
+    local = Path(dataset_id)
+    if (local / "state.json").is_file() or (local / "dataset_dict.json").is_file():  # written by save_to_disk
+        ds = hfds.load_from_disk(str(local))
+        if isinstance(ds, hfds.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{flag} {dataset_id!r} has splits {list(ds)}, not {split!r}: pass the split flag")
+            ds = ds[split]
+        return ds
+    try:
+        return hfds.load_dataset(dataset_id, name=name, split=split, cache_dir=cache_dir)
+    except ConnectionError as exc:
+        raise DataNotFoundError(
+            f"{flag}: could not reach the Hub for dataset {dataset_id!r} ({exc}). If you are offline, download it "
+            f"once with network access (it is then cached) and set HF_HUB_OFFLINE=1, or use a local path.{hint}"
+        ) from exc
+    except (FileNotFoundError, hfds.exceptions.DatasetNotFoundError) as exc:
+        raise DataNotFoundError(
+            f"{flag}: no dataset {dataset_id!r} on the Hub or on disk (or it is private/gated: log in with "
+            f"`hf auth login`): {exc}"
+        ) from exc
+    except ValueError as exc:  # unknown config name or split
+        extra = (
+            f" The dataset has no config {name!r}; if one config holds all domains, pass --domain_column with the "
+            "column that names them."
+            if name
+            else ""
+        )
+        raise DataError(f"{flag}: cannot load split {split!r} of {dataset_id!r}: {sentence(exc)}.{extra}") from exc
+
+
+def _load_hub(cfg, spec, split, dataset_id, domain_column, hub_config, cache_dir) -> HFDataset:
     import datasets as hfds
 
     if hub_config is not None:
         config_name = hub_config.format(domain=spec.folder, key=spec.key, name=spec.name) or None
     else:
         config_name = None if domain_column else spec.folder
-    try:
-        ds = hfds.load_dataset(dataset_id, name=config_name, split=split, cache_dir=cache_dir)
-    except ConnectionError as exc:
-        raise DataNotFoundError(
-            f"could not reach the Hub for dataset {dataset_id!r} ({exc}). If you are offline, download it once with "
-            "network access (it is then cached) and set HF_HUB_OFFLINE=1, or use --data_dir with the files. "
-            f"{_where_to_get(cfg)}"
-        ) from exc
-    except hfds.exceptions.DatasetNotFoundError as exc:
-        raise DataNotFoundError(
-            f"no dataset {dataset_id!r} on the Hub or on disk (or it is private/gated: log in with `hf auth login`)"
-            f": {exc}"
-        ) from exc
-    except ValueError as exc:  # unknown config name or split
-        hint = (
-            f" The dataset has no config {config_name!r} for domain {spec.key}; if one config holds all domains, "
-            "pass --domain_column with the column that names them."
-            if config_name
-            else ""
-        )
-        raise DataError(f"cannot load split {split!r} of {dataset_id!r}: {sentence(exc)}.{hint}") from exc
-
+    hint = f" Or use --data_dir with the files. {_where_to_get(cfg)}"
+    ds = load_hf_dataset(dataset_id, split, "--dataset_id", config_name, cache_dir, hint)
     features = ds.features
-    image_column = next((k for k, f in features.items() if isinstance(f, hfds.Image)), None)
-    label_column = next((k for k, f in features.items() if isinstance(f, hfds.ClassLabel)), None)
-    if label_column is None:
-        label_column = next((k for k in ("label", "labels") if k in features), None)
+    image_column, label_column = image_and_label_columns(ds)
     if image_column is None or label_column is None:
         raise DataError(f"{dataset_id!r} needs an Image column and a label column; found columns {list(features)}")
     if domain_column:
@@ -544,7 +483,27 @@ def _load_hub(cfg, spec, split, dataset_id, domain_column, hub_config, cache_dir
             f"{dataset_id!r}: label column {label_column!r} is not a ClassLabel, so class names are unknown; add "
             "'classes:' to the benchmark YAML"
         )
-    return HubImageDataset(ds, image_column, label_column, classes, spec.key, transform)
+    return as_image_dataset(ds, image_column, label_column, classes)
+
+
+def image_and_label_columns(ds: HFDataset) -> tuple[str | None, str | None]:
+    """The ``Image`` column and the label column (a ``ClassLabel``, else one named label/labels) of a dataset."""
+    features = ds.features
+    image = next((k for k, f in features.items() if isinstance(f, HFImage)), None)
+    label = next((k for k, f in features.items() if isinstance(f, ClassLabel)), None)
+    if label is None:
+        label = next((k for k in ("label", "labels") if k in features), None)
+    return image, label
+
+
+def as_image_dataset(ds: HFDataset, image_column: str, label_column: str | None, classes=None) -> HFDataset:
+    """A loaded dataset in the recipes' schema (columns ``image`` and ``label``, see `image_features`)."""
+    ds = ds.select_columns([image_column] + ([label_column] if label_column else []))
+    ds = ds.rename_columns({image_column: "image", **({label_column: "label"} if label_column else {})})
+    features = image_features(classes if label_column else None)
+    for column, feature in features.items():
+        ds = ds.cast_column(column, feature)
+    return ds
 
 
 def load_domain(
@@ -553,7 +512,6 @@ def load_domain(
     data_dir: str | os.PathLike | None = None,
     image_list: str | os.PathLike | None = None,
     dataset_id: str | None = None,
-    transform: Callable | None = None,
     *,
     split: str = "train",
     image_list_dir: str | os.PathLike | None = None,
@@ -562,8 +520,9 @@ def load_domain(
     cache_dir: str | None = None,
     download: bool = False,
     verify: str = "none",
-) -> DomainDataset:
-    """Load one domain of a benchmark as a dataset of ``(transform(image), label)`` with ``.classes``.
+) -> HFDataset:
+    """Load one domain of a benchmark as a ``datasets.Dataset`` with columns ``image`` (``Image(decode=False)``) and
+    ``label`` (a ``ClassLabel`` naming the classes); `transformed` adds the pixel values.
 
     Source precedence: ``dataset_id`` (``datasets.load_dataset``: Hub id or local path; one config per domain, or
     ``domain_column``), then image lists (``image_list``, ``image_list_dir``, or the shipped lists of benchmarks
@@ -581,10 +540,10 @@ def load_domain(
         raise DataNotFoundError(f"--data_dir {data_dir} does not exist. {_where_to_get(cfg)}")
 
     if dataset_id:
-        ds = _load_hub(cfg, spec, split, dataset_id, domain_column, hub_config, cache_dir, transform)
+        ds = _load_hub(cfg, spec, split, dataset_id, domain_column, hub_config, cache_dir)
         where = f"Hub dataset {dataset_id!r} (domain {spec.key})"
     elif cfg.loader == "torchvision":
-        ds = _load_torchvision_digits(cfg, spec, split, data_dir, download, transform)
+        ds = _load_torchvision_digits(cfg, spec, split, data_dir, download)
         where = f"{spec.name} under {data_dir}"
     else:
         list_file = _find_list_file(cfg, spec, split, data_dir, image_list, image_list_dir)
@@ -593,17 +552,17 @@ def load_domain(
             if not root.is_dir():
                 raise DataNotFoundError(f"--data_dir {root} does not exist. {_where_to_get(cfg)}")
             classes, samples = read_image_list(list_file, root, cfg.classes)
-            ds = FileImageDataset(samples, classes, spec.key, transform, source=str(list_file))
+            ds = files_dataset(*zip(*samples), classes)
             where = f"image list {list_file}"
         else:
             if data_dir is None:
                 raise DataNotFoundError(f"no data source for domain {spec.key}: pass --data_dir. {_where_to_get(cfg)}")
             root = _domain_root(cfg, spec, data_dir)
             classes, samples = scan_image_folder(root)
-            ds = FileImageDataset(samples, classes, spec.key, transform, source=str(root))
+            ds = files_dataset(*zip(*samples), classes)
             where = str(root)
     _check_class_count(cfg, ds, where)
-    verify_images(ds, verify)
+    verify_images(ds, verify, spec.key)
     return ds
 
 
@@ -612,32 +571,29 @@ def load_domain(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def check_same_classes(source: DomainDataset, target: DomainDataset) -> None:
-    """Raise :class:`ClassMismatchError` listing the difference unless both domains share one class list (order too:
-    the label indices must mean the same class)."""
-    a, b = list(source.classes), list(target.classes)
+def check_same_classes(
+    source: HFDataset | Sequence[str], target: HFDataset | Sequence[str], names: tuple[str, str] = ("source", "target")
+) -> None:
+    """Raise :class:`ClassMismatchError` listing the difference unless both (datasets or class lists) share one class
+    list (order too: the label indices must mean the same class). ``names`` name the two in the message."""
+    a, b = (classes_of(x) if isinstance(x, HFDataset) else list(x) for x in (source, target))
     if a == b:
         return
     only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
     parts = []
     if only_a:
-        parts.append(f"only in {source.domain}: {only_a[:20]}{' ...' if len(only_a) > 20 else ''}")
+        parts.append(f"only in {names[0]}: {only_a[:20]}{' ...' if len(only_a) > 20 else ''}")
     if only_b:
-        parts.append(f"only in {target.domain}: {only_b[:20]}{' ...' if len(only_b) > 20 else ''}")
+        parts.append(f"only in {names[1]}: {only_b[:20]}{' ...' if len(only_b) > 20 else ''}")
     if not parts:
         moved = [(i, x, y) for i, (x, y) in enumerate(zip(a, b)) if x != y][:5]
         parts.append(
             "same names in a different label order, e.g. " + ", ".join(f"#{i}: {x} vs {y}" for i, x, y in moved)
         )
     raise ClassMismatchError(
-        f"source {source.domain} and target {target.domain} have different classes ({'; '.join(parts)}). Both "
-        "domains must use the same class folders / label numbering"
+        f"{names[0]} and {names[1]} have different classes ({'; '.join(parts)}). Both domains must use the same "
+        "class folders / label numbering"
     )
-
-
-def class_names_for_prompts(classes: Sequence[str]) -> list[str]:
-    """Folder names as the release feeds them to prompts: lower-cased, underscores to spaces."""
-    return [c.replace("_", " ").lower().strip() for c in classes]
 
 
 def partial_target_classes(classes: Sequence[str], num_classes: int) -> list[int]:
@@ -648,19 +604,18 @@ def partial_target_classes(classes: Sequence[str], num_classes: int) -> list[int
     return [i for i, c in enumerate(classes) if c in keep]
 
 
-def filter_classes(dataset: DomainDataset, keep: Sequence[int]) -> DomainDataset:
-    """A view holding only samples whose label is in ``keep``; classes (and label indices) stay the full set."""
+def filter_classes(dataset: HFDataset, keep: Sequence[int]) -> HFDataset:
+    """The rows whose label is in ``keep``; the ``ClassLabel`` (and label indices) stay the full set."""
     keep_set = set(keep)
-    out = dataset.select([i for i, y in enumerate(dataset.targets) if y in keep_set])
-    out.active_classes = sorted(keep_set)
-    return out
+    return dataset.select([i for i, y in enumerate(labels_of(dataset)) if y in keep_set])
 
 
-def partial_target(dataset: DomainDataset, benchmark: BenchmarkConfig) -> DomainDataset:
+def partial_target(dataset: HFDataset, benchmark: BenchmarkConfig) -> HFDataset:
     """The benchmark's partial-set target (Office-Home: first 25 classes alphabetically)."""
     if not benchmark.partial.available:
         raise ConfigError(f"{benchmark.display_name} has no partial-set protocol")
-    return filter_classes(dataset, partial_target_classes(dataset.classes, benchmark.partial.num_target_classes))
+    keep = partial_target_classes(classes_of(dataset), benchmark.partial.num_target_classes)
+    return filter_classes(dataset, keep)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -47,15 +47,16 @@ from .checks import check_inputs, check_model_source, sentence
 from .config import RESULTS_FILENAME, BenchmarkConfig, ConfigError, RunConfig, build_parser, parse_args, task_name
 from .data import (
     DataError,
-    DomainDataset,
     check_same_classes,
+    classes_of,
     default_num_workers,
     load_domain,
     partial_target,
+    transformed,
 )
 from .ranges import FLAG_RANGES, check_number
 from .tables import add_result, new_results, render_markdown, write_report
-from .transforms import eval_transform, train_transform
+from .transforms import FixMatchViews, eval_transform, train_transform
 
 __all__ = [
     "MODES",
@@ -279,7 +280,7 @@ def load_task_data(cfg: RunConfig, source: str, target: str, clip: CLIPBundle | 
     if clip is not None:
         size_kw = {"image_size": clip.image_size, "processor": clip.processor}
 
-    def domain(key: str, split: str) -> DomainDataset:
+    def domain(key: str, split: str) -> Dataset:
         return load_domain(
             bench,
             key,
@@ -294,50 +295,39 @@ def load_task_data(cfg: RunConfig, source: str, target: str, clip: CLIPBundle | 
             verify=cfg.verify_images,
         )
 
-    src = domain(source, "train")
-    from .unlabeled import split_source
-
-    src, src_val = split_source(src, cfg.source_val_fraction or 0.0, cfg.seed)
-    if target not in bench.domains:  # --target_* / --eval_*: a target without (or with optional) labels
-        return _custom_task_data(cfg, src, src_val, target, size_kw)
-    tgt = domain(target, "train")
-    check_same_classes(src, tgt)
-    tgt_eval = tgt if bench.eval_split == "train" else domain(target, bench.eval_split)
-    check_same_classes(src, tgt_eval)
-    if cfg.partial:
-        tgt, tgt_eval = partial_target(tgt, bench), partial_target(tgt_eval, bench)
-    return TaskData(
-        source=src.with_transform(train_transform(bench, source, "source", **size_kw)).as_dicts(),
-        target=tgt.with_transform(
-            train_transform(bench, target, "target", fixmatch=cfg.fixmatch, **size_kw)
-        ).as_dicts(),
-        eval=tgt_eval.with_transform(eval_transform(bench, **size_kw)).as_dicts(),
-        classes=list(src.classes),
-        source_val=src_val.with_transform(eval_transform(bench, **size_kw)).as_dicts() if src_val else None,
+    from .unlabeled import (
+        EVAL_FLAGS,
+        TARGET_FLAGS,
+        drop_labels,
+        load_labeled_eval,
+        load_unlabeled_target,
+        split_source,
     )
 
-
-def _custom_task_data(cfg: RunConfig, src: DomainDataset, src_val, target: str, size_kw: dict) -> TaskData:
-    """A target given by --target_dir/--target_list/--target_dataset_id (no labels) and/or --eval_* (labeled,
-    reporting only; alone, its images are also the unlabeled target)."""
-    from .unlabeled import EVAL_FLAGS, drop_labels, load_labeled_eval, load_unlabeled_target
-
-    bench, extra = cfg.benchmark, cfg.label_free()
-    labeled = load_labeled_eval(extra, src.classes, target) if any(extra.get(f) for f in EVAL_FLAGS) else None
-    unlabeled = (
-        load_unlabeled_target(extra, src.classes, target)
-        if labeled is None or any(extra.get(f) for f in ("target_dir", "target_list", "target_dataset_id"))
-        else drop_labels(labeled)
-    )
+    src, src_val = split_source(domain(source, "train"), cfg.source_val_fraction or 0.0, cfg.seed)
+    classes = classes_of(src)
+    if target in bench.domains:
+        tgt = domain(target, "train")
+        check_same_classes(src, tgt, (f"source {source}", f"target {target}"))
+        tgt_eval = tgt if bench.eval_split == "train" else domain(target, bench.eval_split)
+        check_same_classes(src, tgt_eval, (f"source {source}", f"target {target}"))
+        if cfg.partial:
+            tgt, tgt_eval = partial_target(tgt, bench), partial_target(tgt_eval, bench)
+        tgt = drop_labels(tgt)  # adaptation never sees target labels
+    else:  # --target_* (no labels) and/or --eval_* (labeled, reporting only; alone, also the unlabeled target)
+        extra = cfg.label_free()
+        tgt_eval = load_labeled_eval(extra, classes) if any(extra.get(f) for f in EVAL_FLAGS) else None
+        given = any(extra.get(f) for f in TARGET_FLAGS)
+        tgt = load_unlabeled_target(extra) if given or tgt_eval is None else drop_labels(tgt_eval)
+        tgt_eval = tgt if tgt_eval is None else tgt_eval
+    views = train_transform(bench, target, "target", fixmatch=cfg.fixmatch, **size_kw)
     test = eval_transform(bench, **size_kw)
     return TaskData(
-        source=src.with_transform(train_transform(bench, src.domain, "source", **size_kw)).as_dicts(),
-        target=unlabeled.with_transform(
-            train_transform(bench, target, "target", fixmatch=cfg.fixmatch, **size_kw)
-        ).as_dicts(),
-        eval=(labeled if labeled is not None else unlabeled).with_transform(test).as_dicts(),
-        classes=list(src.classes),
-        source_val=src_val.with_transform(test).as_dicts() if src_val else None,
+        source=transformed(src, train_transform(bench, source, "source", **size_kw)),
+        target=transformed(tgt, *((views.weak, views.strong) if isinstance(views, FixMatchViews) else (views,))),
+        eval=transformed(tgt_eval, test),
+        classes=classes,
+        source_val=transformed(src_val, test) if src_val is not None else None,
     )
 
 
@@ -592,7 +582,7 @@ def evaluate(cfg: RunConfig, trainer) -> dict[str, Any]:
     raw = trainer.evaluate()
     labeled = "eval_accuracy" in raw
     per_class = raw.get("eval_per_class_accuracy") or []
-    classes = trainer.eval_dataset.classes
+    classes = classes_of(trainer.train_dataset)  # the source's, which the evaluated target shares
 
     def get(key: str) -> float | None:
         return float(raw[key]) if key in raw else None
@@ -736,7 +726,7 @@ def save_task(
     model = trainer.model
     kind = "rst_adapter" if cfg.rst else "peft_adapter" if PEFT_SAVED_AS[cfg.peft] == "adapter" else "model"
     final = task_dir / (MODEL_DIRNAME if kind == "model" else ADAPTER_DIRNAME)
-    fields = _card_fields(cfg, source, target, metrics, trainer.eval_dataset.classes)
+    fields = _card_fields(cfg, source, target, metrics, classes_of(trainer.train_dataset))
     dsp = nbytes = 0
     if trainer.args.should_save:
         task_dir.mkdir(parents=True, exist_ok=True)

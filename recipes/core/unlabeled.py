@@ -13,32 +13,36 @@ Given alone, an ``--eval_*`` set is also the unlabeled training target (its labe
 the whole target set is both. ``--source_val_fraction`` holds a stratified, seeded part of the source out of
 training for the ``source_accuracy`` and ``dev`` validators. ``--selection`` picks the checkpoint rule.
 
-The loaders wrap a ``datasets.Dataset`` (``Dataset.from_dict({"image": paths}).cast_column("image", Image())`` for
-files, decoded lazily) in the recipes' :class:`~recipes.core.data.DomainDataset` interface.
+The loaders return ``datasets.Dataset`` objects in the schema of :mod:`recipes.core.data` (``image``, plus a
+``ClassLabel`` ``label`` when labeled), so targets and benchmark domains share one code path to cmkd's transforms.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image as PILImage
+from datasets import Dataset
 
 from cmkd.validators import ORACLE_NAME, VALIDATORS
 
 from .config import ConfigError
 from .data import (
     IMG_EXTENSIONS,
-    CorruptImageError,
     DataError,
     DataNotFoundError,
-    DomainDataset,
-    HubImageDataset,
     _is_image,
+    as_image_dataset,
+    check_same_classes,
+    files_dataset,
+    image_and_label_columns,
+    labels_of,
+    load_hf_dataset,
     read_image_list,
+    read_list_text,
     scan_image_folder,
 )
 
@@ -46,7 +50,6 @@ __all__ = [
     "EVAL_FLAGS",
     "LABEL_FREE_DESTS",
     "TARGET_FLAGS",
-    "UnlabeledDataset",
     "add_label_free_arguments",
     "check_label_free_args",
     "custom_target_name",
@@ -155,70 +158,6 @@ def check_label_free_args(args: argparse.Namespace, benchmark) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class UnlabeledDataset(DomainDataset):
-    """Images of a ``datasets.Dataset`` image column, without labels: items ``{"pixel_values"}`` (dict format)."""
-
-    def __init__(self, hf_dataset, image_column: str, classes: Sequence[str], domain: str, transform=None, where=""):
-        super().__init__(classes, domain, transform)
-        self.hf = hf_dataset.select_columns([image_column])
-        self.image_column = image_column
-        self.where = where
-
-    def _num_items(self) -> int:
-        return len(self.hf)
-
-    def _load(self, j: int) -> tuple[PILImage.Image, None]:
-        try:
-            image = self.hf[j][self.image_column]
-            if not isinstance(image, PILImage.Image):
-                raise TypeError(f"column {self.image_column!r} holds {type(image).__name__}, not an image")
-            return image.convert("RGB"), None
-        except (OSError, ValueError, PILImage.DecompressionBombError) as exc:
-            raise CorruptImageError(
-                f"cannot read target image {j} of {self.where} ({type(exc).__name__}: {exc}); replace or remove it"
-            ) from exc
-
-    def _targets_all(self) -> list[int]:
-        raise DataError(f"{self.where} has no labels (unlabeled target); labels come from {LABELS_HINT}")
-
-    def __getitem__(self, i: int):
-        j = self.indices[i] if self.indices is not None else i
-        image, _ = self._load(j)
-        x = self.transform(image) if self.transform is not None else image
-        if self.item_format == "tuple":
-            return x, -1
-        if isinstance(x, tuple):  # FixMatchViews
-            return {"pixel_values": x[0], "pixel_values_strong": x[1]}
-        return {"pixel_values": x}
-
-
-class _LabelsDropped(DomainDataset):
-    """A labeled domain seen without its labels (the unlabeled training view of an --eval_* set)."""
-
-    def __init__(self, labeled: DomainDataset):
-        super().__init__(labeled.classes, labeled.domain, labeled.transform)
-        self.labeled = labeled
-
-    def _num_items(self) -> int:
-        return len(self.labeled)
-
-    def __getitem__(self, i: int):
-        j = self.indices[i] if self.indices is not None else i
-        item = self.labeled.with_transform(self.transform)
-        item.item_format = self.item_format
-        out = item[j]
-        if isinstance(out, dict):
-            out.pop("labels", None)
-            return out
-        return out[0], -1
-
-
-def _files_dataset(paths: Sequence[str]):
-    from datasets import Dataset, Image
-
-    return Dataset.from_dict({"image": [str(p) for p in paths]}).cast_column("image", Image())
-
-
 def _flat_folder(root: Path) -> list[str]:
     if not root.is_dir():
         raise DataNotFoundError(f"--target_dir {root} is not a folder")
@@ -247,7 +186,7 @@ def _path_list(list_file: Path) -> list[str]:
         raise DataNotFoundError(f"--target_list {list_file} does not exist")
     root = list_file.parent
     paths, missing, labeled = [], [], []
-    for lineno, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_list_text(list_file).splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -277,57 +216,16 @@ def _path_list(list_file: Path) -> list[str]:
     return paths
 
 
-def _image_and_label_columns(ds) -> tuple[str | None, str | None]:
-    import datasets as hfds
-
-    features = ds.features
-    image = next((k for k, f in features.items() if isinstance(f, hfds.Image)), None)
-    label = next((k for k, f in features.items() if isinstance(f, hfds.ClassLabel)), None)
-    if label is None:
-        label = next((k for k in ("label", "labels") if k in features), None)
-    return image, label
-
-
-def _load_dataset(dataset_id: str, split: str, flag: str):
-    import datasets as hfds
-
-    local = Path(dataset_id)
-    if (local / "state.json").is_file() or (local / "dataset_dict.json").is_file():  # written by save_to_disk
-        ds = hfds.load_from_disk(str(local))
-        if isinstance(ds, hfds.DatasetDict):
-            if split not in ds:
-                raise DataError(f"{flag} {dataset_id!r} has splits {list(ds)}, not {split!r}: pass the split flag")
-            ds = ds[split]
-        return ds
-    try:
-        return hfds.load_dataset(dataset_id, split=split)
-    except ConnectionError as exc:
-        raise DataNotFoundError(
-            f"{flag} {dataset_id!r}: the Hub is unreachable ({exc}); offline, use a local path or a cached dataset "
-            "with HF_HUB_OFFLINE=1"
-        ) from exc
-    except (FileNotFoundError, hfds.exceptions.DatasetNotFoundError) as exc:
-        raise DataNotFoundError(f"{flag} {dataset_id!r}: no such dataset on the Hub or on disk ({exc})") from exc
-    except ValueError as exc:
-        raise DataError(f"{flag} {dataset_id!r}: cannot load split {split!r} ({exc})") from exc
-
-
-def load_unlabeled_target(
-    args: argparse.Namespace | dict[str, Any], classes: Sequence[str], name: str, transform: Callable | None = None
-) -> UnlabeledDataset:
-    """The unlabeled target given by --target_dir / --target_list / --target_dataset_id."""
+def load_unlabeled_target(args: argparse.Namespace | dict[str, Any]) -> Dataset:
+    """The unlabeled target given by --target_dir / --target_list / --target_dataset_id (an ``image`` column)."""
     get = args.get if isinstance(args, dict) else lambda k: getattr(args, k, None)
     if get("target_dir"):
-        root = Path(get("target_dir"))
-        return UnlabeledDataset(_files_dataset(_flat_folder(root)), "image", classes, name, transform, str(root))
+        return files_dataset(_flat_folder(Path(get("target_dir"))))
     if get("target_list"):
-        list_file = Path(get("target_list"))
-        return UnlabeledDataset(
-            _files_dataset(_path_list(list_file)), "image", classes, name, transform, str(list_file)
-        )
+        return files_dataset(_path_list(Path(get("target_list"))))
     dataset_id = get("target_dataset_id")
-    ds = _load_dataset(dataset_id, get("target_split") or "train", "--target_dataset_id")
-    image, label = _image_and_label_columns(ds)
+    ds = load_hf_dataset(dataset_id, get("target_split") or "train", "--target_dataset_id")
+    image, label = image_and_label_columns(ds)
     if image is None:
         raise DataError(f"--target_dataset_id {dataset_id!r} has no Image column; columns: {list(ds.features)}")
     if label is not None:
@@ -336,16 +234,12 @@ def load_unlabeled_target(
             "--eval_dataset_id to adapt on its images and report accuracy with its labels; --target_dataset_id "
             "takes images without labels."
         )
-    return UnlabeledDataset(ds, image, classes, name, transform, f"dataset {dataset_id!r}")
+    return as_image_dataset(ds, image, None)
 
 
-def load_labeled_eval(
-    args: argparse.Namespace | dict[str, Any], classes: Sequence[str], name: str, transform: Callable | None = None
-) -> DomainDataset:
+def load_labeled_eval(args: argparse.Namespace | dict[str, Any], classes: Sequence[str]) -> Dataset:
     """The labeled target (reporting only) given by --eval_dir / --eval_list / --eval_dataset_id; its classes must
     be the source's, in the same order."""
-    from .data import FileImageDataset
-
     get = args.get if isinstance(args, dict) else lambda k: getattr(args, k, None)
     if get("eval_dir"):
         root = Path(get("eval_dir"))
@@ -357,7 +251,7 @@ def load_labeled_eval(
                 "--target_dir (unlabeled target). --eval_dir takes <dir>/<class name>/<images>."
             )
         found, samples = scan_image_folder(root)
-        ds: DomainDataset = FileImageDataset(samples, found, name, transform, source=str(root))
+        ds = files_dataset(*zip(*samples), found)
     elif get("eval_list"):
         list_file = Path(get("eval_list"))
         if not list_file.is_file():
@@ -366,11 +260,11 @@ def load_labeled_eval(
             found, samples = read_image_list(list_file, list_file.parent, classes)
         except DataError as exc:
             raise DataError(f"{exc}. An image list without labels is an unlabeled target: --target_list") from exc
-        ds = FileImageDataset(samples, found, name, transform, source=str(list_file))
+        ds = files_dataset(*zip(*samples), found)
     else:
         dataset_id = get("eval_dataset_id")
-        hf = _load_dataset(dataset_id, get("eval_split") or "train", "--eval_dataset_id")
-        image, label = _image_and_label_columns(hf)
+        hf = load_hf_dataset(dataset_id, get("eval_split") or "train", "--eval_dataset_id")
+        image, label = image_and_label_columns(hf)
         if image is None or label is None:
             hint = " Without labels it is an unlabeled target: --target_dataset_id." if image and not label else ""
             raise DataError(
@@ -378,30 +272,17 @@ def load_labeled_eval(
                 f"{list(hf.features)}.{hint}"
             )
         names = getattr(hf.features[label], "names", None) or list(classes)
-        ds = HubImageDataset(hf, image, label, names, name, transform)
-    _check_classes(ds, classes)
+        ds = as_image_dataset(hf, image, label, names)
+    check_same_classes(list(classes), ds, ("the source", "the labeled target"))
     return ds
 
 
-def _check_classes(ds: DomainDataset, classes: Sequence[str]) -> None:
-    from .data import ClassMismatchError
-
-    if list(ds.classes) != list(classes):
-        missing = [c for c in classes if c not in ds.classes]
-        extra = [c for c in ds.classes if c not in classes]
-        detail = f"missing {missing[:10]}, unexpected {extra[:10]}" if missing or extra else "a different order"
-        raise ClassMismatchError(
-            f"the labeled target has classes {list(ds.classes)[:10]}{' ...' if len(ds.classes) > 10 else ''} but the "
-            f"source has {len(classes)} ({detail}); label ids must mean the same class in both"
-        )
-
-
-def drop_labels(ds: DomainDataset) -> DomainDataset:
+def drop_labels(ds: Dataset) -> Dataset:
     """The unlabeled view of a labeled domain (training never sees target labels)."""
-    return _LabelsDropped(ds)
+    return ds.remove_columns("label")
 
 
-def split_source(source: DomainDataset, fraction: float, seed: int) -> tuple[DomainDataset, DomainDataset | None]:
+def split_source(source: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
     """(training part, held-out part): ``fraction`` of every class (at least one image of each class that has two or
     more), chosen by ``seed``; the held-out part never enters training."""
     if fraction <= 0:
@@ -409,7 +290,7 @@ def split_source(source: DomainDataset, fraction: float, seed: int) -> tuple[Dom
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    targets = np.asarray(source.targets)
+    targets = np.asarray(labels_of(source))
     held = []
     for c in np.unique(targets):
         idx = np.flatnonzero(targets == c)

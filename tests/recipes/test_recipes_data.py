@@ -4,6 +4,7 @@ DataLoader settings, on tiny data generated with PIL in tmp_path."""
 import bz2
 import dataclasses
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -17,12 +18,15 @@ from recipes.core.data import (
     DataNotFoundError,
     build_dataloader,
     check_same_classes,
-    class_names_for_prompts,
+    classes_of,
     filter_classes,
+    image_paths,
+    labels_of,
     load_domain,
     partial_target,
     partial_target_classes,
     read_image_list,
+    transformed,
     verify_images,
 )
 from recipes.core.transforms import (
@@ -68,20 +72,22 @@ def office_home_3():
 
 def test_image_folder_domain(tmp_path, office_home_3):
     _tree(tmp_path)
-    ds = load_domain(office_home_3, "Ar", data_dir=tmp_path, transform=build_transform("office_test", 32))
-    assert ds.classes == CLASSES and len(ds) == 6 and ds.targets == [0, 0, 1, 1, 2, 2]
-    x, y = ds[2]
+    ds = load_domain(office_home_3, "Ar", data_dir=tmp_path)
+    assert isinstance(ds, datasets.Dataset) and isinstance(ds.features["label"], datasets.ClassLabel)
+    assert classes_of(ds) == CLASSES and len(ds) == 6 and labels_of(ds) == [0, 0, 1, 1, 2, 2]
+    item = transformed(ds, build_transform("office_test", 32))[2]
+    x, y = item["pixel_values"], item["labels"]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 1
     same = load_domain(office_home_3, "clipart", data_dir=tmp_path)  # by name, case-insensitive
     check_same_classes(ds, same)
-    assert isinstance(same[0][0], Image.Image)
+    assert same[0]["image"]["path"].endswith(".jpg")  # lazily decoded: a file reference until transformed
 
 
 def test_normalisation_matches_hand_computation(tmp_path, office_home_3):
     for c in CLASSES:
         _img(tmp_path / "Art" / c / "a.png", color=(200, 100, 50))
-    ds = load_domain(office_home_3, "Ar", data_dir=tmp_path, transform=build_transform("office_test", 8))
-    x, _ = ds[0]
+    ds = transformed(load_domain(office_home_3, "Ar", data_dir=tmp_path), build_transform("office_test", 8))
+    x = ds[0]["pixel_values"]
     expected = [(v / 255 - m) / s for v, m, s in zip((200, 100, 50), CLIP_MEAN, CLIP_STD)]
     assert torch.allclose(x.mean(dim=(1, 2)), torch.tensor(expected), atol=1e-5)
 
@@ -119,9 +125,8 @@ def test_classes_differing_between_domains_are_listed(tmp_path, office_home_3):
     src = load_domain(office_home_3, "Ar", data_dir=tmp_path)
     tgt = load_domain(office_home_3, "Cl", data_dir=tmp_path)
     with pytest.raises(ClassMismatchError, match="only in Ar: \\['Bed'\\]; only in Cl: \\['Couch'\\]"):
-        check_same_classes(src, tgt)
-    reordered = src.with_transform(None)  # same names, other label order
-    reordered.classes = ["Backpack", "Alarm_Clock", "Bed"]
+        check_same_classes(src, tgt, ("Ar", "Cl"))
+    reordered = src.cast_column("label", datasets.ClassLabel(names=["Backpack", "Alarm_Clock", "Bed"]))
     with pytest.raises(ClassMismatchError, match="different label order, e.g. #0: Alarm_Clock vs Backpack"):
         check_same_classes(src, reordered)
 
@@ -142,9 +147,9 @@ def test_unreadable_images_lazy_and_eager(tmp_path, office_home_3):
     data = _img(tmp_path / "tmp.jpg", size=(64, 64)).read_bytes()
     good.write_bytes(data[: len(data) // 2])  # valid header, truncated body
     ds = load_domain(office_home_3, "Ar", data_dir=tmp_path)  # verify="none": scanning does not open images
-    idx = ds.paths.index(str(garbage))
+    idx = image_paths(ds).index(str(garbage))
     with pytest.raises(CorruptImageError, match=f"cannot read image {garbage}"):
-        ds[idx]
+        transformed(ds, build_transform("office_test", 8))[idx]
     with pytest.raises(CorruptImageError) as exc:
         load_domain(office_home_3, "Ar", data_dir=tmp_path, verify="header")
     assert "1 of 8 images" in str(exc.value) and str(garbage) in str(exc.value) and str(good) not in str(exc.value)
@@ -153,11 +158,13 @@ def test_unreadable_images_lazy_and_eager(tmp_path, office_home_3):
     assert "2 of 8 images" in str(exc.value) and str(good) in str(exc.value)
 
 
-def test_with_transform_shares_samples(tmp_path, office_home_3):
+def test_transformed_is_a_lazy_view(tmp_path, office_home_3):
+    """cmkd's with_image_transform over the same rows: the dataset itself is unchanged, FixMatch adds a strong view."""
     _tree(tmp_path, domains=("Art",))
     ds = load_domain(office_home_3, "Ar", data_dir=tmp_path)
-    t = ds.with_transform(build_transform("office_test", 16))
-    assert t.samples is ds.samples and ds.transform is None and t[0][0].shape == (3, 16, 16)
+    t = transformed(ds, build_transform("office_test", 16), build_transform("fixmatch_strong", 16))
+    assert t.data.table is ds.data.table and ds.format["type"] is None and "image" in ds[0]
+    assert t[0]["pixel_values"].shape == t[0]["pixel_values_strong"].shape == (3, 16, 16)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -174,10 +181,10 @@ def test_image_list_with_spaces_comments_and_derived_classes(tmp_path, office_ho
     lst.parent.mkdir()
     lst.write_text("\n".join(lines) + "\n")
     ds = load_domain(office_home_3, "Re", data_dir=tmp_path, image_list=lst)
-    assert ds.classes == ["Backpack", "Bed", "Alarm_Clock"] and len(ds) == 6
-    assert ds.targets == [2, 2, 0, 0, 1, 1]
+    assert classes_of(ds) == ["Backpack", "Bed", "Alarm_Clock"] and len(ds) == 6
+    assert labels_of(ds) == [2, 2, 0, 0, 1, 1]
     via_dir = load_domain(office_home_3, "Re", data_dir=tmp_path, image_list_dir=tmp_path / "lists")
-    assert via_dir.samples == ds.samples
+    assert image_paths(via_dir) == image_paths(ds) and labels_of(via_dir) == labels_of(ds)
 
 
 @pytest.mark.parametrize(
@@ -209,7 +216,7 @@ def test_flat_folders_use_yaml_class_names(tmp_path):
     (tmp_path / "list").mkdir()
     (tmp_path / "list" / "c_list.txt").write_text("\n".join(lines))
     ds = load_domain(clef, "C", data_dir=tmp_path)  # list found under <data_dir>/list
-    assert ds.classes[:3] == ["aeroplane", "bike", "bird"] and ds.targets == list(range(12))
+    assert classes_of(ds)[:3] == ["aeroplane", "bike", "bird"] and labels_of(ds) == list(range(12))
 
 
 def test_required_image_list_missing(tmp_path):
@@ -220,7 +227,7 @@ def test_required_image_list_missing(tmp_path):
     lines = [f"clipart/{c}/00000.jpg {i}" for i, c in enumerate(CLASSES)]
     (tmp_path / "clipart_test.txt").write_text("\n".join(lines))
     ds = load_domain(dn, "clipart", data_dir=tmp_path, split="test")
-    assert len(ds) == 3 and ds.classes == CLASSES
+    assert len(ds) == 3 and classes_of(ds) == CLASSES
     with pytest.raises(DataNotFoundError, match="not found in --image_list_dir"):
         load_domain(dn, "clp", data_dir=tmp_path, image_list_dir=tmp_path / "elsewhere")
 
@@ -256,15 +263,24 @@ def test_hub_dataset_with_domain_column(tmp_path, office_home_3):
         dataset_id=str(path),
         domain_column="domain",
         cache_dir=str(tmp_path / "cache"),
-        transform=build_transform("office_test", 8),
     )
-    assert ds.classes == CLASSES and len(ds) == 3 and ds.targets == [0, 1, 2]
-    x, y = ds[1]
+    assert classes_of(ds) == CLASSES and len(ds) == 3 and labels_of(ds) == [0, 1, 2]
+    item = transformed(ds, build_transform("office_test", 8))[1]
+    x, y = item["pixel_values"], item["labels"]
     assert x.shape == (3, 8, 8) and y == 1
     expected = (50 / 255 - CLIP_MEAN[0]) / CLIP_STD[0]
     assert torch.allclose(x[0], torch.full((8, 8), expected), atol=1e-5)
     with pytest.raises(DataError, match="--domain_column 'dom' not in"):
         load_domain(office_home_3, "Cl", dataset_id=str(path), domain_column="dom", cache_dir=str(tmp_path / "c"))
+
+
+def test_dataset_saved_to_disk_is_a_source(tmp_path, office_home_3):
+    """--dataset_id also takes a save_to_disk folder: the same loader as the --*_dataset_id targets."""
+    files = str(_hub_dir(tmp_path) / "data" / "*.parquet")
+    rows = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "cache"))
+    rows.save_to_disk(str(tmp_path / "saved"))
+    ds = load_domain(office_home_3, "Ar", dataset_id=str(tmp_path / "saved"), domain_column="domain")
+    assert classes_of(ds) == CLASSES and labels_of(ds) == [0, 1, 2] and list(ds.features) == ["image", "label"]
 
 
 def test_hub_dataset_offline_error(tmp_path, monkeypatch, office_home_3):
@@ -299,9 +315,10 @@ def test_torchvision_usps_and_missing_mnist(tmp_path):
     digits = load_benchmark_config("digits")
     _fake_usps(tmp_path, "usps.bz2", [3, 0, 9])
     tf = train_transform(digits, "U", "source", image_size=32)
-    ds = load_domain(digits, "U", data_dir=tmp_path, transform=tf)
-    assert ds.classes == [str(i) for i in range(10)] and ds.targets == [3, 0, 9]
-    x, y = ds[0]
+    ds = load_domain(digits, "U", data_dir=tmp_path)
+    assert classes_of(ds) == [str(i) for i in range(10)] and labels_of(ds) == [3, 0, 9]
+    item = transformed(ds, tf)[0]
+    x, y = item["pixel_values"], item["labels"]
     assert x.shape == (3, 32, 32) and y == 3
     with pytest.raises(DataNotFoundError, match="USPS \\(test\\) not found.*usps.t.bz2.*pass --download"):
         load_domain(digits, "usps", data_dir=tmp_path, split="test")
@@ -317,8 +334,18 @@ def test_torchvision_usps_and_missing_mnist(tmp_path):
 
 
 def test_class_names_for_prompts():
+    """The recipes' folder names reach the prompts through cmkd's one clean-up (no copy in the recipes)."""
+    from cmkd.model import format_class_name
+
     names = ["Alarm_Clock", "TV", "The_Eiffel_Tower", "teddy-bear", "0", "back_pack"]
-    assert class_names_for_prompts(names) == ["alarm clock", "tv", "the eiffel tower", "teddy-bear", "0", "back pack"]
+    assert [format_class_name(n) for n in names] == [
+        "alarm clock",
+        "tv",
+        "the eiffel tower",
+        "teddy-bear",
+        "0",
+        "back pack",
+    ]
 
 
 def test_partial_set_keeps_first_classes_alphabetically(tmp_path):
@@ -331,10 +358,10 @@ def test_partial_set_keeps_first_classes_alphabetically(tmp_path):
     _tree(tmp_path, domains=("Product",), classes=sorted(classes), per_class=1)
     ds = load_domain(oh, "Pr", data_dir=tmp_path)
     part = partial_target(ds, oh)
-    assert part.classes == ds.classes and part.active_classes == [0, 1]
-    assert part.targets == [0, 1] and len(part) == 2
+    assert classes_of(part) == classes_of(ds)  # label ids keep their meaning
+    assert labels_of(part) == [0, 1] and len(part) == 2
     again = filter_classes(part, [1])
-    assert again.targets == [1] and again.paths == [ds.paths[1]]
+    assert labels_of(again) == [1] and image_paths(again) == [image_paths(ds)[1]]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -411,19 +438,20 @@ def test_fixmatch_strong_view_is_the_releases_timm_randaugment():
 
 def test_build_dataloader_settings_and_seeded_order(tmp_path, office_home_3):
     _tree(tmp_path, domains=("Art",))
-    ds = load_domain(office_home_3, "Ar", data_dir=tmp_path, transform=build_transform("office_test", 8))
+    raw = load_domain(office_home_3, "Ar", data_dir=tmp_path)
+    ds = transformed(raw, build_transform("office_test", 8))
 
     def order(loader):
-        return [y.tolist() for _, y in loader]
+        return [batch["labels"].tolist() for batch in loader]
 
     a = build_dataloader(ds, 2, shuffle=True, num_workers=0, seed=3)
     b = build_dataloader(ds, 2, shuffle=True, num_workers=0, seed=3)
-    assert order(a) == order(b) and sorted(sum(order(a), [])) == ds.targets
+    assert order(a) == order(b) and sorted(sum(order(a), [])) == labels_of(raw)
     assert a.pin_memory == torch.cuda.is_available() and a.num_workers == 0
     w = build_dataloader(ds, 4, shuffle=False, num_workers=1, drop_last=True)
     assert w.persistent_workers and w.prefetch_factor == 2
     batches = list(w)
-    assert len(batches) == 1 and batches[0][0].shape == (4, 3, 8, 8)
+    assert len(batches) == 1 and batches[0]["pixel_values"].shape == (4, 3, 8, 8)
     with pytest.raises(ValueError):
         build_dataloader(ds, 0, shuffle=False)
 
@@ -439,17 +467,17 @@ def test_dataloader_kwargs():
 
 
 def test_dict_items_feed_cmkd_paired_loader(tmp_path, office_home_3):
-    """as_dicts() yields the example format cmkd's paired DataLoader collates (FixMatch strong view included)."""
+    """transformed() yields the example format cmkd's paired DataLoader collates (FixMatch strong view included)."""
     torch.manual_seed(0)
     _tree(tmp_path)
     oh = office_home_3
-    src = load_domain(oh, "Ar", data_dir=tmp_path, transform=train_transform(oh, "Ar", "source", image_size=16))
-    tgt = load_domain(oh, "Cl", data_dir=tmp_path)
-    tgt = tgt.with_transform(train_transform(oh, "Cl", "target", fixmatch=True, image_size=16))
-    item = tgt.as_dicts()[0]
+    src = transformed(load_domain(oh, "Ar", data_dir=tmp_path), train_transform(oh, "Ar", "source", image_size=16))
+    views = train_transform(oh, "Cl", "target", fixmatch=True, image_size=16)
+    tgt = transformed(load_domain(oh, "Cl", data_dir=tmp_path), views.weak, views.strong)
+    item = tgt[0]
     assert set(item) == {"pixel_values", "pixel_values_strong", "labels"} and item["pixel_values"].shape == (3, 16, 16)
     cmkd_data = pytest.importorskip("cmkd.data")
-    loader = cmkd_data.make_paired_dataloader(src.as_dicts(), tgt.as_dicts(), source_batch_size=2, seed=0)
+    loader = cmkd_data.make_paired_dataloader(src, tgt, source_batch_size=2, seed=0)
     batch = next(iter(loader))
     assert batch["source_pixel_values"].shape == (2, 3, 16, 16) and batch["source_labels"].dtype == torch.long
     assert batch["target_pixel_values"].shape == batch["target_strong_pixel_values"].shape == (2, 3, 16, 16)

@@ -240,6 +240,7 @@ class CMKDTrainer(Trainer):
                 )
 
         _refuse_rst_under_deepspeed(args, model)
+        _refuse_best_checkpoint_with_adalora(args, model)
         super().__init__(
             model=model,
             args=args,
@@ -808,4 +809,19 @@ def _refuse_rst_under_deepspeed(args: TrainingArguments, model: nn.Module) -> No
             "reset (|W - w0| <= tau -> w0) would never run and the result would be dense fine-tuning. Shard RST with "
             "FSDP2 instead (docs/rst.md, 'Sharded training (FSDP2)'), or train without --deepspeed / "
             "ACCELERATE_USE_DEEPSPEED."
+        )
+
+
+def _refuse_best_checkpoint_with_adalora(args: TrainingArguments, model: nn.Module) -> None:
+    """AdaLoRA prunes ranks while it trains, and peft resizes an adapter loaded back by the *current* rank pattern, so
+    loading an earlier (best) checkpoint fails with a size mismatch after the whole run. Refuse it before training."""
+    if not args.load_best_model_at_end:
+        return
+    from peft.tuners.adalora import AdaLoraModel
+
+    if any(isinstance(module, AdaLoraModel) for module in model.modules()):
+        raise ValueError(
+            "AdaLoRA cannot load its best checkpoint at the end: it prunes ranks while training, and peft cannot load "
+            "an earlier checkpoint into the pruned adapter (size mismatch). Keep the last checkpoint: "
+            "load_best_model_at_end=False (recipes: --selection last)."
         )

@@ -715,6 +715,11 @@ def _peft_methods(args: argparse.Namespace) -> tuple[str, ...]:
         raise ConfigError(f"--peft {text!r}: unknown method(s) {unknown}; choose from {', '.join(PEFT_METHODS)}")
     if getattr(args, "rst", False) and methods != ("rst",):
         raise ConfigError("--rst is --peft rst; pass --peft with every method you want (e.g. --peft rst,lora)")
+    if "adalora" in methods and getattr(args, "selection", None) != "last":
+        raise ConfigError(
+            "--peft adalora needs --selection last: AdaLoRA prunes ranks while it trains, and peft cannot load an "
+            "earlier (best) checkpoint into the pruned adapter"
+        )
     return methods
 
 

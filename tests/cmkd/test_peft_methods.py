@@ -287,3 +287,17 @@ def test_rst_under_deepspeed_is_refused_and_other_methods_are_not(clip, data, tm
         assert changed_names(before, plain_state(model)) == set()
     else:
         CMKDTrainer(model, args, source_dataset=data[0], target_dataset=data[1])
+
+
+def test_adalora_with_best_checkpoint_loading_is_refused_before_training(clip, data, tmp_path):
+    """peft resizes a reloaded AdaLoRA adapter by the current (pruned) rank pattern: loading the best checkpoint at
+    the end would fail after the whole run, so the trainer refuses at once and the model is untouched."""
+    model = apply_peft(fresh(clip), "adalora", **OPTIONS["adalora"])
+    args = CMKDTrainingArguments(
+        output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=4, use_cpu=True, report_to="none"
+    )
+    assert args.load_best_model_at_end  # the label-free validator selection is the default
+    before = plain_state(model)
+    with pytest.raises(ValueError, match="AdaLoRA cannot load its best checkpoint.*load_best_model_at_end=False"):
+        CMKDTrainer(model, args, source_dataset=data[0], target_dataset=data[1])
+    assert changed_names(before, plain_state(model)) == set()

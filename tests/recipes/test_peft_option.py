@@ -30,7 +30,7 @@ def _resolve(flags: list[str]):
 
 
 def test_peft_flag_parsing_and_labels():
-    run = _resolve(["--peft", "rst, lora,adalora"])
+    run = _resolve(["--peft", "rst, lora,adalora", "--selection", "last"])
     assert run.peft_methods == ("rst", "lora", "adalora") and run.tau == 1e-6  # RST among them: the preset's tau
     assert run.output_dir == Path("runs/office_home/cmkd_peft/Ar-Cl")
     assert _resolve(["--rst"]).peft_methods == ("rst",) and _resolve(["--peft", "rst"]).method_label == "CMKD+RST"
@@ -42,6 +42,7 @@ def test_peft_flag_parsing_and_labels():
     for flags, message in [
         (["--peft", "lora,prompt"], "unknown method\\(s\\) \\['prompt'\\]; choose from rst, lora"),
         (["--rst", "--peft", "lora"], "--rst is --peft rst"),
+        (["--peft", "rst,adalora"], "--peft adalora needs --selection last"),
         (["--peft", "lora", "--tau", "1e-3"], "--tau is the RST threshold"),
         (["--peft", "bitfit", "--zero-shot"], "--zero-shot trains nothing"),
     ]:

@@ -449,3 +449,21 @@ def _register_for_pipelines() -> None:
 
 
 _register_for_pipelines()
+
+
+def unwrap_adaptation_model(model: nn.Module) -> CLIPAdaptationModel:
+    """The `CLIPAdaptationModel` itself, or inside peft models and DDP/DeepSpeed wrappers (``.module``)."""
+    seen = model
+    for _ in range(6):
+        if isinstance(seen, CLIPAdaptationModel):
+            return seen
+        if hasattr(seen, "get_base_model"):
+            seen = seen.get_base_model()
+        elif hasattr(seen, "module"):
+            seen = seen.module
+        else:
+            break
+    raise TypeError(
+        f"expected a cmkd.CLIPAdaptationModel (optionally wrapped by peft or DDP), got {type(model).__name__}; "
+        "build one with CLIPAdaptationModel.from_clip(...)."
+    )

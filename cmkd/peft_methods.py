@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .model import CLIPAdaptationModel
+from .model import CLIPAdaptationModel, unwrap_adaptation_model
 
 __all__ = [
     "ADALORA_DEFAULTS",
@@ -88,21 +88,6 @@ def _check_method(method: str) -> str:
     if method not in PEFT_METHODS:
         raise ValueError(f"unknown PEFT method {method!r}; choose one of {', '.join(PEFT_METHODS)}.")
     return method
-
-
-def _core(model: nn.Module) -> CLIPAdaptationModel:
-    """The `CLIPAdaptationModel` itself or inside a PeftModel."""
-    seen = model
-    for _ in range(4):
-        if isinstance(seen, CLIPAdaptationModel):
-            return seen
-        if not hasattr(seen, "get_base_model"):
-            break
-        seen = seen.get_base_model()
-    raise TypeError(
-        f"expected a cmkd.CLIPAdaptationModel (optionally wrapped by peft), got {type(model).__name__}; "
-        "build one with CLIPAdaptationModel.from_clip(...)."
-    )
 
 
 def _head_numel(core: CLIPAdaptationModel) -> int:
@@ -205,7 +190,7 @@ def count_dsp(model: nn.Module, method: str) -> int:
     bias + head; linear_probe: head; full: every parameter of the model.
     """
     _check_method(method)
-    core = _core(model)
+    core = unwrap_adaptation_model(model)
     head = _head_numel(core)
     if method == "full":
         head_names = {f"{HEAD}.{n}" for n, _ in core.head.named_parameters()}

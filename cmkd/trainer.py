@@ -43,7 +43,7 @@ from .config import CMKDConfig
 from .data import check_class_lists, collate_images, dataset_class_names, make_paired_dataloader
 from .fixmatch import fixmatch_terms
 from .loss import CMKDLoss
-from .model import CLIPAdaptationModel
+from .model import unwrap_adaptation_model
 from .partial import estimate_label_set
 from .peft_methods import add_peft_callbacks
 from .validators import (
@@ -197,7 +197,7 @@ class CMKDTrainer(Trainer):
         self.cmkd_config = CMKDConfig() if cmkd_config is None else cmkd_config
         if not isinstance(self.cmkd_config, CMKDConfig):
             raise TypeError(f"cmkd_config must be a CMKDConfig, got {type(self.cmkd_config).__name__}.")
-        core = _adaptation_model(model)
+        core = unwrap_adaptation_model(model)
         self.mode = args.mode
         if self.mode != "zero_shot" and source_dataset is None:
             raise ValueError(f"mode {self.mode!r} trains on labeled source data: pass source_dataset=.")
@@ -388,7 +388,7 @@ class CMKDTrainer(Trainer):
         if self.optimizer is not None:
             return self.optimizer
         opt_model = self.model if model is None else model
-        head_ids = {id(p) for p in _adaptation_model(opt_model).head.parameters()}
+        head_ids = {id(p) for p in unwrap_adaptation_model(opt_model).head.parameters()}
         head, backbone = [], []
         for p in opt_model.parameters():
             if p.requires_grad:
@@ -642,7 +642,7 @@ class CMKDTrainer(Trainer):
     def _teacher_ids(self, dataset) -> np.ndarray:
         """The CLIP head's classes on ``dataset`` with the model as it is now. A plain loop on every process (no
         Accelerate preparation before training starts) that leaves torch's RNG and the model's mode untouched."""
-        model = _adaptation_model(self.model)
+        model = unwrap_adaptation_model(self.model)
         device = next(model.parameters()).device
         loader = DataLoader(
             dataset, batch_size=self.args.eval_batch_size, shuffle=False, collate_fn=collate_images, num_workers=0
@@ -771,24 +771,6 @@ def _first_item(dataset) -> dict:
     if not isinstance(item, dict):
         raise ValueError(f"dataset items must be dicts with 'pixel_values', got {type(item).__name__}.")
     return item
-
-
-def _adaptation_model(model: nn.Module) -> CLIPAdaptationModel:
-    """The `CLIPAdaptationModel` inside DDP/DeepSpeed wrappers and PEFT models."""
-    seen = model
-    for _ in range(6):
-        if isinstance(seen, CLIPAdaptationModel):
-            return seen
-        if hasattr(seen, "get_base_model"):
-            seen = seen.get_base_model()
-        elif hasattr(seen, "module"):
-            seen = seen.module
-        else:
-            break
-    raise TypeError(
-        f"CMKDTrainer trains a cmkd.CLIPAdaptationModel (optionally wrapped by peft), got {type(model).__name__}; "
-        "build one with CLIPAdaptationModel.from_clip(...)."
-    )
 
 
 def _deepspeed_requested(args: TrainingArguments) -> bool:

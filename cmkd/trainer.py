@@ -73,6 +73,42 @@ def inverse_decay_lambda(gamma: float = 0.0003, power: float = 0.75):
     return factor
 
 
+# field -> (kind, low, high, low excluded): numbers the release's schedule needs, checked where they are defined, so
+# a preset, a script and the command line all fail the same way (``None`` = unset, filled in by ``__post_init__``)
+_RANGES: dict[str, tuple[type, float | None, float | None, bool]] = {
+    "learning_rate": (float, 0, None, True),
+    "head_lr_multiplier": (float, 0, None, True),
+    "sgd_momentum": (float, 0, 1, False),
+    "weight_decay": (float, 0, None, False),
+    "lr_decay_gamma": (float, 0, None, False),
+    "lr_decay_power": (float, 0, None, False),
+    "max_steps": (int, 1, None, False),
+    "eval_steps": (float, 0, None, True),
+    "iterations_per_epoch": (int, 1, None, False),
+    "per_device_train_batch_size": (int, 1, None, False),
+    "per_device_eval_batch_size": (int, 1, None, False),
+    "seed": (int, 0, 2**32 - 1, False),  # numpy's seed range (set_seed seeds numpy too)
+    "dataloader_num_workers": (int, 0, None, False),
+}
+
+
+def _check_range(name: str, value: Any, kind: type, low: float | None, high: float | None, open_low: bool) -> None:
+    """``ValueError`` naming the field unless ``value`` is None or a finite ``kind`` within the range."""
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        ok = ok and (isinstance(value, int) or float(value).is_integer())
+    what = "an integer" if kind is int else "a finite number"
+    if low is not None and high is not None:
+        what += f" in {'(' if open_low else '['}{low:g}, {high:g}]"
+    elif low is not None:
+        what += f" {'>' if open_low else '>='} {low:g}"
+    bad = not ok or not math.isfinite(value) or (low is not None and (value <= low if open_low else value < low))
+    if bad or (high is not None and value > high):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
 @dataclass
 class CMKDTrainingArguments(TrainingArguments):
     """`TrainingArguments` with the release's defaults and the few CMKD run settings.
@@ -96,9 +132,11 @@ class CMKDTrainingArguments(TrainingArguments):
     target_batch_size: int | None = field(
         default=None, metadata={"help": "Per-device target batch size (default: per_device_train_batch_size)."}
     )
-    iterations_per_epoch: int = field(
-        default=500,
-        metadata={"help": "An 'epoch' of the iteration-based schedule: default eval_steps and partial-set period."},
+    iterations_per_epoch: int | None = field(
+        default=None,
+        metadata={
+            "help": "An 'epoch' of the iteration-based schedule (partial-set period); default eval_steps or 500."
+        },
     )
     partial_set: bool = field(
         default=False,
@@ -112,7 +150,9 @@ class CMKDTrainingArguments(TrainingArguments):
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Per-device evaluation batch size."})
     eval_strategy: str = field(default="steps", metadata={"help": "Evaluate on the target set every eval_steps."})
     save_strategy: str = field(default="steps", metadata={"help": "Checkpoint every save_steps."})
-    save_steps: float = field(default=500, metadata={"help": "Checkpoint period (a multiple of eval_steps)."})
+    save_steps: float | None = field(
+        default=None, metadata={"help": "Checkpoint period, a multiple of eval_steps (default: eval_steps)."}
+    )
     save_total_limit: int | None = field(default=1, metadata={"help": "Checkpoints kept (the best is always kept)."})
     load_best_model_at_end: bool = field(default=True, metadata={"help": "Reload the best checkpoint at the end."})
     metric_for_best_model: str | None = field(
@@ -131,7 +171,18 @@ class CMKDTrainingArguments(TrainingArguments):
     )
     max_grad_norm: float = field(default=0.0, metadata={"help": "The release does not clip gradients."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Datasets are transformed lazily."})
-    logging_steps: float = field(default=50, metadata={"help": "Log losses every this many steps."})
+    logging_steps: float | None = field(
+        default=None, metadata={"help": "Log losses every this many steps (default: min(50, eval_steps))."}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Continue from this checkpoint folder; given without a value: from the last complete checkpoint "
+            "in output_dir ('last').",
+            "nargs": "?",
+            "const": "last",
+        },
+    )
     halt_on_nonfinite: bool = field(
         default=True,
         metadata={
@@ -143,14 +194,15 @@ class CMKDTrainingArguments(TrainingArguments):
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {list(MODES)}, got {self.mode!r}.")
-        if self.head_lr_multiplier <= 0:
-            raise ValueError(f"head_lr_multiplier must be > 0, got {self.head_lr_multiplier}.")
-        if self.iterations_per_epoch < 1:
-            raise ValueError(f"iterations_per_epoch must be >= 1, got {self.iterations_per_epoch}.")
+        for name, spec in _RANGES.items():
+            _check_range(name, getattr(self, name), *spec)
         if self.target_batch_size is not None and self.target_batch_size < 1:
             raise ValueError(f"target_batch_size must be >= 1, got {self.target_batch_size}.")
-        if self.eval_steps is None:
-            self.eval_steps = self.iterations_per_epoch
+        # one period unless set apart: evaluate, checkpoint and (partial-set) re-estimate together
+        self.eval_steps = self.eval_steps or self.iterations_per_epoch or 500
+        self.iterations_per_epoch = self.iterations_per_epoch or int(self.eval_steps)
+        self.save_steps = self.save_steps or self.eval_steps
+        self.logging_steps = self.logging_steps or min(50, self.eval_steps)
         unknown = [v for v in self.eval_validators or () if v not in VALIDATORS]
         if unknown:
             raise ValueError(f"eval_validators {unknown} unknown; choose from {list(VALIDATORS)}.")

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 from transformers import TrainerCallback
 
 from cmkd import CLIPAdaptationModel, CMKDConfig, CMKDTrainer, CMKDTrainingArguments, apply_peft, count_dsp
@@ -43,20 +42,11 @@ from cmkd.checkpoints import checkpoint_problems, complete_checkpoints
 from cmkd.peft_methods import PEFT_SAVED_AS
 from peft_rst.files import atomic_write_text
 
-from .checks import check_inputs, check_model_source, sentence
+from .checks import check_model_source, check_output_writable, sentence
 from .config import RESULTS_FILENAME, BenchmarkConfig, ConfigError, RunConfig, build_parser, parse_args, task_name
-from .data import (
-    DataError,
-    check_same_classes,
-    classes_of,
-    default_num_workers,
-    load_domain,
-    partial_target,
-    transformed,
-)
+from .data import DataArguments, DataError, TaskData, classes_of, default_num_workers, load_task_data
 from .ranges import FLAG_RANGES, check_number
 from .tables import add_result, new_results, render_markdown, write_report
-from .transforms import FixMatchViews, eval_transform, train_transform
 
 __all__ = [
     "MODES",
@@ -261,74 +251,11 @@ def load_clip(cfg: RunConfig) -> CLIPBundle:
     return CLIPBundle(name, model.eval(), tokenizer, processor)
 
 
-@dataclass
-class TaskData:
-    """One transfer task's datasets as the trainer takes them (dict items)."""
-
-    source: Dataset  # labeled source, training augmentation
-    target: Dataset  # target for adaptation, training augmentation (+ strong view with FixMatch); labels unused
-    eval: Dataset  # target for evaluation, test transform; labeled only when labels were given (reporting)
-    classes: list[str]
-    source_val: Dataset | None = None  # --source_val_fraction: held-out labeled source, test transform
-
-
-def load_task_data(cfg: RunConfig, source: str, target: str, clip: CLIPBundle | None = None) -> TaskData:
-    """Source, target and the target's evaluation view, with the benchmark's augmentation presets at the model's
-    input size and normalisation. Partial-set runs keep the benchmark's target classes (all labels stay valid)."""
-    bench = cfg.benchmark
-    size_kw: dict[str, Any] = {}
-    if clip is not None:
-        size_kw = {"image_size": clip.image_size, "processor": clip.processor}
-
-    def domain(key: str, split: str) -> Dataset:
-        return load_domain(
-            bench,
-            key,
-            data_dir=cfg.data_dir,
-            image_list=cfg.image_lists.get(key),
-            dataset_id=cfg.dataset_id,
-            split=split,
-            image_list_dir=cfg.image_list_dir,
-            domain_column=cfg.domain_column,
-            hub_config=cfg.dataset_config,
-            download=cfg.download,
-            verify=cfg.verify_images,
-        )
-
-    from .unlabeled import (
-        EVAL_FLAGS,
-        TARGET_FLAGS,
-        drop_labels,
-        load_labeled_eval,
-        load_unlabeled_target,
-        split_source,
-    )
-
-    src, src_val = split_source(domain(source, "train"), cfg.source_val_fraction or 0.0, cfg.seed)
-    classes = classes_of(src)
-    if target in bench.domains:
-        tgt = domain(target, "train")
-        check_same_classes(src, tgt, (f"source {source}", f"target {target}"))
-        tgt_eval = tgt if bench.eval_split == "train" else domain(target, bench.eval_split)
-        check_same_classes(src, tgt_eval, (f"source {source}", f"target {target}"))
-        if cfg.partial:
-            tgt, tgt_eval = partial_target(tgt, bench), partial_target(tgt_eval, bench)
-        tgt = drop_labels(tgt)  # adaptation never sees target labels
-    else:  # --target_* (no labels) and/or --eval_* (labeled, reporting only; alone, also the unlabeled target)
-        extra = cfg.label_free()
-        tgt_eval = load_labeled_eval(extra, classes) if any(extra.get(f) for f in EVAL_FLAGS) else None
-        given = any(extra.get(f) for f in TARGET_FLAGS)
-        tgt = load_unlabeled_target(extra) if given or tgt_eval is None else drop_labels(tgt_eval)
-        tgt_eval = tgt if tgt_eval is None else tgt_eval
-    views = train_transform(bench, target, "target", fixmatch=cfg.fixmatch, **size_kw)
-    test = eval_transform(bench, **size_kw)
-    return TaskData(
-        source=transformed(src, train_transform(bench, source, "source", **size_kw)),
-        target=transformed(tgt, *((views.weak, views.strong) if isinstance(views, FixMatchViews) else (views,))),
-        eval=transformed(tgt_eval, test),
-        classes=classes,
-        source_val=transformed(src_val, test) if src_val is not None else None,
-    )
+def data_arguments(cfg: RunConfig) -> DataArguments:
+    """The data flags of a RunConfig as recipes.core.data takes them."""
+    names = {f.name for f in dataclasses.fields(DataArguments)} - {"image_list"}
+    image_list = [f"{key}={path}" for key, path in cfg.image_lists.items()]
+    return DataArguments(image_list=image_list, **{n: getattr(cfg, n) for n in names})
 
 
 def check_batch_fits(cfg: RunConfig, data: TaskData, source: str, target: str) -> None:
@@ -916,7 +843,8 @@ def run_benchmark(
     """A benchmark recipe from command line to results: every ``recipes/<benchmark>.py`` is this call."""
     # 1. Parse: YAML defaults + flags, checked (flags, data folder, output folder, Hub token) before anything runs
     cfg = parse(benchmark, argv, parser=parser)
-    check_inputs(cfg)  # every task's data and the output folder, before a model is loaded
+    data_arguments(cfg).check(cfg.benchmark, cfg.tasks, all_tasks=False)  # every task's data, without scanning
+    check_output_writable(cfg.output_dir)  # before a model is loaded
     clip = load_clip(cfg)  # the pretrained CLIP: vision tower to adapt, text tower for the zero-shot teacher
     results = start_run(cfg)
     for number, peft in enumerate(cfg.peft_methods, 1):  # --peft a,b,...: one row per method (Table VII)
@@ -948,7 +876,17 @@ def run_task(
     if announce:
         print(f"--- {cfg.method_label}", flush=True)
     resume_from = resume_checkpoint(cfg, task_dir)
-    data = load_task_data(cfg, source, target, clip)  # labeled source, unlabeled target, target evaluation view
+    data = load_task_data(  # labeled source, unlabeled target, target evaluation view
+        cfg.benchmark,
+        data_arguments(cfg),
+        source,
+        target,
+        partial=cfg.partial,
+        fixmatch=cfg.fixmatch,
+        seed=cfg.seed,
+        image_size=clip.image_size,
+        processor=clip.processor,
+    )
     check_batch_fits(cfg, data, source, target)
     model = build_model(cfg, clip, data.classes)  # vision tower + task head + cached zero-shot teacher (+ RST)
     trainer = build_trainer(cfg, model, data, task_dir, callbacks, resume_from)  # CMKDTrainer (Accelerate)

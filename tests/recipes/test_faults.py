@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 from recipes import digits, office_home
 from recipes.core import runner
-from recipes.core.data import DataError, read_image_list
+from recipes.core.data import DataError, classes_of, read_image_list
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -348,7 +348,7 @@ def test_latin1_image_list_names_the_file_and_line(tmp_path):
     (tmp_path / "a" / "1.png").write_bytes(b"x")
     (tmp_path / "caf\u00e9" / "2.png").write_bytes(b"x")
     lst.write_bytes("\ufeffa/1.png 0\ncaf\u00e9/2.png 1\n".encode())  # UTF-8 with a BOM reads fine
-    assert read_image_list(lst, tmp_path)[0] == ["a", "caf\u00e9"]
+    assert classes_of(read_image_list(lst, tmp_path)) == ["a", "caf\u00e9"]
 
 
 def test_push_while_offline_is_a_usage_error(assets, tmp_path, monkeypatch, capsys, no_model_loading):

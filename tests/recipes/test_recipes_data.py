@@ -10,15 +10,23 @@ import pytest
 import torch
 from PIL import Image
 
+from cmkd.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    build_transform,
+    image_size_from_processor,
+    normalization_from_processor,
+)
 from recipes.core.config import load_benchmark_config
 from recipes.core.data import (
     ClassMismatchError,
     CorruptImageError,
     DataError,
     DataNotFoundError,
-    build_dataloader,
+    bench_transform,
     check_same_classes,
     classes_of,
+    default_num_workers,
     filter_classes,
     image_paths,
     labels_of,
@@ -28,16 +36,6 @@ from recipes.core.data import (
     read_image_list,
     transformed,
     verify_images,
-)
-from recipes.core.transforms import (
-    CLIP_MEAN,
-    CLIP_STD,
-    FixMatchViews,
-    build_transform,
-    eval_transform,
-    image_size_from_processor,
-    normalization_from_processor,
-    train_transform,
 )
 
 CLASSES = ["Alarm_Clock", "Backpack", "Bed"]
@@ -151,7 +149,7 @@ def test_unreadable_images_lazy_and_eager(tmp_path, office_home_3):
     with pytest.raises(CorruptImageError, match=f"cannot read image {garbage}"):
         transformed(ds, build_transform("office_test", 8))[idx]
     with pytest.raises(CorruptImageError) as exc:
-        load_domain(office_home_3, "Ar", data_dir=tmp_path, verify="header")
+        load_domain(office_home_3, "Ar", data_dir=tmp_path, verify_images="header")
     assert "1 of 8 images" in str(exc.value) and str(garbage) in str(exc.value) and str(good) not in str(exc.value)
     with pytest.raises(CorruptImageError) as exc:
         verify_images(ds, "full")
@@ -180,7 +178,7 @@ def test_image_list_with_spaces_comments_and_derived_classes(tmp_path, office_ho
     lst = tmp_path / "lists" / "Real_World.txt"
     lst.parent.mkdir()
     lst.write_text("\n".join(lines) + "\n")
-    ds = load_domain(office_home_3, "Re", data_dir=tmp_path, image_list=lst)
+    ds = load_domain(office_home_3, "Re", data_dir=tmp_path, image_list=[f"Re={lst}"])
     assert classes_of(ds) == ["Backpack", "Bed", "Alarm_Clock"] and len(ds) == 6
     assert labels_of(ds) == [2, 2, 0, 0, 1, 1]
     via_dir = load_domain(office_home_3, "Re", data_dir=tmp_path, image_list_dir=tmp_path / "lists")
@@ -314,7 +312,7 @@ def _fake_usps(root, name, labels):
 def test_torchvision_usps_and_missing_mnist(tmp_path):
     digits = load_benchmark_config("digits")
     _fake_usps(tmp_path, "usps.bz2", [3, 0, 9])
-    tf = train_transform(digits, "U", "source", image_size=32)
+    tf = bench_transform(digits, digits.augmentation.train_preset("U", "source"), image_size=32)
     ds = load_domain(digits, "U", data_dir=tmp_path)
     assert classes_of(ds) == [str(i) for i in range(10)] and labels_of(ds) == [3, 0, 9]
     item = transformed(ds, tf)[0]
@@ -385,18 +383,25 @@ def test_presets_scale_with_image_size():
         build_transform("office")
 
 
+def _views(bench, domain, role, size=None):
+    """(training view, FixMatch strong view) of ``domain`` as ``role``, from the preset's names."""
+    aug = bench.augmentation
+    train = bench_transform(bench, aug.train_preset(domain, role), image_size=size)
+    return train, bench_transform(bench, aug.strong, image_size=size)
+
+
 def test_train_transform_roles_and_fixmatch_views():
     torch.manual_seed(0)
     oh = load_benchmark_config("office_home")
-    views = train_transform(oh, "Cl", "target", fixmatch=True, image_size=16)
-    assert isinstance(views, FixMatchViews)
-    weak, strong = views(Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 30, 3), dtype=np.uint8)))
+    weak_tf, strong_tf = _views(oh, "Cl", "target", 16)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 30, 3), dtype=np.uint8))
+    weak, strong = weak_tf(img), strong_tf(img)
     assert weak.shape == strong.shape == (3, 16, 16) and not torch.equal(weak, strong)
-    assert not isinstance(train_transform(oh, "Ar", "source", fixmatch=True), FixMatchViews)
+    assert oh.augmentation.train_preset("Ar", "source") != oh.augmentation.strong  # the source gets no strong view
     digits = load_benchmark_config("digits")
-    usps_src = train_transform(digits, "U", "source")
+    usps_src = _views(digits, "U", "source")[0]
     assert any(type(s).__name__ == "RandomRotation" for s in usps_src.transforms)
-    assert not any(type(s).__name__ == "RandomRotation" for s in train_transform(digits, "U", "target").transforms)
+    assert not any(type(s).__name__ == "RandomRotation" for s in _views(digits, "U", "target")[0].transforms)
 
 
 def test_normalisation_and_size_from_hf_processor():
@@ -406,7 +411,8 @@ def test_normalisation_and_size_from_hf_processor():
     assert normalization_from_processor(proc) == ((0.5,) * 3, (0.25,) * 3)
     assert image_size_from_processor(proc) == 32
     assert normalization_from_processor(None) == (CLIP_MEAN, CLIP_STD)
-    tf = eval_transform(load_benchmark_config("office31"), processor=proc)
+    office31 = load_benchmark_config("office31")
+    tf = bench_transform(office31, office31.augmentation.test, processor=proc)
     x = tf(Image.fromarray(np.full((40, 40, 3), 255, np.uint8)))
     assert x.shape == (3, 32, 32) and torch.allclose(x, torch.full_like(x, 2.0))  # (1 - 0.5) / 0.25
 
@@ -416,19 +422,19 @@ def test_fixmatch_strong_view_is_the_releases_timm_randaugment():
     from timm.data.auto_augment import RandAugment
 
     oh = load_benchmark_config("office_home")
-    views = train_transform(oh, "Cl", "target", fixmatch=True, image_size=16)
-    (ra,) = [s for s in views.strong.transforms if isinstance(s, RandAugment)]
+    weak, strong = _views(oh, "Cl", "target", 16)
+    (ra,) = [s for s in strong.transforms if isinstance(s, RandAugment)]
     assert (
         ra.num_layers == 2 and {op.magnitude for op in ra.ops} == {10} and {op.magnitude_std for op in ra.ops} == {0.5}
     )
-    assert not any(isinstance(s, RandAugment) for s in views.weak.transforms)
+    assert not any(isinstance(s, RandAugment) for s in weak.transforms)
     img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (20, 20, 3), dtype=np.uint8))
     from transformers import set_seed  # torch, numpy and python's random: what cmkd seeds per item
 
     set_seed(0)
-    first = views(img)[1]
+    first = strong(img)
     set_seed(0)
-    assert torch.equal(first, views(img)[1])  # a function of the seed: cmkd seeds each item's augmentation
+    assert torch.equal(first, strong(img))  # a function of the seed: cmkd seeds each item's augmentation
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -436,34 +442,11 @@ def test_fixmatch_strong_view_is_the_releases_timm_randaugment():
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def test_build_dataloader_settings_and_seeded_order(tmp_path, office_home_3):
-    _tree(tmp_path, domains=("Art",))
-    raw = load_domain(office_home_3, "Ar", data_dir=tmp_path)
-    ds = transformed(raw, build_transform("office_test", 8))
+def test_default_num_workers_is_the_available_cpus_capped():
+    import os
 
-    def order(loader):
-        return [batch["labels"].tolist() for batch in loader]
-
-    a = build_dataloader(ds, 2, shuffle=True, num_workers=0, seed=3)
-    b = build_dataloader(ds, 2, shuffle=True, num_workers=0, seed=3)
-    assert order(a) == order(b) and sorted(sum(order(a), [])) == labels_of(raw)
-    assert a.pin_memory == torch.cuda.is_available() and a.num_workers == 0
-    w = build_dataloader(ds, 4, shuffle=False, num_workers=1, drop_last=True)
-    assert w.persistent_workers and w.prefetch_factor == 2
-    batches = list(w)
-    assert len(batches) == 1 and batches[0]["pixel_values"].shape == (4, 3, 8, 8)
-    with pytest.raises(ValueError):
-        build_dataloader(ds, 0, shuffle=False)
-
-
-def test_dataloader_kwargs():
-    from recipes.core.data import dataloader_kwargs
-
-    assert dataloader_kwargs(0) == {"num_workers": 0, "pin_memory": torch.cuda.is_available()}
-    kw = dataloader_kwargs(2, pin_memory=True)
-    assert kw["num_workers"] == 2 and kw["pin_memory"] and kw["persistent_workers"] and kw["prefetch_factor"] == 2
-    with pytest.raises(ValueError):
-        dataloader_kwargs(-1)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert default_num_workers() == min(8, cpus) and default_num_workers(1) == 1
 
 
 def test_dict_items_feed_cmkd_paired_loader(tmp_path, office_home_3):
@@ -471,9 +454,8 @@ def test_dict_items_feed_cmkd_paired_loader(tmp_path, office_home_3):
     torch.manual_seed(0)
     _tree(tmp_path)
     oh = office_home_3
-    src = transformed(load_domain(oh, "Ar", data_dir=tmp_path), train_transform(oh, "Ar", "source", image_size=16))
-    views = train_transform(oh, "Cl", "target", fixmatch=True, image_size=16)
-    tgt = transformed(load_domain(oh, "Cl", data_dir=tmp_path), views.weak, views.strong)
+    src = transformed(load_domain(oh, "Ar", data_dir=tmp_path), _views(oh, "Ar", "source", 16)[0])
+    tgt = transformed(load_domain(oh, "Cl", data_dir=tmp_path), *_views(oh, "Cl", "target", 16))
     item = tgt[0]
     assert set(item) == {"pixel_values", "pixel_values_strong", "labels"} and item["pixel_values"].shape == (3, 16, 16)
     cmkd_data = pytest.importorskip("cmkd.data")

@@ -25,13 +25,13 @@ The output folder holds one sub-folder per method and seed (the RST adapter with
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import statistics
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file from a source checkout: make `recipes` importable
@@ -39,117 +39,82 @@ if __package__ in (None, ""):  # run as a file from a source checkout: make `rec
 
 import torch  # noqa: E402
 
-from recipes.core import runner  # noqa: E402
-from recipes.core.config import available_benchmarks, build_parser  # noqa: E402
+from cmkd.pretrained import load_clip  # noqa: E402
+from recipes import run_uda  # noqa: E402
+from recipes.core.arguments import Run, parse  # noqa: E402
+from recipes.core.outputs import ADAPTER_DIRNAME, TaskResult  # noqa: E402
 from recipes.core.tables import add_result  # noqa: E402
 
-TOY = "digits_shift"
+TOY = run_uda.TOY
 DEFAULT_OUTPUT = "runs/demo"
 
-# The rows of the comparison: (sub-folder, RunConfig.method, RST). FixMatch (--fixmatch) applies to the CMKD rows.
-# Rows are named everywhere (table, summary, plot, cards) by RunConfig.method_label: CLIP (zero-shot), Baseline
-# (source-only), CMKD, CMKD+RST.
+# The rows of the comparison: (sub-folder, Run.method, RST). FixMatch (--fixmatch) applies to the CMKD rows. Rows
+# are named everywhere (table, summary, plot, cards) by Run.method_label: CLIP, Baseline, CMKD, CMKD+RST.
 ROWS = (("zero_shot", "zero_shot", False), ("source_only", "baseline", False), ("cmkd", "cmkd", False))
 ROWS += (("cmkd_rst", "cmkd", True),)
 LEGEND = "CLIP = zero-shot CLIP (no training), Baseline = source-only fine-tuning"
 SCRIPT = "recipes/demo.py"
-DEFAULT_SEEDS = 3
-
-# The toy task's settings (iterations, eval interval, lr, tau, ...) are its preset, recipes/configs/digits_shift.yaml.
 QUICK_MAX_STEPS = 6  # --quick: a smoke run of the pipeline (tests), not a result
 QUICK_EVAL_STEPS = 3
 
 
-def build_demo_parser(benchmark: str | Path, toy: bool, output_dir: str | None) -> argparse.ArgumentParser:
-    parser = runner.add_runner_arguments(
-        build_parser(
-            str(benchmark),
-            description="Zero-shot CLIP, source-only, CMKD and CMKD+RST on one task, offline on CPU by default.",
-        )
-    )
-    demo = parser.add_argument_group("demo")
-    demo.add_argument(
-        "--benchmark",
-        default=TOY,
-        help=f"{TOY} (default: shipped with the project) or one of {', '.join(available_benchmarks())}",
-    )
-    demo.add_argument("--quick", action="store_true", help=f"{QUICK_MAX_STEPS} iterations: checks the pipeline only")
-    demo.add_argument(
-        "--seeds",
-        type=int,
-        default=DEFAULT_SEEDS,
-        help="training runs per method, with seeds --seed, --seed + 1, ...; the table shows mean ± std "
-        f"(default: {DEFAULT_SEEDS})",
-    )
-    # --rst on: the CMKD+RST row's tau comes from the preset (or --tau); label-free selection by default
-    parser.set_defaults(rst=True, selection="last")  # --selection (recipes/core/unlabeled.py) picks another rule
-    if toy:
-        from cmkd.toy import DOMAIN_NAMES
+@dataclass
+class DemoArguments:
+    """The demo's own flags (the rest are the recipes' flags, with the toy task's preset as defaults)."""
 
-        data_dir = Path(output_dir or DEFAULT_OUTPUT) / "data"
-        # 32x32 digits decode in microseconds: worker processes cost more than they save
-        parser.set_defaults(
-            source=DOMAIN_NAMES["source"], target=DOMAIN_NAMES["target"], data_dir=str(data_dir), num_workers=0
-        )
-    return parser
+    quick: bool = field(default=False, metadata={"help": f"{QUICK_MAX_STEPS} iterations: checks the pipeline only"})
+    seeds: int = field(
+        default=3, metadata={"help": "training runs per method, seeds --seed, --seed + 1, ...; mean ± std"}
+    )
 
 
-def parse(argv: Sequence[str] | None) -> tuple[runner.RunConfig, int]:
-    """The demo's flags over its preset (``--benchmark``, default the toy task); --quick shortens an unset
-    --max_steps / --eval_steps. Returns the run's config and the number of seeds per method."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--benchmark", default=TOY)
-    pre.add_argument("--output_dir")
-    known, _ = pre.parse_known_args(argv)
-    toy = known.benchmark == TOY
-    parser = build_demo_parser(known.benchmark, toy, known.output_dir)
-    args = parser.parse_args(argv)
-    if args.baseline or args.zero_shot:
-        parser.error(
-            "the demo runs zero-shot, source-only, CMKD and CMKD+RST itself; drop --baseline / --zero-shot "
-            "(recipes/<benchmark>.py runs one method)"
+def parse_demo(argv: Sequence[str] | None) -> tuple[Run, int]:
+    """The demo's flags over its preset (``--benchmark``, default the toy task); --quick shortens the run.
+    Returns the run and the number of seeds per method."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    defaults = {"benchmark": TOY, "rst": True, "selection": "last"}  # label-free selection by default
+    toy = run_uda.prepare_toy_task(argv, "digits_shift" if "--benchmark" not in argv else None, DEFAULT_OUTPUT)
+    if toy:  # 32x32 digits decode in microseconds: worker processes cost more than they save
+        defaults.update(toy, output_dir=DEFAULT_OUTPUT, dataloader_num_workers=0)
+    if "--quick" in argv:
+        defaults.update(max_steps=QUICK_MAX_STEPS, eval_steps=QUICK_EVAL_STEPS)
+    run, (demo,) = parse(argv, defaults=defaults, extra=(DemoArguments,), script=SCRIPT)
+    if run.recipe.baseline or run.recipe.zero_shot:
+        raise SystemExit(
+            "error: the demo runs zero-shot, source-only, CMKD and CMKD+RST itself; drop --baseline / --zero-shot "
+            "(recipes/run_uda.py runs one method)"
         )
-    if args.seeds < 1:
-        parser.error(f"--seeds must be >= 1, got {args.seeds}")
-    if args.quick:
-        args.max_steps = QUICK_MAX_STEPS if args.max_steps is None else args.max_steps
-        args.eval_steps = QUICK_EVAL_STEPS if args.eval_steps is None else args.eval_steps
-    cfg = runner.parse(known.benchmark, parser=parser, args=args)
-    return dataclasses.replace(cfg, recipe_script=SCRIPT), args.seeds
+    if demo.seeds < 1:
+        raise SystemExit(f"error: --seeds must be >= 1, got {demo.seeds}")
+    return run, demo.seeds
 
 
 def main(argv: Sequence[str] | None = None, callbacks: Sequence = ()) -> dict:
     start = time.time()
     # 1. Parse (validated before anything is written); the toy task's data is rendered into the output folder
-    cfg, num_seeds = parse(argv)
-    if cfg.benchmark.name == TOY and "OMP_NUM_THREADS" not in os.environ:
+    run, num_seeds = parse_demo(argv)
+    if run.bench.name == TOY and "OMP_NUM_THREADS" not in os.environ:
         # the tiny model's matrices are too small to split over threads, and one thread keeps the demo's time when
         # other processes load the machine
         torch.set_num_threads(1)
     _quiet_weight_bars()
-    if cfg.benchmark.name == TOY and not cfg.data_dir.exists():
-        from cmkd.toy import write_digits_shift_imagefolder
+    clip = load_clip(run.model)
+    results = run_uda.start_run(run)
+    ((source, target),) = run.tasks
+    seeds = [run.training.seed + i for i in range(num_seeds)]
+    rule = run.selection_rule
 
-        print(f"writing the digits domain-shift task to {cfg.data_dir}", flush=True)
-        write_digits_shift_imagefolder(cfg.data_dir)
-    clip = runner.load_clip(cfg)
-    results = runner.start_run(cfg)
-    ((source, target),) = cfg.tasks
-    seeds = [cfg.seed + i for i in range(num_seeds)]
-    rule = runner.selection_name(cfg)
-
-    # 2-7. For each method and seed: data, model, train, evaluate, save (+ card), push; the benchmark recipes' steps
+    # 2-7. For each method and seed: data, model, train, evaluate, save (+ card), push; the recipes' own steps
     for number, (folder, method, rst) in enumerate(ROWS, 1):
         row = dataclasses.replace(
-            cfg,
+            run,
             method=method,
-            rst=rst,
             peft="rst" if rst else "full",
             peft_methods=("rst",) if rst else ("full",),
-            tau=cfg.tau if rst else None,
-            fixmatch=cfg.fixmatch and method == "cmkd",
-            push_to_hub=cfg.push_to_hub and rst,  # the demo pushes the RST adapter only
-            hub_model_id=cfg.hub_model_id or cfg.output_dir.resolve().name,
+            tau=run.tau if rst else None,
+            recipe=dataclasses.replace(run.recipe, fixmatch=run.recipe.fixmatch and method == "cmkd"),
+            training=dataclasses.replace(run.training, push_to_hub=run.training.push_to_hub and rst),
+            hub_model_id=run.hub_model_id or run.output_dir.resolve().name,  # the demo pushes the RST adapter only
         )
         trained = method != "zero_shot"  # zero-shot trains nothing: one evaluation, the same for every seed
         runs = seeds if trained else seeds[:1]
@@ -157,8 +122,12 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence = ()) -> dict:
         print(f"method {number} of {len(ROWS)}: {row.method_label} ({what})", flush=True)
         done = []
         for seed in runs:
-            run = dataclasses.replace(row, seed=seed, output_dir=cfg.output_dir / folder / f"seed-{seed}")
-            result = runner.run_task(run, clip, source, target, callbacks)
+            seeded = dataclasses.replace(
+                row,
+                training=dataclasses.replace(row.training, seed=seed),
+                output_dir=run.output_dir / folder / f"seed-{seed}",
+            )
+            result = run_uda.run_task(seeded, clip, source, target, callbacks)
             done.append(result)
             if trained:
                 print(f"  seed {seed}: {100 * result.score:.1f} % ({rule})", flush=True)
@@ -169,8 +138,8 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence = ()) -> dict:
     results["meta"].update(selection=rule, seeds=seeds, legend=LEGEND)
     # the table's heading and the plot's title say what the numbers are
     results["display_name"] += f" (mean of {len(seeds)} seeds; checkpoint: {rule})"
-    runner.finish_run(cfg, results)
-    print(summary(cfg, results, time.time() - start), flush=True)
+    run_uda.finish_run(run, results)
+    print(summary(run, results, time.time() - start), flush=True)
     return results
 
 
@@ -185,7 +154,7 @@ def _quiet_weight_bars() -> None:
 NO_TRAINING = "no training (zero-shot)"
 
 
-def mean_selection(runs: Sequence[runner.TaskResult]) -> dict | None:
+def mean_selection(runs: Sequence[TaskResult]) -> dict | None:
     """The runs' selection summaries (``cmkd.validators.selection_summary``, one rule) as one: the rule, and the mean
     over the runs of the pick's value and of the last / picked / oracle accuracies and the gap; None without
     training (zero-shot)."""
@@ -213,7 +182,7 @@ def rule_of(entry: dict) -> str:
     return entry["selection"]["rule"] if entry.get("selection") else NO_TRAINING
 
 
-def record(results: dict, runs: Sequence[runner.TaskResult], seeds: Sequence[int]) -> dict:
+def record(results: dict, runs: Sequence[TaskResult], seeds: Sequence[int]) -> dict:
     """One row of the comparison from a method's runs: mean (the table's number), std and every run's score, the
     selection summary averaged over the runs; for RST the adapters' changed backbone fraction
     (``peft_rst.report``)."""
@@ -233,7 +202,7 @@ def record(results: dict, runs: Sequence[runner.TaskResult], seeds: Sequence[int
         extra["selection"] = selection
     if first.teacher_accuracy is not None:
         extra["teacher_accuracy"] = statistics.fmean(r.teacher_accuracy for r in runs)
-    if first.path and Path(first.path).name == runner.ADAPTER_DIRNAME:
+    if first.path and Path(first.path).name == ADAPTER_DIRNAME:
         import peft_rst
 
         reports = [peft_rst.report(r.path).adapters[0] for r in runs]
@@ -257,12 +226,13 @@ def _method_line(entry: dict, label: str) -> str:
     return line
 
 
-def summary(cfg: runner.RunConfig, results: dict, seconds: float) -> str:
-    (task,) = cfg.task_names
+def summary(run: Run, results: dict, seconds: float) -> str:
+    (task,) = run.task_names
     rule = results["meta"]["selection"]
     lines = [
-        f"{cfg.benchmark.display_name} {task.replace('->', ' → ')}: target accuracy, mean ± std over seeds "
-        f"{', '.join(map(str, results['meta']['seeds']))}, {cfg.max_steps} iterations each, checkpoint: {rule}; "
+        f"{run.bench.display_name} {task.replace('->', ' → ')}: target accuracy, mean ± std over seeds "
+        f"{', '.join(map(str, results['meta']['seeds']))}, {run.training.max_steps} iterations each, "
+        f"checkpoint: {rule}; "
         f"whole demo {seconds:.0f} s",
         f"{'Method':<12}{'accuracy':>16}{'DSP':>12}{'changed':>10}{'stored bytes':>14}  selection",
     ]
@@ -276,4 +246,4 @@ def summary(cfg: runner.RunConfig, results: dict, seconds: float) -> str:
 
 
 if __name__ == "__main__":
-    runner.run_recipe(main)
+    run_uda.run_recipe(main)

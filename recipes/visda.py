@@ -19,15 +19,15 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file from a source checkout: make `recipes` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from recipes.core import runner  # noqa: E402
+from recipes import run_uda  # noqa: E402
 
 BENCHMARK = "visda"
 
 
 def main(argv: Sequence[str] | None = None, callbacks: Sequence = ()) -> dict:
-    """parse -> load CLIP -> per task: data, model (+RST), CMKDTrainer, evaluate, save + card, push -> tables."""
-    return runner.run_benchmark(BENCHMARK, argv, callbacks)
+    """``recipes/run_uda.py --benchmark visda``."""
+    return run_uda.main(argv, callbacks, benchmark=BENCHMARK)
 
 
 if __name__ == "__main__":
-    runner.run_recipe(main)
+    run_uda.run_recipe(main)

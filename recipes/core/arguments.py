@@ -24,8 +24,8 @@ from transformers import HfArgumentParser
 from cmkd import PEFT_LABELS, PEFT_METHODS, CMKDConfig, CMKDTrainingArguments
 from cmkd.validators import DEFAULT_VALIDATOR, ORACLE_NAME, VALIDATORS, describe
 
-from .config import BenchmarkConfig, BackboneSpec, ConfigError, available_benchmarks, load_benchmark_config, task_name
-from .data import DataArguments
+from .config import BackboneSpec, BenchmarkConfig, ConfigError, available_benchmarks, load_benchmark_config, task_name
+from .data import DataArguments, default_num_workers
 from .tables import RESULTS_FILENAME
 
 SELECTIONS = (*VALIDATORS, "last", "oracle")
@@ -161,6 +161,7 @@ def build_parser(bench: BenchmarkConfig, backbone: BackboneSpec, partial: bool, 
         learning_rate=backbone.learning_rate,
         head_lr_multiplier=backbone.head_lr_multiplier,
         batch_size=bench.batch_size,
+        dataloader_num_workers=default_num_workers(),
         output_dir=None,
     )
     return parser
@@ -188,8 +189,9 @@ def parse(
         bench = load_benchmark_config(name, known.config)
         backbone = bench.backbones.get(known.backbone or bench.backbone)
         if backbone is None:
-            raise ConfigError(f"--backbone {known.backbone!r} unknown for {bench.display_name}; choose from "
-                              f"{list(bench.backbones)}")
+            raise ConfigError(
+                f"--backbone {known.backbone!r} unknown for {bench.display_name}; choose from {list(bench.backbones)}"
+            )
     except ConfigError as exc:
         pre.error(str(exc))
     parser = build_parser(bench, backbone, bool(known.partial), extra)
@@ -198,7 +200,8 @@ def parse(
         recipe, data, training, cmkd_config, *rest = parser.parse_args_into_dataclasses(
             args=argv, look_for_args_file=False
         )
-        run = resolve(bench, backbone, recipe, data, training, cmkd_config, known.output_dir, script)
+        output_dir = known.output_dir if known.output_dir is not None else (defaults or {}).get("output_dir")
+        run = resolve(bench, backbone, recipe, data, training, cmkd_config, output_dir, script)
     except (ConfigError, ValueError, TypeError) as exc:
         parser.error(str(exc))
     if recipe.quiet:
@@ -216,7 +219,9 @@ def _peft_methods(recipe: RecipeArguments) -> tuple[str, ...]:
     methods = tuple(dict.fromkeys(m.strip() for m in recipe.peft.split(",") if m.strip()))
     unknown = [m for m in methods if m not in PEFT_METHODS]
     if unknown or not methods:
-        raise ConfigError(f"--peft {recipe.peft!r}: unknown method(s) {unknown}; choose from {', '.join(PEFT_METHODS)}")
+        raise ConfigError(
+            f"--peft {recipe.peft!r}: unknown method(s) {unknown}; choose from {', '.join(PEFT_METHODS)}"
+        )
     if recipe.rst and methods != ("rst",):
         raise ConfigError("--rst is --peft rst; pass --peft with every method you want (e.g. --peft rst,lora)")
     if "adalora" in methods and recipe.selection != "last":
@@ -235,10 +240,14 @@ def _tasks(bench: BenchmarkConfig, recipe: RecipeArguments, data: DataArguments)
         return list(bench.tasks)
     if custom is not None:
         if not recipe.source:
-            raise ConfigError("give the labeled --source domain to adapt from (the target comes from --target_*/--eval_*)")
+            raise ConfigError(
+                "give the labeled --source domain to adapt from (the target comes from --target_*/--eval_*)"
+            )
         return [(bench.domain(recipe.source).key, custom)]
     if not recipe.source or not recipe.target:
-        raise ConfigError(f"give --source and --target (tasks: {', '.join(bench.task_names())}) or --all for every task")
+        raise ConfigError(
+            f"give --source and --target (tasks: {', '.join(bench.task_names())}) or --all for every task"
+        )
     src, tgt = bench.domain(recipe.source), bench.domain(recipe.target)
     if src.key == tgt.key:
         raise ConfigError(f"source and target are the same domain ({src.key}={src.name}); pick two different ones")
@@ -272,7 +281,9 @@ def _check_method(bench: BenchmarkConfig, recipe: RecipeArguments, peft: tuple[s
 
 def _check_selection(recipe: RecipeArguments, data: DataArguments, bench, tasks) -> None:
     if recipe.selection in ("source_accuracy", "dev") and not data.source_val_fraction:
-        raise ConfigError(f"--selection {recipe.selection} scores a held-out source split: add --source_val_fraction (e.g. 0.1)")
+        raise ConfigError(
+            f"--selection {recipe.selection} scores a held-out source split: add --source_val_fraction (e.g. 0.1)"
+        )
     if recipe.selection == "oracle" and not all(data.labeled_target(bench, t) for _, t in tasks):
         raise ConfigError(
             f"--selection oracle is the {ORACLE_NAME}, and the target has no labels: add a labeled copy of the target "
@@ -347,7 +358,9 @@ def _check_resume(training, recipe: RecipeArguments, tasks) -> None:
             if complete
             else "; pass the flag without a value to resume each task from its last complete checkpoint"
         )
-        raise ConfigError(f"--resume_from_checkpoint {resume!r} is not a complete checkpoint ({'; '.join(problems)}){hint}")
+        raise ConfigError(
+            f"--resume_from_checkpoint {resume!r} is not a complete checkpoint ({'; '.join(problems)}){hint}"
+        )
 
 
 def resolve(bench, backbone, recipe, data, training, cmkd_config, output_dir, script=None) -> Run:
@@ -371,8 +384,10 @@ def resolve(bench, backbone, recipe, data, training, cmkd_config, output_dir, sc
         raise ConfigError(f"--batch_size must be an integer >= 1, got {recipe.batch_size}")
     out = _output_dir(bench, recipe, method, peft, tasks, output_dir)
     slug = method_slug(method, recipe, peft)
-    default_repo = out.resolve().name if output_dir is not None else f"{bench.name}-{slug}" + (
-        "" if recipe.all else "-{}-{}".format(*tasks[0]).lower()
+    default_repo = (
+        out.resolve().name
+        if output_dir is not None
+        else f"{bench.name}-{slug}" + ("" if recipe.all else "-{}-{}".format(*tasks[0]).lower())
     )
     default_script = Path(__file__).resolve().parents[1] / f"{bench.name}.py"
     return Run(
@@ -392,5 +407,7 @@ def resolve(bench, backbone, recipe, data, training, cmkd_config, output_dir, sc
         output_dir=out,
         hub_model_id=_check_hub(training, default_repo),
         script=script
-        or (f"recipes/{bench.name}.py" if default_script.is_file() else f"recipes/run_uda.py --benchmark {bench.name}"),
+        or (
+            f"recipes/{bench.name}.py" if default_script.is_file() else f"recipes/run_uda.py --benchmark {bench.name}"
+        ),
     )

@@ -125,7 +125,9 @@ def available_benchmarks() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
-def load_benchmark_config(name_or_path: str | os.PathLike, override: str | os.PathLike | None = None) -> BenchmarkConfig:
+def load_benchmark_config(
+    name_or_path: str | os.PathLike, override: str | os.PathLike | None = None
+) -> BenchmarkConfig:
     """``recipes/configs/<name>.yaml`` (or any YAML path), with the ``override`` YAML (``--config``) deep-merged
     over it, as a validated :class:`BenchmarkConfig`."""
     path = Path(name_or_path)
@@ -241,7 +243,9 @@ def _require(raw: Mapping[str, Any], key: str, where: str) -> Any:
 
 def _domains(raw: Any, where: str) -> dict[str, DomainSpec]:
     if not isinstance(raw, Mapping) or not raw:
-        raise ConfigError(f"{where}.domains must be a non-empty mapping of domain key -> {{name, folder}}, got {raw!r}")
+        raise ConfigError(
+            f"{where}.domains must be a non-empty mapping of domain key -> {{name, folder}}, got {raw!r}"
+        )
     domains = {}
     for key, spec in raw.items():
         if not isinstance(spec, Mapping):
@@ -279,10 +283,14 @@ def benchmark_from_dict(raw: Any, where: str, source_path: str = "") -> Benchmar
     if not isinstance(backbones, Mapping):
         raise ConfigError(f"{where}: backbones must be a mapping of name -> {{model, learning_rate, ...}}")
     top = {k: v for k, v in raw.items() if k not in ("domains", "tasks", "backbones", "training_args", "cmkd_config")}
-    top = _section(BenchmarkConfig, top, where, ("domains", "tasks", "backbones", "training_args", "cmkd_config", "display_name"))
+    top = _section(
+        BenchmarkConfig, top, where, ("domains", "tasks", "backbones", "training_args", "cmkd_config", "display_name")
+    )
     for key, cls in (("augmentation", AugmentationSpec), ("partial", PartialSpec)):
         top[key] = cls(**_section(cls, top.get(key, {}), f"{where}.{key}"))
-    training_args = _library_fields(CMKDTrainingArguments, _require(raw, "training_args", where), f"{where}.training_args")
+    training_args = _library_fields(
+        CMKDTrainingArguments, _require(raw, "training_args", where), f"{where}.training_args"
+    )
     missing = [k for k in ("max_steps", "eval_steps", "seed") if k not in training_args]
     if missing:
         raise ConfigError(f"{where}.training_args: missing required keys {missing}")

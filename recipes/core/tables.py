@@ -23,7 +23,9 @@ from typing import Any
 
 from peft_rst.files import atomic_write_bytes, atomic_write_text
 
-from .config import RESULTS_FILENAME, TASK_SEPARATOR, BenchmarkConfig
+from .config import TASK_SEPARATOR, BenchmarkConfig
+
+RESULTS_FILENAME = "results.json"  # written last by a finished run: the folder holds a finished run
 
 MARKDOWN_FILENAME = "results.md"
 PLOT_FILENAME = "accuracy_vs_dsp.png"

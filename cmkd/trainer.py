@@ -83,7 +83,7 @@ _RANGES: dict[str, tuple[type, float | None, float | None, bool]] = {
     "lr_decay_gamma": (float, 0, None, False),
     "lr_decay_power": (float, 0, None, False),
     "max_steps": (int, 1, None, False),
-    "eval_steps": (float, 0, None, True),
+    "eval_steps": (int, 1, None, False),  # iterations (a ratio of max_steps has no use in an iteration schedule)
     "iterations_per_epoch": (int, 1, None, False),
     "per_device_train_batch_size": (int, 1, None, False),
     "per_device_eval_batch_size": (int, 1, None, False),

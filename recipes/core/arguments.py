@@ -173,10 +173,12 @@ def parse(
     defaults: dict[str, Any] | None = None,
     extra: Sequence[type] = (),
     script: str | None = None,
+    exit_on_error: bool = True,
 ) -> tuple[Run, list[Any]]:
     """``argv`` -> (:class:`Run`, instances of the ``extra`` dataclasses). ``benchmark`` fixes the preset (a
     ``recipes/<benchmark>.py`` alias); otherwise ``--benchmark`` names it. ``defaults`` override the preset's.
-    A bad flag or preset value exits with status 2 and a one-line message."""
+    A bad flag or preset value exits with status 2 and a one-line message (``exit_on_error=False``: raises
+    :class:`ConfigError`)."""
     pre = argparse.ArgumentParser(add_help=False)
     for flag in ("--benchmark", "--config", "--backbone", "--output_dir"):
         pre.add_argument(flag)
@@ -193,6 +195,8 @@ def parse(
                 f"--backbone {known.backbone!r} unknown for {bench.display_name}; choose from {list(bench.backbones)}"
             )
     except ConfigError as exc:
+        if not exit_on_error:
+            raise
         pre.error(str(exc))
     parser = build_parser(bench, backbone, bool(known.partial), extra)
     parser.set_defaults(**(defaults or {}))
@@ -203,6 +207,8 @@ def parse(
         output_dir = known.output_dir if known.output_dir is not None else (defaults or {}).get("output_dir")
         run = resolve(bench, backbone, recipe, data, training, cmkd_config, output_dir, script)
     except (ConfigError, ValueError, TypeError) as exc:
+        if not exit_on_error:
+            raise ConfigError(str(exc)) from exc
         parser.error(str(exc))
     if recipe.quiet:
         import huggingface_hub

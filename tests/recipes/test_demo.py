@@ -133,7 +133,7 @@ def test_oracle_selection_is_named_as_such(tmp_path, capsys):
 def test_same_command_runs_a_real_benchmark_with_its_yaml(tmp_path):
     """--benchmark office_home --model ... --data_dir ... --source Art --target Clipart: the benchmark's YAML and
     folders (here a tiny CLIP and a tiny Office-Home tree, reduced by --config)."""
-    from test_runner import make_office_home, make_tiny_clip, write_small_config  # same folder: shared assets
+    from test_run_uda import make_office_home, make_tiny_clip, write_small_config  # same folder: shared assets
 
     clip, data = make_tiny_clip(tmp_path / "clip"), make_office_home(tmp_path / "OfficeHome")
     out = tmp_path / "demo"

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_runner import argv, make_office_home, make_tiny_clip, write_small_config  # same folder: shared assets
+from test_run_uda import argv, make_office_home, make_tiny_clip, write_small_config  # same folder: shared assets
 from transformers import TrainerCallback
 
 from recipes import digits, office_home
-from recipes.core import runner
+from recipes import run_uda
+from recipes.core import outputs
 from recipes.core.data import DataError, classes_of, read_image_list
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,7 +49,7 @@ def no_model_loading(monkeypatch):
 def recipe_error(main, args, capsys) -> tuple[int, str]:
     """Run a recipe as its __main__ does; return (exit status, the one-line message)."""
     with pytest.raises(SystemExit) as exc:
-        runner.run_recipe(main, args)
+        run_uda.run_recipe(main, args)
     code = exc.value.code
     err = capsys.readouterr().err
     if isinstance(code, str):  # SystemExit("error: ...") prints the message and exits with 1
@@ -209,7 +210,7 @@ def test_diverged_run_stops_with_a_message_and_records_no_result(assets, tmp_pat
     out = tmp_path / "run"
     flags = ["--rst", "--tau", "1e-3"] if rst else []
     with pytest.raises(SystemExit) as exc:
-        runner.run_recipe(office_home.main, argv(assets, out, *flags, iterations=4), callbacks=[PoisonHead(3)])
+        run_uda.run_recipe(office_home.main, argv(assets, out, *flags, iterations=4), callbacks=[PoisonHead(3)])
     message = str(exc.value.code)
     assert message.startswith("error: training diverged at step 3: non-finite source cross-entropy")
     assert f"the last good checkpoint is {out / 'Ar-Cl' / 'checkpoint-2'}" in message
@@ -250,7 +251,7 @@ def test_all_with_resume_keeps_finished_tasks_resumes_started_ones_and_starts_ne
     flags = ["--all", "--baseline", "--logging_steps", "1", "--keep_checkpoints"]
     with pytest.raises(KeyboardInterrupt):  # task 1 finished, task 2 at checkpoint-2, task 3 never started
         office_home.main(argv(assets, out, *flags, iterations=4, task=None), callbacks=[StopAtSave(3)])
-    first = out / "Ar-Cl" / runner.TASK_RESULT_FILENAME
+    first = out / "Ar-Cl" / outputs.TASK_RESULT_FILENAME
     assert first.is_file() and (out / "Cl-Ar" / "checkpoint-2").is_dir() and not (out / "Pr-Re").exists()
     stamp = first.stat().st_mtime_ns
     with caplog.at_level("WARNING"):
@@ -260,7 +261,7 @@ def test_all_with_resume_keeps_finished_tasks_resumes_started_ones_and_starts_ne
     assert f"{out / 'Pr-Re'} has no complete checkpoint; starting this task from scratch" in caplog.text
     state = json.loads((out / "Cl-Ar" / "checkpoint-4" / "trainer_state.json").read_text())
     assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4]
-    assert (out / "Cl-Ar" / runner.TASK_RESULT_FILENAME).is_file()
+    assert (out / "Cl-Ar" / outputs.TASK_RESULT_FILENAME).is_file()
 
 
 def test_resume_skips_and_removes_a_half_written_checkpoint(assets, tmp_path, caplog):
@@ -285,7 +286,7 @@ def test_orphans_of_a_killed_final_save_are_removed(assets, tmp_path):
     (task / ".task_result.json.abc.tmp").write_text("{")
     out.joinpath(".results.json.def.tmp").write_text("{")
     office_home.main(argv(assets, out, "--zero-shot"))
-    assert sorted(p.name for p in task.iterdir()) == [runner.TASK_RESULT_FILENAME]
+    assert sorted(p.name for p in task.iterdir()) == [outputs.TASK_RESULT_FILENAME]
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 

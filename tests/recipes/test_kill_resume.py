@@ -23,12 +23,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_runner import argv, make_office_home, make_tiny_clip, write_small_config  # same folder: shared assets
+from test_run_uda import argv, make_office_home, make_tiny_clip, write_small_config  # same folder: shared assets
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import TrainerState
 
 from recipes import office_home
-from recipes.core import runner
+from recipes import run_uda
+from recipes.core import outputs
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
 
@@ -113,14 +114,14 @@ def kill_in_final_adapter_save(_: int) -> None:
 
 def kill_before_task_result(_: int) -> None:
     """The adapter is in place, the task's finished marker is not."""
-    original = runner.atomic_write_text
+    original = outputs.atomic_write_text
 
     def patched(path, text):
-        if Path(path).name == runner.TASK_RESULT_FILENAME:
+        if Path(path).name == outputs.TASK_RESULT_FILENAME:
             _die()
         return original(path, text)
 
-    runner.atomic_write_text = patched
+    outputs.atomic_write_text = patched
 
 
 def kill_between_adapter_swap_renames(_: int) -> None:
@@ -226,7 +227,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result(assets, tmp_path, monkey
     assert run_child(first, delay=delay) == -signal.SIGKILL, delay
 
     def saves_ahead() -> bool:  # a finished task removes its checkpoints, so look at its result file too
-        return complete_step(task) < ITERATIONS and not (task / runner.TASK_RESULT_FILENAME).exists()
+        return complete_step(task) < ITERATIONS and not (task / outputs.TASK_RESULT_FILENAME).exists()
 
     for _ in range(4):  # a loaded machine can still finish every checkpoint save before the kill: kill earlier
         if saves_ahead():

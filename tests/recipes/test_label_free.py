@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_runner import CLASSES, make_office_home, make_tiny_clip, write_small_config
+from test_run_uda import CLASSES, make_office_home, make_tiny_clip, write_small_config
 
 from cmkd.transforms import build_transform
 from cmkd.validators import DEFAULT_VALIDATOR

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from test_runner import argv, make_office_home, make_tiny_clip, write_small_config  # same folder
+from test_run_uda import argv, make_office_home, make_tiny_clip, write_small_config  # same folder
 
 from recipes import office_home
-from recipes.core import runner
+from recipes import run_uda
+from recipes.core import outputs
 from recipes.core.config import ConfigError, build_parser, resolve_run_config
 
 
@@ -52,7 +53,7 @@ def test_peft_flag_parsing_and_labels():
 
 def test_several_methods_run_through_one_trainer_and_end_in_one_table(assets, tmp_path, capsys):
     out = tmp_path / "table"
-    results = runner.run_recipe(office_home.main, argv(assets, out, "--peft", "lora,bitfit,linear_probe"))
+    results = run_uda.run_recipe(office_home.main, argv(assets, out, "--peft", "lora,bitfit,linear_probe"))
     printed = capsys.readouterr().out
     assert "method 1 of 3: CMKD+LoRA" in printed and "method 3 of 3: CMKD+Linear probe" in printed
     labels = ["CMKD+LoRA", "CMKD+BitFit", "CMKD+Linear probe"]

@@ -8,18 +8,9 @@ from pathlib import Path
 import pytest
 
 from recipes.core import config as config_mod
-from recipes.core import runner
-from recipes.core.config import (
-    RESULTS_FILENAME,
-    ConfigError,
-    available_benchmarks,
-    build_parser,
-    check_output_dir,
-    load_benchmark_config,
-    parse_args,
-    resolve_run_config,
-)
-from recipes.core.unlabeled import LABEL_FREE_DESTS
+from recipes.core.arguments import parse
+from recipes.core.config import ConfigError, available_benchmarks, load_benchmark_config
+from recipes.core.tables import RESULTS_FILENAME
 
 # ------------------------------------------------------------------------------------------------------------------
 # YAML values, typed from shared/reference/official-implementation.md and the paper (not read from the code)
@@ -155,19 +146,29 @@ def test_unknown_benchmark_and_bad_yaml(tmp_path):
 
 
 def _resolve(benchmark, argv):
-    return resolve_run_config(build_parser(benchmark).parse_args(argv), benchmark)
+    return parse(argv, benchmark, exit_on_error=False)[0]
+
+
+def make_layout(root: Path) -> Path:
+    """Every preset's domain folders under ``root``: the arguments check that the data exists (not its contents)."""
+    for name in available_benchmarks():
+        for spec in load_benchmark_config(name).domains.values():
+            (root / spec.folder).mkdir(parents=True, exist_ok=True)
+    return root
 
 
 @pytest.fixture
 def base(tmp_path):
-    return ["--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")]
+    return ["--data_dir", str(make_layout(tmp_path)), "--output_dir", str(tmp_path / "out")]
 
 
 def test_defaults_come_from_yaml_and_flags_override(base):
     run = _resolve("office_home", ["-s", "art", "-t", "Cl", *base])
     assert run.tasks == [("Ar", "Cl")] and run.method == "cmkd" and run.method_label == "CMKD"
-    assert run.learning_rate == 3e-6 and run.head_lr == pytest.approx(3e-3) and run.tau is None
-    assert run.max_steps == 10000 and run.batch_size == 32 and run.seed == 42
+    args = run.training
+    assert args.learning_rate == 3e-6 and args.head_lr_multiplier == 1000 and run.tau is None
+    assert args.max_steps == 10000 and run.batch_size == 32 and args.seed == 42 and args.eval_steps == 500
+    assert args.save_steps == 500 and args.sgd_momentum == 0.9 and run.cmkd.lambda1 == 0.25
     run = _resolve(
         "office_home",
         [
@@ -186,15 +187,10 @@ def test_defaults_come_from_yaml_and_flags_override(base):
             *base,
         ],
     )
-    assert (
-        run.tasks == [("Ar", "Re")]
-        and run.tau == 1e-6
-        and run.learning_rate == 1e-5
-        and run.head_lr == pytest.approx(1e-2)
-    )
-    assert run.max_steps == 7 and run.seed == 0 and run.method_label == "CMKD+FixMatch+RST"
+    assert run.tasks == [("Ar", "Re")] and run.tau == 1e-6 and run.training.learning_rate == 1e-5
+    assert run.training.max_steps == 7 and run.training.seed == 0 and run.method_label == "CMKD+FixMatch+RST"
     run = _resolve("visda", ["-s", "Syn", "-t", "Real", "--rst", "--tau", "3e-7", *base])
-    assert run.tau == 3e-7 and run.learning_rate == 3e-7
+    assert run.tau == 3e-7 and run.training.learning_rate == 3e-7
 
 
 def test_all_runs_every_task(base):
@@ -206,7 +202,8 @@ def test_backbone_without_transformers_checkpoint_needs_model(base):
     with pytest.raises(ConfigError, match="pass --model"):
         _resolve("office_home", ["--all", "--backbone", "rn50", *base])
     run = _resolve("office_home", ["--all", "--backbone", "rn50", "--model", "/ckpt/rn50", "--rst", *base])
-    assert (run.model, run.learning_rate, run.head_lr, run.tau) == ("/ckpt/rn50", 3e-7, pytest.approx(3e-3), 1e-5)
+    args = run.training
+    assert (run.model, args.learning_rate, args.head_lr_multiplier, run.tau) == ("/ckpt/rn50", 3e-7, 10000, 1e-5)
     with pytest.raises(ConfigError, match="choose from \\['vit_b16', 'rn50'\\]"):
         _resolve("office_home", ["--all", "--backbone", "vit_l14", *base])
 
@@ -224,16 +221,16 @@ def test_backbone_without_transformers_checkpoint_needs_model(base):
         ("office_home", ["-s", "Ar"], "give --source and --target"),
         ("office_home", ["-s", "Ar", "-t", "Kitchen"], "valid domains: Ar \\(Art\\), Cl \\(Clipart\\)"),
         ("office_home", ["-s", "Art", "-t", "ar"], "same domain"),
-        ("office_home", ["--all", "--learning_rate", "-1"], "--learning_rate must be a finite number > 0, got -1.0"),
-        ("office_home", ["--all", "--learning_rate", "nan"], "--learning_rate must be a finite number > 0, got nan"),
-        ("office_home", ["--all", "--learning_rate", "inf"], "--learning_rate must be a finite number > 0, got inf"),
+        ("office_home", ["--all", "--learning_rate", "-1"], "learning_rate must be a finite number > 0, got -1.0"),
+        ("office_home", ["--all", "--learning_rate", "nan"], "learning_rate must be a finite number > 0, got nan"),
+        ("office_home", ["--all", "--learning_rate", "inf"], "learning_rate must be a finite number > 0, got inf"),
         ("office_home", ["--all", "--rst", "--tau", "0"], "--tau must be a finite number > 0"),
         ("office_home", ["--all", "--rst", "--tau", "nan"], "--tau must be a finite number > 0, got nan"),
-        ("office_home", ["--all", "--num_workers", "-2"], "--num_workers must be an integer >= 0"),
-        ("office_home", ["--all", "--seed", "-1"], "--seed must be an integer in \\[0, 4.29497e\\+09\\], got -1"),
-        ("office_home", ["--all", "--seed", str(2**32)], "--seed must be an integer in"),
-        ("office_home", ["--all", "--max_steps", "0"], "--max_steps must be an integer >= 1, got 0"),
-        ("office_home", ["--all", "--eval_steps", "0"], "--eval_steps must be an integer >= 1"),
+        ("office_home", ["--all", "--dataloader_num_workers", "-2"], "dataloader_num_workers must be an integer >= 0"),
+        ("office_home", ["--all", "--seed", "-1"], "seed must be an integer in \\[0, 4.29497e\\+09\\], got -1"),
+        ("office_home", ["--all", "--seed", str(2**32)], "seed must be an integer in"),
+        ("office_home", ["--all", "--max_steps", "0"], "max_steps must be an integer >= 1, got 0"),
+        ("office_home", ["--all", "--eval_steps", "0"], "eval_steps must be an integer >= 1"),
         ("office_home", ["--all", "--batch_size", "0"], "--batch_size must be an integer >= 1"),
         ("office_home", ["--all", "--download"], "--download only applies"),
         ("office_home", ["--all", "--dataset_id", "u/oh", "--image_list_dir", "x"], "drop --image_list_dir"),
@@ -256,7 +253,8 @@ def test_missing_data_and_output(tmp_path):
 def test_output_dir_defaults_to_runs_benchmark_method_task(tmp_path, monkeypatch):
     """The README's `accelerate launch recipes/office_home.py ... --rst` lines have no --output_dir."""
     monkeypatch.chdir(tmp_path)
-    data = ["--data_dir", str(tmp_path)]
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # the suite runs offline
+    data = ["--data_dir", str(make_layout(tmp_path))]
     one = _resolve("office_home", ["--source", "Art", "--target", "Clipart", "--rst", *data])
     assert one.output_dir == Path("runs/office_home/cmkd_rst/Ar-Cl")
     every = _resolve("office_home", ["--all", "--rst", *data])
@@ -279,11 +277,12 @@ def test_output_dir_defaults_to_runs_benchmark_method_task(tmp_path, monkeypatch
         _resolve("office_home", ["--all", "--rst", *data])
 
 
-def test_help_documents_the_default_output_dir(capsys):
+def test_help_documents_the_default_output_dir_and_the_presets_defaults(capsys):
     with pytest.raises(SystemExit):
-        build_parser("office_home").parse_args(["--help"])
+        parse(["--help"], "office_home")
     text = " ".join(capsys.readouterr().out.split())
     assert "default: runs/<benchmark>/<method>/<SRC>-<TGT>, or runs/<benchmark>/<method>/all with --all" in text
+    assert "--max_steps MAX_STEPS" in text and "(default: 10000)" in text and "--lambda1 LAMBDA1" in text
 
 
 def test_finished_output_dir_is_refused_unless_overwrite(tmp_path, base):
@@ -294,55 +293,61 @@ def test_finished_output_dir_is_refused_unless_overwrite(tmp_path, base):
     (out / RESULTS_FILENAME).write_text(json.dumps({"tasks": [], "methods": {}}))
     with pytest.raises(ConfigError, match="already holds a finished run.*--overwrite"):
         _resolve("office_home", ["--all", *base])
-    assert _resolve("office_home", ["--all", "--overwrite", *base]).overwrite
+    assert _resolve("office_home", ["--all", "--overwrite", *base]).recipe.overwrite
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="not a folder"):
-        check_output_dir(tmp_path / "file", overwrite=True)
+        _resolve("office_home", ["--all", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "file")])
 
 
 def test_push_to_hub_needs_a_token(monkeypatch, base):
     import huggingface_hub
 
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # the suite runs offline
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     with pytest.raises(ConfigError, match="needs a Hub token: set HF_TOKEN"):
         _resolve("office_home", ["--all", "--push_to_hub", *base])
     run = _resolve("office_home", ["--all", "--push_to_hub", "--hub_token", "hf_explicit", *base])
-    assert run.hub_token == "hf_explicit" and "hub_token" not in run.to_dict()
+    assert run.training.hub_token == "hf_explicit" and "hf_explicit" not in json.dumps(run.to_dict())
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_from_env")
-    assert _resolve("office_home", ["--all", "--push_to_hub", *base]).hub_token == "hf_from_env"
+    assert _resolve("office_home", ["--all", "--push_to_hub", *base]).training.push_to_hub
 
 
-def test_push_to_hub_reads_hf_token_env(monkeypatch, base):
-    monkeypatch.setenv("HF_TOKEN", "hf_env_value")
-    assert _resolve("office_home", ["--all", "--push_to_hub", *base]).hub_token == "hf_env_value"
-
-
-def test_parse_args_turns_config_errors_into_usage_errors(capsys, base):
+def test_parse_turns_config_errors_into_usage_errors(capsys, base):
     with pytest.raises(SystemExit) as exc:
-        parse_args("office31", ["--all", "--partial", *base])
+        parse(["--all", "--partial", *base], "office31")
     assert exc.value.code == 2
     assert "no partial-set protocol" in capsys.readouterr().err
 
 
-def test_label_free_and_run_flags_are_typed_fields(base):
-    parser = runner.add_runner_arguments(build_parser("office_home"))
+def test_every_flag_is_a_typed_field_of_one_dataclass(base, tmp_path):
     flags = ["--selection", "last", "--source_val_fraction", "0.25", "--report_to", "tensorboard", "--quiet"]
-    run = parse_args("office_home", ["-s", "Ar", "--target_dir", "/x/flat", *flags, *base], parser=parser)
-    assert (run.selection, run.source_val_fraction, run.report_to, run.quiet) == ("last", 0.25, "tensorboard", True)
-    assert run.target_dir == "/x/flat" and run.tasks == [("Ar", "flat")]
-    assert set(run.label_free()) == set(LABEL_FREE_DESTS) and run.label_free()["target_dir"] == "/x/flat"
-    assert not hasattr(run, "extra")  # no untyped bag of flags
-    default = parse_args("office_home", ["--all", *base], parser=parser)
-    assert (default.selection, default.report_to, default.resume_from_checkpoint) == (None, "none", None)
+    (tmp_path / "flat").mkdir()
+    run = _resolve("office_home", ["-s", "Ar", "--target_dir", str(tmp_path / "flat"), *flags, *base])
+    assert (run.recipe.selection, run.data.source_val_fraction, run.training.report_to) == (
+        "last",
+        0.25,
+        ["tensorboard"],
+    )
+    assert run.recipe.quiet and run.data.target_dir == str(tmp_path / "flat") and run.tasks == [("Ar", "flat")]
+    default = _resolve("office_home", ["--all", *base])
+    assert (default.recipe.selection, default.training.report_to, default.training.resume_from_checkpoint) == (
+        None,
+        [],
+        None,
+    )
+    bare = _resolve("office_home", ["--all", "--resume_from_checkpoint", *base])
+    assert bare.training.resume_from_checkpoint == "last"
 
 
 def test_config_override_yaml(tmp_path, base):
     override = tmp_path / "over.yaml"
     override.write_text("training_args:\n  max_steps: 123\ncmkd_config:\n  lambda1: 0.5\n")
     run = _resolve("office_home", ["--all", "--config", str(override), *base])
-    cc = run.benchmark.cmkd_config
-    assert run.max_steps == 123 and cc["lambda1"] == 0.5 and cc["lambda3"] == 0.025
-    assert runner.cmkd_config(run).lambda1 == 0.5  # the preset's name is CMKDConfig's
+    cc = run.bench.cmkd_config
+    assert run.training.max_steps == 123 and cc["lambda1"] == 0.5 and cc["lambda3"] == 0.025
+    assert run.cmkd.lambda1 == 0.5 and run.cmkd.lambda3 == 0.025  # the preset's name is CMKDConfig's
+    assert _resolve("office_home", ["--all", "--lambda1", "0.7", *base]).cmkd.lambda1 == 0.7  # and the flag's
     override.write_text("training_args:\n  iters: 1\n")
     with pytest.raises(ConfigError, match="\\['iters'\\] are not cmkd.CMKDTrainingArguments fields"):
         _resolve("office_home", ["--all", "--config", str(override), *base])
@@ -368,12 +373,12 @@ def test_config_override_yaml(tmp_path, base):
         ("training_args:\n  seed: 1.5\n", "training_args.seed must be an integer, got 1.5"),
         ("training_args:\n  sgd_nesterov: 'false'\n", "training_args.sgd_nesterov must be true or false, got 'false'"),
         ("cmkd_config:\n  lambda1: high\n", "cmkd_config.lambda1 must be a number, got 'high'"),
-        ("cmkd_config:\n  lambda1: -1\n", "cmkd settings: CMKDConfig.lambda1 must be in"),
+        ("cmkd_config:\n  lambda1: -1\n", "cmkd_config: CMKDConfig.lambda1 must be in"),
         ("prompt_template: 5\n", "prompt_template must be a string, got 5"),
-        ("training_args:\n  max_steps: 0\n", "training_args.max_steps must be an integer >= 1, got 0"),
+        ("training_args:\n  max_steps: 0\n", "training_args: max_steps must be an integer >= 1, got 0"),
         (
             "training_args:\n  sgd_momentum: .nan\n",
-            "training_args.sgd_momentum must be a finite number in \\[0, 1\\], got nan",
+            "training_args: sgd_momentum must be a finite number in \\[0, 1\\], got nan",
         ),
         (
             "backbones:\n  vit_b16:\n    learning_rate: -3\n",
@@ -389,12 +394,10 @@ def test_config_override_yaml(tmp_path, base):
     ],
 )
 def test_broken_yaml_is_a_one_line_error_naming_file_and_key(tmp_path, base, capsys, text, message):
-    from recipes.core import runner
-
     override = tmp_path / "over.yaml"
     override.write_text(text)
     with pytest.raises(SystemExit) as exc:  # the recipes' parser: a usage error (exit status 2), before any loading
-        runner.parse("office_home", ["--all", "--config", str(override), *base])
+        parse(["--all", "--config", str(override), *base], "office_home")
     err = capsys.readouterr().err
     assert exc.value.code == 2 and re.search(message, err), err
     assert len(err.strip().splitlines()[-1]) > 20 and "Traceback" not in err

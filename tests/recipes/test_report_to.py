@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from test_runner import argv, make_office_home, make_tiny_clip, write_small_config  # same folder
+from test_run_uda import argv, make_office_home, make_tiny_clip, write_small_config  # same folder
 
 from recipes import office_home
-from recipes.core import runner
+from recipes import run_uda
+from recipes.core import outputs
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def _scalars(folder) -> dict[str, list[float]]:
 
 def test_tensorboard_logs_losses_and_evaluations_offline(assets, tmp_path):
     out = tmp_path / "tb"
-    runner.run_recipe(
+    run_uda.run_recipe(
         office_home.main, argv(assets, out, "--report_to", "tensorboard", "--logging_steps", "1", iterations=2)
     )
     scalars = _scalars(out / "Ar-Cl")
@@ -44,5 +45,5 @@ def test_tensorboard_logs_losses_and_evaluations_offline(assets, tmp_path):
 
 def test_report_to_none_writes_no_event_files(assets, tmp_path):
     out = tmp_path / "none"
-    runner.run_recipe(office_home.main, argv(assets, out, iterations=2))  # the preset's default: none
+    run_uda.run_recipe(office_home.main, argv(assets, out, iterations=2))  # the preset's default: none
     assert not list(out.rglob("events.out.tfevents.*"))

@@ -12,11 +12,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_runner import argv, make_office_home, make_tiny_clip, write_small_config  # same folder: shared assets
+from test_run_uda import argv, make_office_home, make_tiny_clip, write_small_config  # same folder: shared assets
 from transformers import TrainerCallback
 
 from recipes import office_home
-from recipes.core import runner
+from recipes import run_uda
+from recipes.core import outputs
 
 
 class Interrupt(TrainerCallback):
@@ -69,7 +70,7 @@ def test_resumed_rst_run_ends_with_the_weights_of_an_uninterrupted_run(assets, t
 
     # the same command again would train over the interrupted run's checkpoints: refused with the way out
     with pytest.raises(SystemExit) as exc:
-        runner.run_recipe(office_home.main, argv(assets, broken_dir, *flags, iterations=6))
+        run_uda.run_recipe(office_home.main, argv(assets, broken_dir, *flags, iterations=6))
     assert "interrupted run" in str(exc.value.code) and "--resume_from_checkpoint" in str(exc.value.code)
 
     resumed = office_home.main(argv(assets, broken_dir, *flags, "--resume_from_checkpoint", iterations=6))
@@ -95,14 +96,14 @@ def test_restarted_all_run_keeps_finished_tasks_and_does_the_rest(assets, tmp_pa
     flags = ["--all", "--zero-shot"]
     with pytest.raises(KeyboardInterrupt):
         office_home.main(argv(assets, out, *flags, task=None), callbacks=[Interrupt(at_eval=2)])
-    first = out / "Ar-Cl" / runner.TASK_RESULT_FILENAME
-    assert first.is_file() and not (out / "Cl-Ar" / runner.TASK_RESULT_FILENAME).exists()
+    first = out / "Ar-Cl" / outputs.TASK_RESULT_FILENAME
+    assert first.is_file() and not (out / "Cl-Ar" / outputs.TASK_RESULT_FILENAME).exists()
     assert not (out / "results.json").exists()
     stamp = first.stat().st_mtime_ns
 
     # another method cannot pick up those task results
     with pytest.raises(SystemExit) as exc:
-        runner.run_recipe(office_home.main, argv(assets, out, "--all", "--baseline", task=None))
+        run_uda.run_recipe(office_home.main, argv(assets, out, "--all", "--baseline", task=None))
     assert "holds a finished CLIP run, but this run is Baseline" in str(exc.value.code)
 
     results = office_home.main(argv(assets, out, *flags, task=None))
@@ -114,9 +115,9 @@ def test_restarted_all_run_keeps_finished_tasks_and_does_the_rest(assets, tmp_pa
 def test_interrupted_overwrite_leaves_no_stale_finished_task(assets, tmp_path):
     out = tmp_path / "ow"
     office_home.main(argv(assets, out, "--zero-shot"))
-    assert (out / "results.json").is_file() and (out / "Ar-Cl" / runner.TASK_RESULT_FILENAME).is_file()
+    assert (out / "results.json").is_file() and (out / "Ar-Cl" / outputs.TASK_RESULT_FILENAME).is_file()
     with pytest.raises(KeyboardInterrupt):
         office_home.main(argv(assets, out, "--zero-shot", "--overwrite"), callbacks=[Interrupt(at_eval=1)])
     # neither the run nor the task counts as finished any more: the next run recomputes instead of reusing them
-    assert not (out / "results.json").exists() and not (out / "Ar-Cl" / runner.TASK_RESULT_FILENAME).exists()
+    assert not (out / "results.json").exists() and not (out / "Ar-Cl" / outputs.TASK_RESULT_FILENAME).exists()
     assert office_home.main(argv(assets, out, "--zero-shot"))["methods"]["CLIP"]["Ar->Cl"]["num_eval"] == 12

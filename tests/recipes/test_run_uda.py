@@ -17,7 +17,8 @@ import yaml
 from PIL import Image
 
 from recipes import digits, domainnet, image_clef, office31, office_home, visda
-from recipes.core import runner
+from recipes import run_uda
+from recipes.core import outputs
 
 CLASSES = ["Chair", "Alarm_Clock", "Bike"]  # on disk; label order is alphabetical
 DOMAIN_SHIFT = {"Art": 0, "Clipart": 40, "Product": 80, "Real_World": 20}
@@ -192,7 +193,7 @@ def test_full_fine_tuning_saves_the_model_that_scores_the_recorded_accuracy(asse
     assert (entry["accuracy"], entry["per_class"]) == saved_model_scores(saved, pixels, labels)
     assert entry["dsp"] == sum(p.numel() for p in saved.parameters())  # full fine-tuning stores every parameter
     assert entry["nbytes"] == (out / "Ar-Cl" / "model" / "model.safetensors").stat().st_size
-    assert read_json(out / "Ar-Cl" / runner.TASK_RESULT_FILENAME)["method"] == label
+    assert read_json(out / "Ar-Cl" / outputs.TASK_RESULT_FILENAME)["method"] == label
     assert not any((out / "Ar-Cl").glob("checkpoint-*"))  # scratch checkpoints are dropped once the model is saved
 
 
@@ -269,7 +270,7 @@ def test_digits_trains_on_training_sets_and_scores_the_target_test_set(assets, t
     saved = AutoModel.from_pretrained(out / "U-M" / "model")
     predictions = saved.eval()(pixel_values=pixels).logits.argmax(-1)
     assert entry["accuracy"] == sum((predictions == labels).tolist()) / len(labels)
-    task = read_json(out / "U-M" / runner.TASK_RESULT_FILENAME)
+    task = read_json(out / "U-M" / outputs.TASK_RESULT_FILENAME)
     assert (task["num_source"], task["num_target"], task["num_eval"]) == (len(USPS(str(data))), 20, 30)
 
 
@@ -424,10 +425,10 @@ def test_finished_output_folder_is_refused_unless_overwrite(assets, tmp_path, ca
 
 def test_missing_data_and_models_are_one_line_errors(assets, tmp_path):
     with pytest.raises(SystemExit) as exc:
-        runner.run_recipe(office_home.main, argv(assets, tmp_path / "a", "--data_dir", str(tmp_path / "nothing")))
+        run_uda.run_recipe(office_home.main, argv(assets, tmp_path / "a", "--data_dir", str(tmp_path / "nothing")))
     assert str(exc.value.code).startswith("error: --data_dir") and "does not exist" in str(exc.value.code)
     with pytest.raises(SystemExit) as exc:
-        runner.run_recipe(office_home.main, argv(assets, tmp_path / "b", "--model", str(tmp_path)))
+        run_uda.run_recipe(office_home.main, argv(assets, tmp_path / "b", "--model", str(tmp_path)))
     assert str(exc.value.code).startswith("error: cannot load CLIP")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 

@@ -17,18 +17,31 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
-__all__ = ["IncompleteCheckpointError", "checkpoint_problems", "complete_checkpoints", "last_complete_checkpoint"]
+__all__ = [
+    "IncompleteCheckpointError",
+    "InterruptedRunError",
+    "checkpoint_folders",
+    "checkpoint_problems",
+    "complete_checkpoints",
+    "last_complete_checkpoint",
+    "resume_point",
+]
 
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+class InterruptedRunError(RuntimeError):
+    """An output folder holds checkpoints of an interrupted run, and neither resuming nor starting over was asked."""
 
 
 class IncompleteCheckpointError(ValueError):
@@ -114,3 +127,42 @@ def last_complete_checkpoint(output_dir: str | os.PathLike, required: Iterable[s
 
 def _step(path: Path) -> int:
     return int(path.name.rsplit("-", 1)[-1])
+
+
+def checkpoint_folders(output_dir: str | os.PathLike) -> list[Path]:
+    """Every ``checkpoint-N`` folder in ``output_dir``, oldest first (transformers' own listing)."""
+    if not Path(output_dir).is_dir():
+        return []
+    return [Path(p) for p in sort_checkpoints(str(output_dir))]
+
+
+def resume_point(
+    output_dir: str | os.PathLike, resume_from_checkpoint: str | None, start_over: bool = False
+) -> str | None:
+    """What ``trainer.train(resume_from_checkpoint=...)`` should get for a run writing to ``output_dir``.
+
+    ``None`` (not asked): a fresh start; checkpoints of an interrupted run there are never trained over silently,
+    an :class:`InterruptedRunError` says so, unless ``start_over`` (they are removed). ``"last"``: the newest complete
+    checkpoint (incomplete ones, left by a killed save, are removed: the resumed run writes them again), or None
+    when there is none. A path: that checkpoint. Files are removed on the main process only.
+    """
+    from accelerate import PartialState
+
+    main, found = PartialState().is_main_process, checkpoint_folders(output_dir)
+    if resume_from_checkpoint is None:
+        if found and not start_over:
+            raise InterruptedRunError(f"{output_dir} holds checkpoints of an interrupted run (last: {found[-1].name})")
+        for path in found if main else ():
+            shutil.rmtree(path)
+        PartialState().wait_for_everyone()
+        return None
+    if resume_from_checkpoint != "last":
+        return str(resume_from_checkpoint)
+    last = last_complete_checkpoint(output_dir)  # logs the incomplete ones it skips
+    for path in found if main else ():
+        if last is None or _step(path) > _step(last):
+            shutil.rmtree(path, ignore_errors=True)
+    PartialState().wait_for_everyone()
+    if last is None:
+        logger.warning("%s has no complete checkpoint to resume from; starting from scratch", output_dir)
+    return str(last) if last else None

@@ -89,6 +89,7 @@ _RANGES: dict[str, tuple[type, float | None, float | None, bool]] = {
     "per_device_eval_batch_size": (int, 1, None, False),
     "seed": (int, 0, 2**32 - 1, False),  # numpy's seed range (set_seed seeds numpy too)
     "dataloader_num_workers": (int, 0, None, False),
+    "logging_steps": (float, 0, None, True),
 }
 
 

@@ -31,6 +31,7 @@ from accelerate.utils import get_int_from_env  # noqa: E402
 from cmkd import CLIPAdaptationModel, CMKDTrainer, apply_peft  # noqa: E402
 from cmkd.callbacks import TrainingDivergedError  # noqa: E402
 from cmkd.pretrained import CLIPBundle, ModelSourceError, load_clip  # noqa: E402
+from cmkd.saving import clean_interrupted_saves  # noqa: E402
 from recipes.core import outputs  # noqa: E402
 from recipes.core.arguments import Run, parse  # noqa: E402
 from recipes.core.config import ConfigError  # noqa: E402
@@ -87,7 +88,7 @@ def start_run(run: Run) -> dict[str, Any]:
 
     if run.recipe.overwrite and PartialState().is_main_process:
         (run.output_dir / RESULTS_FILENAME).unlink(missing_ok=True)
-    outputs.clean_interrupted_writes(run.output_dir)
+    clean_interrupted_saves(run.output_dir)
     results = new_results(run.bench, meta={"run": run.to_dict()})
     results["tasks"] = list(run.task_names)
     return results
@@ -97,7 +98,7 @@ def run_task(run: Run, clip: CLIPBundle, source: str, target: str, callbacks: Se
     """One transfer task: resume? -> data -> model (+PEFT) -> CMKDTrainer.train -> evaluate -> save + card -> push.
     A task this folder already finished is read back instead of trained again."""
     task_dir = run.output_dir / f"{source}-{target}"
-    outputs.clean_interrupted_writes(task_dir)  # a run killed while saving leaves temp folders / files behind
+    clean_interrupted_saves(task_dir)  # a run killed while saving leaves temp folders / files behind
     done = outputs.finished_task(run, task_dir)
     if done is not None:
         return done
@@ -129,13 +130,14 @@ def run_task(run: Run, clip: CLIPBundle, source: str, target: str, callbacks: Se
         trainer.train(resume_from_checkpoint=resume_from)
     metrics = evaluate(run, trainer, data.classes)
     fields = outputs.card_fields(run, source, target, metrics, data.classes)
-    path, dsp, nbytes = outputs.save_task(run, trainer, task_dir, fields, clip.processor)
+    saved = outputs.save_task(run, trainer, task_dir, fields, clip.processor)
+    path = saved.path if saved else None
     hub_repo = outputs.push_task(run, path, outputs.hub_repo_id(run, source, target), fields)
     result = TaskResult(
         task=f"{source}->{target}",
         method=run.method_label,
-        dsp=dsp,
-        nbytes=nbytes,
+        dsp=saved.dsp if saved else 0,
+        nbytes=saved.nbytes if saved else 0,
         path=str(path) if path else None,
         hub_repo=hub_repo,
         **metrics,

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
-from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
 
-from cmkd import count_dsp
-from cmkd.checkpoints import last_complete_checkpoint
+from cmkd.checkpoints import InterruptedRunError, checkpoint_folders, resume_point
+from cmkd.saving import SavedModel, save_adapted_model
 from peft_rst.files import atomic_write_text
 
 from .arguments import Run
@@ -28,55 +25,23 @@ from .arguments import Run
 TASK_RESULT_FILENAME = "task_result.json"
 ADAPTER_DIRNAME = "adapter"  # RST / LoRA / AdaLoRA: the adapter + head (+ README.md model card)
 MODEL_DIRNAME = "model"  # full fine-tuning, BitFit, linear probe: the whole adapted model
-INTERRUPTED = (".adapter.tmp-*", ".model.tmp-*", ".adapter.old-*", ".model.old-*", ".*.tmp")  # killed saves
 
 
 class RecipeError(RuntimeError):
     """A run cannot start or continue as asked; the message says how to fix it."""
 
 
-def _main() -> bool:
-    return PartialState().is_main_process
-
-
-def clean_interrupted_writes(folder: Path) -> None:
-    """Remove what a killed save left in ``folder`` (temp / old folders and files); finished files are only ever
-    renamed into place, so none is touched."""
-    if folder.is_dir() and _main():
-        for path in (p for pattern in INTERRUPTED for p in folder.glob(pattern)):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-
-
-def checkpoints(task_dir: Path) -> list[Path]:
-    if not task_dir.is_dir() or get_last_checkpoint(str(task_dir)) is None:
-        return []
-    return [Path(p) for p in sort_checkpoints(str(task_dir))]
-
-
 def resume_checkpoint(run: Run, task_dir: Path) -> str | None:
-    """The checkpoint this task resumes from, or None for a fresh start (see the module docstring)."""
-    wanted, found = run.training.resume_from_checkpoint, checkpoints(task_dir)
-    if wanted is None:
-        if found and not run.recipe.overwrite:
-            raise RecipeError(
-                f"{task_dir} holds checkpoints of an interrupted run (last: {found[-1].name}); pass "
-                "--resume_from_checkpoint to continue it, or --overwrite to start this task again"
-            )
-        if run.recipe.overwrite and _main():
-            (task_dir / TASK_RESULT_FILENAME).unlink(missing_ok=True)
-            for ckpt in found:
-                shutil.rmtree(ckpt)
-        PartialState().wait_for_everyone()
-        return None
-    if wanted != "last":
-        return wanted
-    last = last_complete_checkpoint(task_dir)  # logs the incomplete ones it skips
-    if _main():
-        for ckpt in found:
-            if last is None or int(ckpt.name.rsplit("-", 1)[1]) > int(last.name.rsplit("-", 1)[1]):
-                shutil.rmtree(ckpt, ignore_errors=True)  # a killed save; the resumed run writes this step again
-    PartialState().wait_for_everyone()
-    return str(last) if last else None
+    """The checkpoint this task resumes from (``cmkd.checkpoints.resume_point``); with --overwrite an earlier
+    finished task result goes too, so an interrupted overwrite never leaves a stale finished task."""
+    if run.recipe.overwrite and PartialState().is_main_process:
+        (task_dir / TASK_RESULT_FILENAME).unlink(missing_ok=True)
+    try:
+        return resume_point(task_dir, run.training.resume_from_checkpoint, start_over=run.recipe.overwrite)
+    except InterruptedRunError as exc:
+        raise RecipeError(
+            f"{exc}; pass --resume_from_checkpoint to continue it, or --overwrite to start again"
+        ) from None
 
 
 @dataclass
@@ -172,61 +137,15 @@ def hub_repo_id(run: Run, source: str, target: str) -> str:
     return f"{base}-{source}-{target}".lower() if len(run.tasks) > 1 else base
 
 
-def save_task(
-    run: Run, trainer, task_dir: Path, fields: dict[str, Any], image_processor=None
-) -> tuple[Path | None, int, int]:
-    """Save what deploying the task needs, atomically, on the main process: ``adapter/`` (RST with its measured
-    model card, or a peft adapter) or ``model/`` (the whole adapted model), with the CLIP's image processor so the
-    folder works in ``pipeline("image-classification")``. Returns (folder, DSP, bytes on disk); zero-shot saves
-    nothing."""
-    from cmkd.peft_methods import PEFT_SAVED_AS
-
-    if run.method == "zero_shot":
-        return None, 0, 0
-    model, dsp, nbytes = trainer.model, 0, 0
-    final = task_dir / (ADAPTER_DIRNAME if PEFT_SAVED_AS[run.peft] == "adapter" else MODEL_DIRNAME)
-    if trainer.args.should_save:
-        task_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=task_dir))
-        try:
-            if run.rst:
-                import peft_rst
-
-                model.save_pretrained(tmp, save_embedding_layers=False)
-                peft_rst.write_model_card(tmp, **{**fields, "repo_id": fields["repo_id"] or str(final)})
-                report = peft_rst.report(tmp).adapters[0]
-                dsp, nbytes = report.dsp, report.disk_nbytes or 0
-            else:
-                model.save_pretrained(tmp)
-                atomic_write_text(tmp / "README.md", full_model_card(fields))
-                full = run.peft == "full"
-                dsp = sum(p.numel() for p in model.parameters()) if full else count_dsp(model, run.peft)
-                nbytes = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
-            if image_processor is not None:
-                image_processor.save_pretrained(tmp)
-            if final.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=task_dir))
-                os.replace(final, old / final.name)
-            os.replace(tmp, final)
-        finally:
-            for leftover in task_dir.glob(f".{final.name}.*-*"):
-                shutil.rmtree(leftover, ignore_errors=True)
+def save_task(run: Run, trainer, task_dir: Path, fields: dict[str, Any], image_processor=None) -> SavedModel | None:
+    """``cmkd.saving.save_adapted_model`` on the main process (zero-shot saves nothing)."""
+    saved = None
+    if run.method != "zero_shot" and trainer.args.should_save:
+        saved = save_adapted_model(trainer.model, task_dir, run.peft, fields, image_processor)
     trainer.accelerator.wait_for_everyone()
-    return final, int(dsp), int(nbytes)
-
-
-def full_model_card(fields: dict[str, Any]) -> str:
-    """A short model card for a fully fine-tuned model folder (RST adapters get peft_rst's card)."""
-    score = fields.get("accuracy")
-    accuracy = "not reported (no target labels)" if score is None else f"{100 * score:.2f} %"
-    return (
-        f"---\nbase_model: {fields['base_model']}\nlibrary_name: transformers\npipeline_tag: image-classification\n"
-        "tags:\n- cmkd\n- unsupervised-domain-adaptation\n---\n\n"
-        f"# CMKD-adapted CLIP: {fields['source_domain']} → {fields['target_domain']} ({fields['dataset']})\n\n"
-        f"| | |\n|---|---|\n| Base model | `{fields['base_model']}` |\n| Target {fields['metric']} | {accuracy} |\n\n"
-        "Load with `AutoModelForImageClassification.from_pretrained(<this folder>)` (`import cmkd` first).\n\n"
-        f"{fields['training_notes']}\n"
-    )
+    if saved is None and run.method != "zero_shot":  # another process: the same folder, measured by the main one
+        saved = SavedModel(task_dir / (ADAPTER_DIRNAME if run.rst else MODEL_DIRNAME), 0, 0)
+    return saved
 
 
 def push_task(run: Run, path: Path | None, repo_id: str, fields: dict[str, Any]) -> str | None:
@@ -234,7 +153,7 @@ def push_task(run: Run, path: Path | None, repo_id: str, fields: dict[str, Any])
     model folder (``huggingface_hub.upload_folder``). A Hub failure says how to push again without retraining."""
     if not run.training.push_to_hub or path is None:
         return None
-    if _main():
+    if PartialState().is_main_process:
         from huggingface_hub import HfApi, constants
         from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
@@ -264,10 +183,10 @@ def push_task(run: Run, path: Path | None, repo_id: str, fields: dict[str, Any])
 
 def finish_task(run: Run, task_dir: Path, result: TaskResult) -> TaskResult:
     """Write ``task_result.json`` (the task's finished marker, last) and drop its Trainer checkpoints."""
-    if _main():
+    if PartialState().is_main_process:
         atomic_write_text(task_dir / TASK_RESULT_FILENAME, json.dumps(dataclasses.asdict(result), indent=2) + "\n")
         if not run.recipe.keep_checkpoints:
-            for ckpt in checkpoints(task_dir):
+            for ckpt in checkpoint_folders(task_dir):
                 shutil.rmtree(ckpt, ignore_errors=True)
     return result
 

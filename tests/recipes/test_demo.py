@@ -40,7 +40,7 @@ def test_quick_demo_runs_every_method_and_leaves_adapter_card_and_table(tmp_path
     from cmkd.toy import DIGITS_PROMPT, TINY_CLIP_PATH
 
     out = tmp_path / "runs" / "demo"
-    results = demo.main(["--output_dir", str(out), "--quick", "--seeds", "2", "--num_workers", "0"])
+    results = demo.main(["--output_dir", str(out), "--quick", "--seeds", "2", "--dataloader_num_workers", "0"])
     captured = capsys.readouterr()
     printed = captured.out
 
@@ -118,7 +118,17 @@ def test_quick_demo_runs_every_method_and_leaves_adapter_card_and_table(tmp_path
 def test_oracle_selection_is_named_as_such(tmp_path, capsys):
     """--selection oracle picks by target accuracy and says so wherever a number is printed."""
     out = tmp_path / "demo"
-    args = ["--output_dir", str(out), "--quick", "--seeds", "1", "--selection", "oracle", "--num_workers", "0"]
+    args = [
+        "--output_dir",
+        str(out),
+        "--quick",
+        "--seeds",
+        "1",
+        "--selection",
+        "oracle",
+        "--dataloader_num_workers",
+        "0",
+    ]
     results = demo.main([*args, "--quiet"])
     printed = capsys.readouterr().out
     sel = results["methods"]["Baseline"]["clean->styled"]["selection"]
@@ -146,7 +156,9 @@ def test_same_command_runs_a_real_benchmark_with_its_yaml(tmp_path):
         str(write_small_config(tmp_path / "c.yaml")),
     ]
     argv += ["--model", str(clip), "--data_dir", str(data), "--source", "Art", "--target", "Clipart"]
-    results = demo.main([*argv, "--quick", "--seeds", "1", "--batch_size", "4", "--num_workers", "0", "--quiet"])
+    results = demo.main(
+        [*argv, "--quick", "--seeds", "1", "--batch_size", "4", "--dataloader_num_workers", "0", "--quiet"]
+    )
     assert results["benchmark"] == "office_home" and results["tasks"] == ["Ar->Cl"]
     assert list(results["methods"]) == METHODS
     assert len(list((out / "cmkd_rst").glob("seed-*/Ar-Cl/adapter/README.md"))) == 1  # --seeds 1

@@ -16,8 +16,7 @@ import torch
 from test_run_uda import argv, make_office_home, make_tiny_clip, write_small_config  # same folder: shared assets
 from transformers import TrainerCallback
 
-from recipes import digits, office_home
-from recipes import run_uda
+from recipes import digits, office_home, run_uda
 from recipes.core import outputs
 from recipes.core.data import DataError, classes_of, read_image_list
 
@@ -70,7 +69,7 @@ def one_line(message: str) -> None:
 def test_recipe_without_output_dir_writes_to_the_documented_default(assets, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     flags = ["--config", str(assets["config"]), "--data_dir", str(assets["data"]), "--model", str(assets["clip"])]
-    flags += ["--num_workers", "0", "--quiet", "--zero-shot"]
+    flags += ["--dataloader_num_workers", "0", "--quiet", "--zero-shot"]
     office_home.main([*flags, "--source", "Art", "--target", "Clipart"])
     assert (tmp_path / "runs/office_home/clip/Ar-Cl/results.json").is_file()
     office_home.main([*flags, "--all"])
@@ -181,7 +180,7 @@ def test_library_messages_ending_in_a_period_are_not_doubled(assets, tmp_path, c
     """torchvision's "Dataset not found." + the recipe's own sentence gave "..": messages are joined cleanly."""
     (tmp_path / "digits").mkdir()
     args = ["--data_dir", str(tmp_path / "digits"), "-s", "M", "-t", "U", "--output_dir", str(tmp_path / "o")]
-    args += ["--model", str(assets["clip"]), "--num_workers", "0"]
+    args += ["--model", str(assets["clip"]), "--dataloader_num_workers", "0"]
     code, message = recipe_error(digits.main, args, capsys)
     assert "MNIST (train) not found or unreadable" in message and "Dataset not found" in message
     assert ".." not in message

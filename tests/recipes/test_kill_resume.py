@@ -28,7 +28,6 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import TrainerState
 
 from recipes import office_home
-from recipes import run_uda
 from recipes.core import outputs
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")

@@ -62,7 +62,7 @@ def flags(world, out: Path, *extra: str) -> list[str]:
         "4",
         "--learning_rate",
         "1e-3",
-        "--num_workers",
+        "--dataloader_num_workers",
         "0",
     ]
     return [*base, "--quiet", "--output_dir", str(out), "-s", "Ar", *extra]

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from test_recipes_config import make_layout  # same folder
 from test_run_uda import argv, make_office_home, make_tiny_clip, write_small_config  # same folder
 
-from recipes import office_home
-from recipes import run_uda
-from recipes.core import outputs
-from recipes.core.config import ConfigError, build_parser, resolve_run_config
+from recipes import office_home, run_uda
+from recipes.core.arguments import parse
+from recipes.core.config import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +26,15 @@ def assets(tmp_path_factory):
 
 
 def _resolve(flags: list[str]):
-    parser = build_parser("office_home")
-    return resolve_run_config(parser.parse_args(["-s", "Ar", "-t", "Cl", "--data_dir", "/x", *flags]), "office_home")
+    return parse(
+        ["-s", "Ar", "-t", "Cl", "--data_dir", str(make_layout(Path("data"))), *flags],
+        "office_home",
+        exit_on_error=False,
+    )[0]
 
 
-def test_peft_flag_parsing_and_labels():
+def test_peft_flag_parsing_and_labels(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     run = _resolve(["--peft", "rst, lora,adalora", "--selection", "last"])
     assert run.peft_methods == ("rst", "lora", "adalora") and run.tau == 1e-6  # RST among them: the preset's tau
     assert run.output_dir == Path("runs/office_home/cmkd_peft/Ar-Cl")

@@ -5,8 +5,9 @@ import os
 
 import pytest
 
-from recipes.core.config import ConfigError, check_output_dir, load_benchmark_config
+from recipes.core.config import load_benchmark_config
 from recipes.core.tables import (
+    RESULTS_FILENAME,
     add_result,
     load_results,
     new_results,
@@ -145,8 +146,9 @@ def test_plot_and_report(tmp_path, office31_results):
     paths = write_report(office31_results, out)
     assert sorted(p.name for p in out.iterdir()) == ["accuracy_vs_dsp.png", "results.json", "results.md"]
     assert paths["markdown"].read_text() == render_markdown(office31_results)
-    with pytest.raises(ConfigError, match="already holds a finished run"):  # the JSON marks the run finished
-        check_output_dir(out, overwrite=False)
+    assert (
+        paths["json"] == out / RESULTS_FILENAME
+    )  # the JSON marks the run finished (tests/recipes/test_recipes_config)
 
 
 def test_empty_results_render(tmp_path):

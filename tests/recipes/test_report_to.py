@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 from test_run_uda import argv, make_office_home, make_tiny_clip, write_small_config  # same folder
 
-from recipes import office_home
-from recipes import run_uda
-from recipes.core import outputs
+from recipes import office_home, run_uda
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,7 @@ from safetensors.torch import load_file
 from test_run_uda import argv, make_office_home, make_tiny_clip, write_small_config  # same folder: shared assets
 from transformers import TrainerCallback
 
-from recipes import office_home
-from recipes import run_uda
+from recipes import office_home, run_uda
 from recipes.core import outputs
 
 

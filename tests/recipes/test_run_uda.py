@@ -16,8 +16,7 @@ import torch
 import yaml
 from PIL import Image
 
-from recipes import digits, domainnet, image_clef, office31, office_home, visda
-from recipes import run_uda
+from recipes import digits, domainnet, image_clef, office31, office_home, run_uda, visda
 from recipes.core import outputs
 
 CLASSES = ["Chair", "Alarm_Clock", "Bike"]  # on disk; label order is alphabetical
@@ -99,7 +98,7 @@ def assets(tmp_path_factory):
 def argv(assets, out: Path, *flags: str, iterations: int = 2, task=("Ar", "Cl")) -> list[str]:
     base = ["--config", str(assets["config"]), "--data_dir", str(assets["data"]), "--model", str(assets["clip"])]
     base += ["--max_steps", str(iterations), "--eval_steps", "2", "--batch_size", "4", "--learning_rate", "1e-3"]
-    base += ["--num_workers", "0", "--quiet", "--output_dir", str(out)]
+    base += ["--dataloader_num_workers", "0", "--quiet", "--output_dir", str(out)]
     if task:
         base += ["-s", task[0], "-t", task[1]]
     return base + list(flags)
@@ -256,7 +255,7 @@ def test_digits_trains_on_training_sets_and_scores_the_target_test_set(assets, t
     data = make_digits(tmp_path / "digits")
     out = tmp_path / "u_m"
     flags = ["--data_dir", str(data), "--model", str(assets["clip"]), "--max_steps", "2", "--eval_steps", "2"]
-    flags += ["--batch_size", "4", "--learning_rate", "1e-3", "--num_workers", "0", "--quiet", "--baseline"]
+    flags += ["--batch_size", "4", "--learning_rate", "1e-3", "--dataloader_num_workers", "0", "--quiet", "--baseline"]
     results = digits.main([*flags, "-s", "usps", "-t", "mnist", "--output_dir", str(out)])
     entry = results["methods"]["Baseline"]["U->M"]
 

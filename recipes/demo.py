@@ -79,13 +79,12 @@ def parse_demo(argv: Sequence[str] | None) -> tuple[Run, int]:
     if "--quick" in argv:
         defaults.update(max_steps=QUICK_MAX_STEPS, eval_steps=QUICK_EVAL_STEPS)
     run, (demo,) = parse(argv, defaults=defaults, extra=(DemoArguments,), script=SCRIPT)
+    problem = "--seeds must be >= 1" if demo.seeds < 1 else None
     if run.recipe.baseline or run.recipe.zero_shot:
-        raise SystemExit(
-            "error: the demo runs zero-shot, source-only, CMKD and CMKD+RST itself; drop --baseline / --zero-shot "
-            "(recipes/run_uda.py runs one method)"
-        )
-    if demo.seeds < 1:
-        raise SystemExit(f"error: --seeds must be >= 1, got {demo.seeds}")
+        problem = "the demo runs zero-shot, source-only, CMKD and CMKD+RST itself; drop --baseline / --zero-shot"
+    if problem:  # a usage error, like the parser's own
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
     return run, demo.seeds
 
 

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,7 @@ class RecipeArguments:
             "separated, run one after the other (each in <output_dir>/<method>) and end with the paper's Table VII"
         },
     )
-    tau: float | None = field(default=None, metadata={"help": "RST reset threshold (default: the backbone's)"})
+    tau: float | None = field(default=None, metadata={"help": "RST reset threshold, tied to the learning rate"})
     model: str | None = field(default=None, metadata={"help": "any CLIP on the Hub or a local folder"})
     backbone: str | None = field(default=None, metadata={"help": "the preset's hyper-parameter family"})
     batch_size: int | None = field(default=None, metadata={"help": "per-domain batch over all processes"})
@@ -161,6 +162,8 @@ def build_parser(bench: BenchmarkConfig, backbone: BackboneSpec, partial: bool, 
         learning_rate=backbone.learning_rate,
         head_lr_multiplier=backbone.head_lr_multiplier,
         batch_size=bench.batch_size,
+        tau=backbone.tau,
+        model=backbone.model,
         dataloader_num_workers=default_num_workers(),
         output_dir=None,
     )
@@ -180,7 +183,7 @@ def parse(
     A bad flag or preset value exits with status 2 and a one-line message (``exit_on_error=False``: raises
     :class:`ConfigError`)."""
     pre = argparse.ArgumentParser(add_help=False)
-    for flag in ("--benchmark", "--config", "--backbone", "--output_dir"):
+    for flag in ("--benchmark", "--config", "--backbone", "--output_dir", "--tau"):
         pre.add_argument(flag)
     pre.add_argument("--partial", nargs="?", const=True, default=False)
     known, _ = pre.parse_known_args(argv)
@@ -205,11 +208,12 @@ def parse(
             args=argv, look_for_args_file=False
         )
         output_dir = known.output_dir if known.output_dir is not None else (defaults or {}).get("output_dir")
-        run = resolve(bench, backbone, recipe, data, training, cmkd_config, output_dir, script)
+        run = resolve(bench, backbone, recipe, data, training, cmkd_config, output_dir, script, known.tau is not None)
     except (ConfigError, ValueError, TypeError) as exc:
+        message = re.sub(r"^([a-z_0-9]+) must be", r"--\1 must be", str(exc))  # a library field is a flag here
         if not exit_on_error:
-            raise ConfigError(str(exc)) from exc
-        parser.error(str(exc))
+            raise ConfigError(message) from exc
+        parser.error(message)
     if recipe.quiet:
         import huggingface_hub
         import transformers
@@ -260,7 +264,7 @@ def _tasks(bench: BenchmarkConfig, recipe: RecipeArguments, data: DataArguments)
     return [(src.key, tgt.key)]
 
 
-def _check_method(bench: BenchmarkConfig, recipe: RecipeArguments, peft: tuple[str, ...], training) -> str:
+def _check_method(bench, recipe: RecipeArguments, peft: tuple[str, ...], training, tau_given: bool) -> str:
     if recipe.baseline and recipe.zero_shot:
         raise ConfigError("--baseline and --zero-shot are different methods; pass only one of them")
     method = "baseline" if recipe.baseline else "zero_shot" if recipe.zero_shot else "cmkd"
@@ -268,7 +272,7 @@ def _check_method(bench: BenchmarkConfig, recipe: RecipeArguments, peft: tuple[s
         raise ConfigError(f"--fixmatch extends CMKD and cannot be combined with --{method.replace('_', '-')}")
     if method == "zero_shot" and peft != ("full",):
         raise ConfigError("--rst/--peft choose how the model is trained, but --zero-shot trains nothing; drop one")
-    if recipe.tau is not None and "rst" not in peft:
+    if tau_given and "rst" not in peft:
         raise ConfigError("--tau is the RST threshold; add --rst (or --peft rst) or drop --tau")
     if recipe.partial and not bench.partial.available:
         others = [b for b in available_benchmarks() if load_benchmark_config(b).partial.available]
@@ -316,8 +320,10 @@ def _output_dir(bench, recipe, method: str, peft: tuple[str, ...], tasks, given:
     probe = path.absolute()
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"--output_dir {str(path)!r} cannot be written: {probe} is not a writable folder")
+    if not probe.is_dir():
+        raise ConfigError(f"--output_dir {str(path)!r} cannot be created: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output_dir {str(path)!r} cannot be written: no write permission on {probe}")
     return path
 
 
@@ -333,10 +339,10 @@ def _check_hub(training, default_repo: str) -> str | None:
         return training.hub_model_id
     from huggingface_hub import constants, get_token
 
-    if constants.HF_HUB_OFFLINE:
-        raise ConfigError("--push_to_hub needs the network, but HF_HUB_OFFLINE=1 is set; unset it or drop the flag")
     if not (training.hub_token or get_token()):
         raise ConfigError("--push_to_hub needs a Hub token: set HF_TOKEN, run `hf auth login`, or pass --hub_token")
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError("--push_to_hub needs the network, but HF_HUB_OFFLINE=1 is set; unset it or drop the flag")
     return training.hub_model_id or default_repo
 
 
@@ -369,10 +375,10 @@ def _check_resume(training, recipe: RecipeArguments, tasks) -> None:
         )
 
 
-def resolve(bench, backbone, recipe, data, training, cmkd_config, output_dir, script=None) -> Run:
+def resolve(bench, backbone, recipe, data, training, cmkd_config, output_dir, script=None, tau_given=False) -> Run:
     """The parsed dataclasses -> :class:`Run`, or a :class:`ConfigError` saying what to change."""
     peft = _peft_methods(recipe)
-    method = _check_method(bench, recipe, peft, training)
+    method = _check_method(bench, recipe, peft, training, tau_given)
     tasks = _tasks(bench, recipe, data)
     data.check(bench, tasks, all_tasks=recipe.all)
     _check_selection(recipe, data, bench, tasks)
@@ -383,7 +389,7 @@ def resolve(bench, backbone, recipe, data, training, cmkd_config, output_dir, sc
             f"backbone {backbone.key!r} has no transformers checkpoint on the Hub; pass --model with a Hub id or a "
             "local path of a CLIPModel checkpoint"
         )
-    tau = (recipe.tau if recipe.tau is not None else backbone.tau) if "rst" in peft else None
+    tau = recipe.tau if "rst" in peft else None
     if tau is not None and not (math.isfinite(tau) and tau > 0):
         raise ConfigError(f"--tau must be a finite number > 0, got {tau}")
     if recipe.batch_size < 1:

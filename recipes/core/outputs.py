@@ -168,7 +168,7 @@ def push_task(run: Run, path: Path | None, repo_id: str, fields: dict[str, Any])
                 api.create_repo(repo_id, exist_ok=True)
                 api.upload_folder(repo_id=repo_id, folder_path=str(path), commit_message="Upload adapted CLIP")
         except Exception as exc:  # noqa: BLE001 - only network / Hub failures become a message
-            network = type(exc).__module__.split(".")[0] in ("httpx", "httpcore", "requests", "urllib3")
+            network = type(exc).__module__.startswith(("httpx", "httpcore", "requests", "urllib3"))
             if not (network or isinstance(exc, (OSError, HfHubHTTPError, HFValidationError))):
                 raise
             raise RecipeError(

@@ -257,7 +257,7 @@ def test_all_with_resume_keeps_finished_tasks_resumes_started_ones_and_starts_ne
         results = office_home.main(argv(assets, out, *flags, "--resume_from_checkpoint", iterations=4, task=None))
     assert sorted(results["methods"]["Baseline"]) == ["Ar->Cl", "Cl->Ar", "Pr->Re"]
     assert first.stat().st_mtime_ns == stamp
-    assert f"{out / 'Pr-Re'} has no complete checkpoint; starting this task from scratch" in caplog.text
+    assert f"{out / 'Pr-Re'} has no complete checkpoint to resume from; starting from scratch" in caplog.text
     state = json.loads((out / "Cl-Ar" / "checkpoint-4" / "trainer_state.json").read_text())
     assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4]
     assert (out / "Cl-Ar" / outputs.TASK_RESULT_FILENAME).is_file()
@@ -306,7 +306,7 @@ def test_batch_larger_than_a_domain_is_a_usage_error(assets, tmp_path, capsys):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--logging_steps", "0"], "--logging_steps must be an integer >= 1, got 0"),
+        (["--logging_steps", "0"], "--logging_steps must be a finite number > 0, got 0.0"),
         (["--seed", "-1"], "--seed must be an integer in [0, 4.29497e+09], got -1"),
         (["--rst", "--tau", "nan"], "--tau must be a finite number > 0, got nan"),
         (["--learning_rate", "nan"], "--learning_rate must be a finite number > 0, got nan"),

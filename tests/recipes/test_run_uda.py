@@ -358,7 +358,8 @@ def test_every_recipe_help_shows_its_yaml_defaults(name, capsys):
     options = text[text.index("options:") :]
 
     def shown(flag: str) -> str:  # the "(default: ...)" of this flag's own help, not of a later flag
-        return re.search(rf" {flag} [A-Z_]+ (?:(?! --).)*?\(default: ([^)]+)\)", options).group(1)
+        pattern = rf" {flag} [A-Z_]+(?:, --[a-z-]+ [A-Z_]+)? (?:(?! --).)*?\(default: ([^)]+)\)"
+        return re.search(pattern, options).group(1)
 
     assert float(shown("--tau")) == backbone["tau"]
     assert float(shown("--learning_rate")) == backbone["learning_rate"]

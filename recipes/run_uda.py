@@ -30,13 +30,14 @@ from accelerate.utils import get_int_from_env  # noqa: E402
 
 from cmkd import CLIPAdaptationModel, CMKDTrainer, apply_peft  # noqa: E402
 from cmkd.callbacks import TrainingDivergedError  # noqa: E402
+from cmkd.peft_methods import PEFT_SAVED_AS  # noqa: E402
 from cmkd.pretrained import CLIPBundle, ModelSourceError, load_clip  # noqa: E402
-from cmkd.saving import clean_interrupted_saves  # noqa: E402
+from cmkd.saving import SavedModel, clean_interrupted_saves, save_adapted_model  # noqa: E402
 from recipes.core import outputs  # noqa: E402
 from recipes.core.arguments import Run, parse  # noqa: E402
 from recipes.core.config import ConfigError  # noqa: E402
 from recipes.core.data import DataError, TaskData, load_task_data  # noqa: E402
-from recipes.core.outputs import RecipeError, TaskResult  # noqa: E402
+from recipes.core.outputs import ADAPTER_DIRNAME, MODEL_DIRNAME, RecipeError, TaskResult  # noqa: E402
 from recipes.core.tables import add_result, new_results, render_markdown, write_report  # noqa: E402
 
 TOY = "digits_shift"  # the embedded task: its images are rendered by cmkd.toy on first use
@@ -129,8 +130,8 @@ def run_task(run: Run, clip: CLIPBundle, source: str, target: str, callbacks: Se
     if run.method != "zero_shot":
         trainer.train(resume_from_checkpoint=resume_from)
     metrics = evaluate(run, trainer, data.classes)
-    fields = outputs.card_fields(run, source, target, metrics, data.classes)
-    saved = outputs.save_task(run, trainer, task_dir, fields, clip.processor)
+    fields = card_fields(run, source, target, metrics, data.classes)
+    saved = save_task(run, trainer, task_dir, fields, clip.processor)
     path = saved.path if saved else None
     hub_repo = outputs.push_task(run, path, outputs.hub_repo_id(run, source, target), fields)
     result = TaskResult(
@@ -167,7 +168,7 @@ def build_model(run: Run, clip: CLIPBundle, classes: Sequence[str]):
     model = CLIPAdaptationModel.from_clip(
         clip.model, list(classes), run.bench.prompt_template, tokenizer=clip.tokenizer
     )
-    model.name_or_path = model.config._name_or_path = outputs.base_model_name(run)
+    model.name_or_path = model.config._name_or_path = base_model_name(run)
     if run.peft == "full":
         return model
     options = {"rst": {"tau": run.tau}, "adalora": {"total_step": run.training.max_steps}}.get(run.peft, {})
@@ -247,7 +248,7 @@ def record_task(results: dict[str, Any], result: TaskResult) -> dict[str, Any]:
             extra[key] = getattr(result, key)
     add_result(results, result.method, result.task, result.score, result.dsp, result.per_class, **extra)
     if PartialState().is_main_process:
-        print(outputs.task_line(result), flush=True)
+        print(task_line(result), flush=True)
     return results
 
 
@@ -260,6 +261,89 @@ def finish_run(run: Run, results: dict[str, Any]) -> dict[str, Path]:
         print(f"results: {paths['json']}  table: {paths['markdown']}  plot: {paths['plot']}", flush=True)
     PartialState().wait_for_everyone()
     return paths
+
+
+def card_fields(run: Run, source: str, target: str, metrics: dict[str, Any], classes: list[str]) -> dict[str, Any]:
+    """Model card fields of one task (``peft_rst.model_card.CARD_FIELDS``): the script, the settings, the selection
+    rule with its value next to the accuracy, and how to rebuild the base model."""
+    from cmkd.toy import TINY_CLIP_PATH
+
+    bench, args = run.bench, run.training
+    notes = (
+        f"Trained with `{run.script}` ({run.method_label}, checkpoint: {run.selection_rule}): {args.max_steps} "
+        f"iterations, batch {run.batch_size} source + {run.batch_size} target, SGD lr {args.learning_rate:g} (head x"
+        f"{args.head_lr_multiplier:g}), seed {args.seed}, prompt `{bench.prompt_template}`."
+    )
+    if metrics.get("teacher_accuracy") is not None:
+        notes += f" The zero-shot CLIP head on the adapted features scores {100 * metrics['teacher_accuracy']:.2f} %."
+    sel = metrics.get("selection")
+    if sel:
+        notes += f"\n\nCheckpoint selection: {sel['rule']}" + (
+            "" if sel["value"] is None else f"; value {sel['value']:.4g}"
+        )
+        notes += f" at step {sel['step']}"
+        if sel.get("accuracy") is not None:
+            notes += (
+                f", target accuracy {100 * sel['accuracy']:.2f} % (target labels used for reporting only). Last "
+                f"checkpoint: {100 * sel['last']['accuracy']:.2f} %; {sel['oracle']['name']}: "
+                f"{100 * sel['oracle']['accuracy']:.2f} % at step {sel['oracle']['step']}; gap to the oracle "
+                f"{100 * sel['gap']:.2f} points."
+            )
+        else:
+            notes += "; no target labels were given, so no accuracy is reported."
+    shipped = Path(run.model).exists() and Path(run.model).resolve() == TINY_CLIP_PATH
+    base = "TINY_CLIP_PATH" if shipped else repr(run.model)
+    code = "from cmkd import CLIPAdaptationModel\n" + "from cmkd.toy import TINY_CLIP_PATH\n" * shipped
+    code += f"\nclass_names = {classes!r}\n"
+    code += f"base = CLIPAdaptationModel.from_clip({base}, class_names, {bench.prompt_template!r})"
+    return dict(
+        repo_id=outputs.hub_repo_id(run, source, target) if args.push_to_hub else None,
+        base_model=base_model_name(run),
+        dataset=bench.name,
+        source_domain=bench.domains[source].name,
+        target_domain=bench.domains[target].name if target in bench.domains else target,
+        accuracy=metrics["score"],
+        metric="balanced_accuracy" if bench.metric == "mean_class_accuracy" else "accuracy",
+        training_notes=notes,
+        base_loading_code=code,
+    )
+
+
+def base_model_name(run: Run) -> str:
+    """The base model as given (a Hub id, or the preset's ``cmkd:`` name of the shipped tiny CLIP), never the
+    absolute local folder it resolved to: cards and adapter configs stay valid on another machine."""
+    return str(run.recipe.model or run.backbone.model)
+
+
+def save_task(run: Run, trainer, task_dir: Path, fields: dict[str, Any], image_processor=None) -> SavedModel | None:
+    """``cmkd.saving.save_adapted_model`` on the main process (zero-shot saves nothing)."""
+    saved = None
+    if run.method != "zero_shot" and trainer.args.should_save:
+        saved = save_adapted_model(trainer.model, task_dir, run.peft, fields, image_processor)
+    trainer.accelerator.wait_for_everyone()
+    if saved is None and run.method != "zero_shot":  # another process: the same folder, measured by the main one
+        saved = SavedModel(
+            task_dir / (ADAPTER_DIRNAME if PEFT_SAVED_AS[run.peft] == "adapter" else MODEL_DIRNAME), 0, 0
+        )
+    return saved
+
+
+def task_line(r: TaskResult) -> str:
+    """One printed line per finished task: its score and the rule that picked the checkpoint."""
+    size = f", {r.nbytes:,} bytes stored" if r.nbytes else ""
+    teacher = f" (CLIP head {100 * r.teacher_accuracy:.1f} %)" if r.teacher_accuracy is not None else ""
+    score = "accuracy not reported (no target labels)" if r.score is None else f"{100 * r.score:.1f} %"
+    sel = r.selection
+    if sel:
+        score += (
+            f" [checkpoint: {sel['rule']}"
+            if sel["value"] is None
+            else f" [checkpoint by {sel['metric']} = {sel['value']:.4g}"
+        )
+        if sel.get("oracle"):
+            score += f"; {sel['oracle']['name']}: {100 * sel['oracle']['accuracy']:.1f} %"
+        score += "]"
+    return f"[{r.task}] {r.method}: {score}{teacher}, DSP {r.dsp / 1e6:.4f} M{size}"
 
 
 USER_ERRORS = (ConfigError, DataError, RecipeError, TrainingDivergedError, ModelSourceError)

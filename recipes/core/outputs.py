@@ -17,7 +17,6 @@ from typing import Any
 from accelerate import PartialState
 
 from cmkd.checkpoints import InterruptedRunError, checkpoint_folders, resume_point
-from cmkd.saving import SavedModel, save_adapted_model
 from peft_rst.files import atomic_write_text
 
 from .arguments import Run
@@ -79,73 +78,10 @@ def finished_task(run: Run, task_dir: Path) -> TaskResult | None:
     return result
 
 
-def card_fields(run: Run, source: str, target: str, metrics: dict[str, Any], classes: list[str]) -> dict[str, Any]:
-    """Model card fields of one task (``peft_rst.model_card.CARD_FIELDS``): the script, the settings, the selection
-    rule with its value next to the accuracy, and how to rebuild the base model."""
-    from cmkd.toy import TINY_CLIP_PATH
-
-    bench, args = run.bench, run.training
-    notes = (
-        f"Trained with `{run.script}` ({run.method_label}, checkpoint: {run.selection_rule}): {args.max_steps} "
-        f"iterations, batch {run.batch_size} source + {run.batch_size} target, SGD lr {args.learning_rate:g} (head x"
-        f"{args.head_lr_multiplier:g}), seed {args.seed}, prompt `{bench.prompt_template}`."
-    )
-    if metrics.get("teacher_accuracy") is not None:
-        notes += f" The zero-shot CLIP head on the adapted features scores {100 * metrics['teacher_accuracy']:.2f} %."
-    sel = metrics.get("selection")
-    if sel:
-        notes += f"\n\nCheckpoint selection: {sel['rule']}" + (
-            "" if sel["value"] is None else f"; value {sel['value']:.4g}"
-        )
-        notes += f" at step {sel['step']}"
-        if sel.get("accuracy") is not None:
-            notes += (
-                f", target accuracy {100 * sel['accuracy']:.2f} % (target labels used for reporting only). Last "
-                f"checkpoint: {100 * sel['last']['accuracy']:.2f} %; {sel['oracle']['name']}: "
-                f"{100 * sel['oracle']['accuracy']:.2f} % at step {sel['oracle']['step']}; gap to the oracle "
-                f"{100 * sel['gap']:.2f} points."
-            )
-        else:
-            notes += "; no target labels were given, so no accuracy is reported."
-    shipped = Path(run.model).exists() and Path(run.model).resolve() == TINY_CLIP_PATH
-    base = "TINY_CLIP_PATH" if shipped else repr(run.model)
-    code = "from cmkd import CLIPAdaptationModel\n" + "from cmkd.toy import TINY_CLIP_PATH\n" * shipped
-    code += f"\nclass_names = {classes!r}\n"
-    code += f"base = CLIPAdaptationModel.from_clip({base}, class_names, {bench.prompt_template!r})"
-    return dict(
-        repo_id=hub_repo_id(run, source, target) if args.push_to_hub else None,
-        base_model=base_model_name(run),
-        dataset=bench.name,
-        source_domain=bench.domains[source].name,
-        target_domain=bench.domains[target].name if target in bench.domains else target,
-        accuracy=metrics["score"],
-        metric="balanced_accuracy" if bench.metric == "mean_class_accuracy" else "accuracy",
-        training_notes=notes,
-        base_loading_code=code,
-    )
-
-
-def base_model_name(run: Run) -> str:
-    """The base model as given (a Hub id, or the preset's ``cmkd:`` name of the shipped tiny CLIP), never the
-    absolute local folder it resolved to: cards and adapter configs stay valid on another machine."""
-    return str(run.recipe.model or run.backbone.model)
-
-
 def hub_repo_id(run: Run, source: str, target: str) -> str:
     """``--hub_model_id`` (default: the output folder's name), suffixed with the task when several are run."""
     base = run.hub_model_id or run.output_dir.resolve().name
     return f"{base}-{source}-{target}".lower() if len(run.tasks) > 1 else base
-
-
-def save_task(run: Run, trainer, task_dir: Path, fields: dict[str, Any], image_processor=None) -> SavedModel | None:
-    """``cmkd.saving.save_adapted_model`` on the main process (zero-shot saves nothing)."""
-    saved = None
-    if run.method != "zero_shot" and trainer.args.should_save:
-        saved = save_adapted_model(trainer.model, task_dir, run.peft, fields, image_processor)
-    trainer.accelerator.wait_for_everyone()
-    if saved is None and run.method != "zero_shot":  # another process: the same folder, measured by the main one
-        saved = SavedModel(task_dir / (ADAPTER_DIRNAME if run.rst else MODEL_DIRNAME), 0, 0)
-    return saved
 
 
 def push_task(run: Run, path: Path | None, repo_id: str, fields: dict[str, Any]) -> str | None:
@@ -189,21 +125,3 @@ def finish_task(run: Run, task_dir: Path, result: TaskResult) -> TaskResult:
             for ckpt in checkpoint_folders(task_dir):
                 shutil.rmtree(ckpt, ignore_errors=True)
     return result
-
-
-def task_line(r: TaskResult) -> str:
-    """One printed line per finished task: its score and the rule that picked the checkpoint."""
-    size = f", {r.nbytes:,} bytes stored" if r.nbytes else ""
-    teacher = f" (CLIP head {100 * r.teacher_accuracy:.1f} %)" if r.teacher_accuracy is not None else ""
-    score = "accuracy not reported (no target labels)" if r.score is None else f"{100 * r.score:.1f} %"
-    sel = r.selection
-    if sel:
-        score += (
-            f" [checkpoint: {sel['rule']}"
-            if sel["value"] is None
-            else f" [checkpoint by {sel['metric']} = {sel['value']:.4g}"
-        )
-        if sel.get("oracle"):
-            score += f"; {sel['oracle']['name']}: {100 * sel['oracle']['accuracy']:.1f} %"
-        score += "]"
-    return f"[{r.task}] {r.method}: {score}{teacher}, DSP {r.dsp / 1e6:.4f} M{size}"

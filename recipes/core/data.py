@@ -124,7 +124,7 @@ class DataArguments:
             )
         for flag, path in given:  # their contents are checked when loaded
             kind = flag.rsplit("_", 1)[-1]
-            if kind == "id" and str(path).startswith((".", "/", "~")) and not path.exists():
+            if kind == "id" and str(getattr(self, flag)).startswith((".", "/", "~")) and not path.exists():
                 raise DataNotFoundError(
                     f"--{flag} {path} does not exist (a local path; a Hub id has no leading . / ~)"
                 )

@@ -19,6 +19,7 @@ import datasets
 import numpy as np
 from datasets import ClassLabel, Dataset, Features, Image
 from PIL import Image as PILImage
+from torchvision.transforms import Compose
 
 from cmkd.data import with_image_transform
 from cmkd.transforms import build_transform, image_size_from_processor, normalization_from_processor
@@ -65,7 +66,7 @@ class DataArguments:
     dataset_config: str | None = _arg("with --dataset_id: config name; {domain}, {key}, {name} filled in per domain")
     download: bool = _arg("digits only: let torchvision download into --data_dir", False)
     verify_images: Literal["none", "header", "full"] = _arg(
-        "check every image first (header: open, full: decode)", "none"
+        "check all images first (header: open; full: decode)", "none"
     )
     num_workers: int | None = _arg("DataLoader workers (default: CPUs available, at most 8)")
     target_dir: str | None = _arg("flat folder of unlabeled target images (replaces --target's domain)")
@@ -76,9 +77,7 @@ class DataArguments:
     eval_list: str | None = _arg("labeled target image list ('relative/path label' lines), for reporting only")
     eval_dataset_id: str | None = _arg("datasets id or path of a labeled target (image + label), for reporting only")
     eval_split: str = _arg("split of --eval_dataset_id", "train")
-    source_val_fraction: float = _arg(
-        "source fraction held out (stratified) for the source_accuracy/dev validators", 0.0
-    )
+    source_val_fraction: float = _arg("source part held out (stratified) for source_accuracy/dev validators", 0.0)
 
     def given(self, flags: Sequence[str]) -> list[str]:
         return [f for f in flags if getattr(self, f)]
@@ -434,13 +433,16 @@ def load_domain(
         config = (data.dataset_config or ("" if data.domain_column else "{domain}")).format(
             domain=spec.folder, key=spec.key, name=spec.name
         )
-        ds, where = load_hf_dataset(data.dataset_id, split, "--dataset_id", config or None), f"{data.dataset_id!r}"
+        ds = load_hf_dataset(data.dataset_id, split, "--dataset_id", config or None)
+        where = f"Hub dataset {data.dataset_id!r}"
         if (column := data.domain_column) and column not in ds.features:
             raise DataError(f"--domain_column {column!r} not in {where}; columns: {list(ds.features)}")
         if column:
             values = [str(getattr(ds.features[column], "int2str", str)(v)) for v in ds[column]]
             if not (keep := [i for i, v in enumerate(values) if spec.matches(v)]):
-                raise DataError(f"no rows of {where} have {column} = {spec.key}/{spec.name}; values: {set(values)}")
+                raise DataError(
+                    f"no rows of {where} have {column} = {spec.key}/{spec.name}; values: {sorted(set(values))[:20]}"
+                )
             ds = ds.select(keep)
         ds = _in_schema(ds, f"--dataset_id {where}", True, cfg.classes)
     elif data_dir is None and cfg.loader == "torchvision":
@@ -576,19 +578,11 @@ def open_rgb(image: Any) -> PILImage.Image:
         ) from exc
 
 
-class DecodeThen:
-    """Decode to RGB, then ``transform`` (a class, so datasets pickle for DataLoader workers)."""
-
-    def __init__(self, transform: Callable) -> None:
-        self.transform = transform
-
-    def __call__(self, image: Any) -> Any:
-        return self.transform(open_rgb(image))
-
-
 def transformed(ds: Dataset, transform: Callable, strong: Callable | None = None) -> Dataset:
-    """``cmkd.data.with_image_transform``: items ``{"pixel_values", "labels"?, "pixel_values_strong"?}``."""
-    return with_image_transform(ds, DecodeThen(transform), DecodeThen(strong) if strong is not None else None)
+    """``cmkd.data.with_image_transform`` after `open_rgb`: items ``{"pixel_values", "labels"?,
+    "pixel_values_strong"?}``."""
+    decoded = [Compose([open_rgb, t]) if t is not None else None for t in (transform, strong)]
+    return with_image_transform(ds, *decoded)
 
 
 def bench_transform(bench: BenchmarkConfig, preset: str, *, image_size: int | None = None, processor=None):

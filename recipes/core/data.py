@@ -18,6 +18,7 @@ from typing import Any, Literal
 import datasets
 import numpy as np
 from datasets import ClassLabel, Dataset, Features, Image
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image as PILImage
 from torchvision.transforms import Compose
 
@@ -29,6 +30,7 @@ from .config import BenchmarkConfig, ConfigError, DomainSpec, load_benchmark_con
 TARGET_FLAGS = ("target_dir", "target_list", "target_dataset_id")
 EVAL_FLAGS = ("eval_dir", "eval_list", "eval_dataset_id")
 LIST_SEARCH_SUBDIRS = ("", "image_list", "list")  # where shipped image lists live relative to --data_dir
+IMAGE_EXTENSIONS = tuple(ImageFolder.EXTENSIONS)  # what load_dataset("imagefolder") reads
 
 
 class DataError(RuntimeError):
@@ -198,35 +200,46 @@ def classes_of(ds: Dataset) -> list[str]:
     return list(ds.features["label"].names)
 
 
+def _images_under(folder: Path, recursive: bool = True) -> list[str]:
+    """The image files under ``folder`` (sorted, hidden ones skipped, imagefolder's extensions); a plain walk, as
+    ``load_dataset("imagefolder")`` spends milliseconds per file resolving and caching local files."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
+        images = [f for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        found += [os.path.join(dirpath, f) for f in images]
+    return found
+
+
 def image_folder(root: str | os.PathLike, labeled: bool = True, flag: str = "--target_dir") -> Dataset:
-    """``load_dataset("imagefolder")`` over ``root``. Labeled: ``root/<class>/<images>``, every class folder holding
-    images. Unlabeled (``flag``): the images directly in ``root``; sub-folders with images mean a labeled set."""
+    """An ImageFolder as a dataset. Labeled: ``root/<class>/**/<images>``, every class folder holding images.
+    Unlabeled (``flag``): the images directly in ``root``; sub-folders with images mean a labeled set."""
     root = Path(root)
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if labeled and not classes:
         raise DataNotFoundError(f"{root} has no class sub-folders; expected {root}/<class name>/<image files>")
-    try:
-        files = {"train": str(root / "**")}
-        ds = datasets.load_dataset("imagefolder", data_files=files, split="train", drop_labels=not labeled)
-        ds = ds.cast_column("image", Image(decode=False))
-    except ValueError:  # "corresponds to no data": no image file
-        ds = None
-    if labeled and (empty := [c for c in classes if ds is None or c not in classes_of(ds)]):
+    per_class = {c: _images_under(root / c) for c in classes}
+    if labeled and (empty := [c for c in classes if not per_class[c]]):
         raise DataError(
             f"{len(empty)} class folder(s) under {root} hold no images ({', '.join(empty[:20])}"
             f"{', ...' if len(empty) > 20 else ''}). Every domain needs every class: finish the download/extraction "
             "or remove stray folders"
         )
-    rel = [Path(os.path.relpath(p, root)) for p in image_paths(ds)] if ds is not None and not labeled else []
-    if nested := sorted({r.parts[0] for r in rel if len(r.parts) > 1}):
+    if labeled:
+        return files_dataset(
+            [p for c in classes for p in per_class[c]],
+            [i for i, c in enumerate(classes) for _ in per_class[c]],
+            classes,
+        )
+    if nested := [c for c in classes if per_class[c]]:
         raise DataError(
             f"{flag} {root} holds {len(nested)} sub-folders with images ({', '.join(f'{d}/' for d in nested[:5])}). "
             "That is the layout of a labeled ImageFolder (one folder per class): pass it as --eval_dir to adapt on "
             f"its images and report accuracy with its labels. {flag} takes a flat folder of unlabeled images."
         )
-    if ds is None:
+    if not (images := _images_under(root, recursive=False)):
         raise DataNotFoundError(f"{flag} {root} holds no images; point it at the folder with the image files")
-    return ds
+    return files_dataset(images)
 
 
 def read_list_text(list_file: str | os.PathLike) -> str:

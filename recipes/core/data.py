@@ -118,10 +118,10 @@ class DataArguments:
         if not (self.dataset_id or self.data_dir or lists):
             raise ConfigError(f"no data given: pass --data_dir (the {name} folder as it ships) or --dataset_id")
         given = [(f, Path(getattr(self, f)).expanduser()) for f in self.given((*TARGET_FLAGS, *EVAL_FLAGS))]
-        for key in {k for task in tasks for k in task} - set(bench.domains) if not given else ():
+        if not given and (unknown := sorted({k for task in tasks for k in task} - set(bench.domains))):
             raise ConfigError(
-                f"target {key!r} is not a domain of {name}: pass one of its domains with --target, or give the target "
-                "images with --target_dir, --target_list or --target_dataset_id"
+                f"target {unknown[0]!r} is not a domain of {name}: pass one of its domains with --target, or give the "
+                "target images with --target_dir, --target_list or --target_dataset_id"
             )
         for flag, path in given:  # their contents are checked when loaded
             kind = flag.rsplit("_", 1)[-1]
@@ -428,8 +428,8 @@ def _load_digits(cfg: BenchmarkConfig, spec: DomainSpec, split: str, data: DataA
 
 
 def load_domain(
-    bench: BenchmarkConfig | str, domain: str, data: DataArguments | None = None, *, split="train", **flags
-):
+    bench: BenchmarkConfig | str, domain: str, data: DataArguments | None = None, *, split: str = "train", **flags: Any
+) -> Dataset:
     """One labeled domain from ``data`` (or ``DataArguments(**flags)``): --dataset_id (one config per domain, or
     --domain_column), else an image list, else the ImageFolder ``<data_dir>/<domain folder>``; digits: torchvision.
     ``split``: "train" or "test" (benchmarks without an official split use the whole domain for both)."""
@@ -504,6 +504,8 @@ def load_target(data: DataArguments, classes: Sequence[str] | None = None) -> Da
     be ``classes``, the source's, in the same order)."""
     kind = "eval" if classes is not None else "target"
     folder, listed, dataset_id = (getattr(data, f"{kind}_{s}") for s in ("dir", "list", "dataset_id"))
+    if (folder and not Path(folder).is_dir()) or (listed and not Path(listed).is_file()):
+        raise DataNotFoundError(f"--{kind}_{'dir' if folder else 'list'} {folder or listed} does not exist")
     if folder and classes is not None and not any(e.is_dir() for e in os.scandir(folder)):
         raise DataError(
             f"--eval_dir {folder} holds no class sub-folders, so it has no labels: pass it as --target_dir (unlabeled "
@@ -625,7 +627,16 @@ class TaskData:
 
 
 def load_task_data(
-    bench, data, source, target, *, partial, fixmatch, seed, image_size=None, processor=None
+    bench: BenchmarkConfig,
+    data: DataArguments,
+    source: str,
+    target: str,
+    *,
+    partial: bool,
+    fixmatch: bool,
+    seed: int,
+    image_size: int | None = None,
+    processor: Any = None,
 ) -> TaskData:
     """Source (minus --source_val_fraction), target without labels and the target's evaluation view, with the
     benchmark's presets at the model's input size; partial-set runs keep the benchmark's target classes."""

@@ -235,6 +235,12 @@ def test_required_image_list_missing(tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _datasets_cache_in_tmp(tmp_path, monkeypatch):
+    """datasets.load_dataset caches under tmp_path, not the user's cache (load_domain takes no cache_dir)."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+
+
 def _hub_dir(tmp_path):
     import datasets
 

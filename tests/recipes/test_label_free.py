@@ -18,8 +18,7 @@ from recipes import office_home
 from recipes.core.data import (
     DataArguments,
     DataError,
-    load_labeled_eval,
-    load_unlabeled_target,
+    load_target,
     split_source,
     transformed,
 )
@@ -111,14 +110,14 @@ def _pixels(ds):
 
 
 def test_image_list_and_dataset_without_labels_are_targets(world, tmp_path):
-    from_list = _pixels(load_unlabeled_target(DataArguments(target_list=str(world["root"] / "paths.txt"))))
+    from_list = _pixels(load_target(DataArguments(target_list=str(world["root"] / "paths.txt"))))
     assert len(from_list) == 12 and set(from_list[0]) == {"pixel_values"}
     from datasets import Dataset, Image
 
     ds = Dataset.from_dict({"image": [str(p) for p in sorted(world["flat"].glob("*.png"))]})
     ds.cast_column("image", Image()).save_to_disk(tmp_path / "ds")
     arrow = tmp_path / "ds"
-    got = load_unlabeled_target(DataArguments(target_dataset_id=str(arrow)))
+    got = load_target(DataArguments(target_dataset_id=str(arrow)))
     assert len(got) == 12 and list(got.features) == ["image"]
     assert torch.equal(_pixels(got)[0]["pixel_values"], from_list[0]["pixel_values"])  # same first image
 
@@ -126,12 +125,12 @@ def test_image_list_and_dataset_without_labels_are_targets(world, tmp_path):
 def test_labeled_data_given_as_unlabeled_says_which_flag_fits(world):
     classes = sorted(CLASSES)
     with pytest.raises(DataError, match=r"3 sub-folders with images .*pass it as --eval_dir"):
-        load_unlabeled_target(DataArguments(target_dir=str(world["data"] / "Clipart")))
+        load_target(DataArguments(target_dir=str(world["data"] / "Clipart")))
     with pytest.raises(DataError, match=r"look like 'path label'.*--eval_list"):
-        load_unlabeled_target(DataArguments(target_list=str(world["root"] / "labeled.txt")))
+        load_target(DataArguments(target_list=str(world["root"] / "labeled.txt")))
     with pytest.raises(DataError, match=r"no class sub-folders.*--target_dir"):
-        load_labeled_eval(DataArguments(eval_dir=str(world["flat"])), classes)
-    labeled = _pixels(load_labeled_eval(DataArguments(eval_list=str(world["root"] / "labeled.txt")), classes))
+        load_target(DataArguments(eval_dir=str(world["flat"])), classes)
+    labeled = _pixels(load_target(DataArguments(eval_list=str(world["root"] / "labeled.txt")), classes))
     assert labeled[5]["labels"] == 1
 
 
@@ -142,7 +141,7 @@ def test_labeled_dataset_given_as_unlabeled_names_eval_dataset_id(world, tmp_pat
     features = Features({"image": Image(), "label": ClassLabel(names=sorted(CLASSES))})
     Dataset.from_dict({"image": paths, "label": [0] * len(paths)}, features=features).save_to_disk(tmp_path / "l")
     with pytest.raises(DataError, match="label column 'label'.*--eval_dataset_id"):
-        load_unlabeled_target(DataArguments(target_dataset_id=str(tmp_path / "l")))
+        load_target(DataArguments(target_dataset_id=str(tmp_path / "l")))
 
 
 def test_selection_flags_name_what_supplies_them(world, tmp_path, capsys):
@@ -161,9 +160,9 @@ def test_selection_flags_name_what_supplies_them(world, tmp_path, capsys):
 
 
 def test_source_split_is_stratified_seeded_and_disjoint(world):
-    from recipes.core.data import image_paths, labels_of, scan_image_folder
+    from recipes.core.data import image_folder, image_paths, labels_of
 
-    source = scan_image_folder(world["data"] / "Art")
+    source = image_folder(world["data"] / "Art")
     train, held = split_source(source, 0.5, seed=3)
     assert len(train) + len(held) == len(source) and len(held) == 6
     assert sorted(labels_of(held)) == [0, 0, 1, 1, 2, 2]
@@ -173,7 +172,7 @@ def test_source_split_is_stratified_seeded_and_disjoint(world):
 
 
 def test_labeled_folder_alone_is_adapted_on_without_labels_and_oracle_is_named(world, tmp_path):
-    labeled = load_labeled_eval(DataArguments(eval_dir=str(world["data"] / "Clipart")), sorted(CLASSES))
+    labeled = load_target(DataArguments(eval_dir=str(world["data"] / "Clipart")), sorted(CLASSES))
     unlabeled = _pixels(labeled.remove_columns("label"))
     assert len(unlabeled) == len(labeled) and set(unlabeled[3]) == {"pixel_values"}
     out = tmp_path / "run"
@@ -188,7 +187,7 @@ def test_labeled_target_with_other_classes_is_refused(world):
 
     wrong = [*sorted(CLASSES)[:-1], "Zebra"]
     with pytest.raises(ClassMismatchError, match=r"only in the source: \['Zebra'\]; only in the labeled target"):
-        load_labeled_eval(DataArguments(eval_dir=str(world["data"] / "Clipart")), wrong)
+        load_target(DataArguments(eval_dir=str(world["data"] / "Clipart")), wrong)
 
 
 def test_target_list_in_another_encoding_names_file_and_line(world, tmp_path):
@@ -196,4 +195,4 @@ def test_target_list_in_another_encoding_names_file_and_line(world, tmp_path):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("# ok\ncaf\xe9.png\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin1.txt:2: not UTF-8 text \(byte 0xe9\)"):
-        load_unlabeled_target(DataArguments(target_list=str(bad)))
+        load_target(DataArguments(target_list=str(bad)))

@@ -235,6 +235,12 @@ def test_required_image_list_missing(tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _datasets_cache_in_tmp(tmp_path, monkeypatch):
+    """datasets.load_dataset caches under tmp_path, not the user's cache (load_domain takes no cache_dir)."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+
+
 def _hub_dir(tmp_path):
     import datasets
 
@@ -260,7 +266,6 @@ def test_hub_dataset_with_domain_column(tmp_path, office_home_3):
         "Cl",
         dataset_id=str(path),
         domain_column="domain",
-        cache_dir=str(tmp_path / "cache"),
     )
     assert classes_of(ds) == CLASSES and len(ds) == 3 and labels_of(ds) == [0, 1, 2]
     item = transformed(ds, build_transform("office_test", 8))[1]
@@ -269,13 +274,13 @@ def test_hub_dataset_with_domain_column(tmp_path, office_home_3):
     expected = (50 / 255 - CLIP_MEAN[0]) / CLIP_STD[0]
     assert torch.allclose(x[0], torch.full((8, 8), expected), atol=1e-5)
     with pytest.raises(DataError, match="--domain_column 'dom' not in"):
-        load_domain(office_home_3, "Cl", dataset_id=str(path), domain_column="dom", cache_dir=str(tmp_path / "c"))
+        load_domain(office_home_3, "Cl", dataset_id=str(path), domain_column="dom")
 
 
 def test_dataset_saved_to_disk_is_a_source(tmp_path, office_home_3):
     """--dataset_id also takes a save_to_disk folder: the same loader as the --*_dataset_id targets."""
     files = str(_hub_dir(tmp_path) / "data" / "*.parquet")
-    rows = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "cache"))
+    rows = datasets.load_dataset("parquet", data_files=files, split="train")
     rows.save_to_disk(str(tmp_path / "saved"))
     ds = load_domain(office_home_3, "Ar", dataset_id=str(tmp_path / "saved"), domain_column="domain")
     assert classes_of(ds) == CLASSES and labels_of(ds) == [0, 1, 2] and list(ds.features) == ["image", "label"]
@@ -288,7 +293,7 @@ def test_hub_dataset_offline_error(tmp_path, monkeypatch, office_home_3):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataNotFoundError) as exc:
-        load_domain(office_home_3, "Ar", dataset_id="someone/office-home", cache_dir=str(tmp_path / "cache"))
+        load_domain(office_home_3, "Ar", dataset_id="someone/office-home")
     msg = str(exc.value)
     assert "could not reach the Hub for dataset 'someone/office-home'" in msg
     assert "HF_HUB_OFFLINE=1" in msg and "--data_dir" in msg

@@ -73,7 +73,7 @@ def parse_demo(argv: Sequence[str] | None) -> tuple[Run, int]:
     Returns the run and the number of seeds per method."""
     argv = list(sys.argv[1:] if argv is None else argv)
     defaults = {"benchmark": TOY, "rst": True, "selection": "last"}  # label-free selection by default
-    toy = run_uda.prepare_toy_task(argv, "digits_shift" if "--benchmark" not in argv else None, DEFAULT_OUTPUT)
+    toy = run_uda.toy_defaults(argv, TOY if "--benchmark" not in argv else None, DEFAULT_OUTPUT)
     if toy:  # 32x32 digits decode in microseconds: worker processes cost more than they save
         defaults.update(toy, output_dir=DEFAULT_OUTPUT, dataloader_num_workers=0)
     if "--quick" in argv:
@@ -97,6 +97,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence = ()) -> dict:
         # other processes load the machine
         torch.set_num_threads(1)
     _quiet_weight_bars()
+    run_uda.prepare_inputs(run)
     clip = load_clip(run.model)
     results = run_uda.start_run(run)
     ((source, target),) = run.tasks

@@ -46,7 +46,8 @@ MODES = {"cmkd": "cmkd", "baseline": "source_only", "zero_shot": "zero_shot"}  #
 
 def main(argv: Sequence[str] | None = None, callbacks: Sequence = (), benchmark: str | None = None) -> dict:
     # 1. Arguments: preset defaults + flags, every combination and input on disk checked before anything loads
-    run, _ = parse(argv, benchmark, defaults=prepare_toy_task(argv, benchmark))
+    run, _ = parse(argv, benchmark, defaults=toy_defaults(argv, benchmark))
+    prepare_inputs(run)  # the embedded task's images on first use; then every task's data is found on disk
     # 2. The pretrained CLIP: the vision tower to adapt, the text tower for the zero-shot teacher
     clip = load_clip(run.model)
     results = start_run(run)
@@ -63,23 +64,31 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence = (), benchmark:
     return results
 
 
-def prepare_toy_task(argv: Sequence[str] | None, benchmark: str | None, output_dir: str | None = None) -> dict:
-    """The embedded task's defaults: its domains and a data folder next to the outputs, whose images are rendered
-    the first time (before the arguments are checked, which look for the data)."""
+def toy_defaults(argv: Sequence[str] | None, benchmark: str | None, output_dir: str | None = None) -> dict:
+    """The embedded task's domains, and its data folder next to the outputs."""
     pre = argparse.ArgumentParser(add_help=False)
-    for flag in ("--benchmark", "--output_dir", "--data_dir"):
-        pre.add_argument(flag)
+    pre.add_argument("--benchmark")
+    pre.add_argument("--output_dir")
     known, _ = pre.parse_known_args(argv)
     if (benchmark or known.benchmark) != TOY:
         return {}
-    from cmkd.toy import DOMAIN_NAMES, write_digits_shift_imagefolder
+    from cmkd.toy import DOMAIN_NAMES
 
     data_dir = Path(known.output_dir or output_dir or f"runs/{TOY}") / "data"
-    if known.data_dir is None and not data_dir.exists() and PartialState().is_main_process:
+    return {"source": DOMAIN_NAMES["source"], "target": DOMAIN_NAMES["target"], "data_dir": str(data_dir)}
+
+
+def prepare_inputs(run: Run) -> None:
+    """Render the embedded task's images the first time its default data folder is used, then check that every
+    task's data exists (before a model is loaded)."""
+    data_dir = Path(run.data.data_dir or "")
+    if run.bench.name == TOY and data_dir.name == "data" and not data_dir.exists() and PartialState().is_main_process:
+        from cmkd.toy import write_digits_shift_imagefolder
+
         print(f"writing the digits domain-shift task to {data_dir}", flush=True)
         write_digits_shift_imagefolder(data_dir)
     PartialState().wait_for_everyone()
-    return {"source": DOMAIN_NAMES["source"], "target": DOMAIN_NAMES["target"], "data_dir": str(data_dir)}
+    run.data.check_files(run.bench, run.tasks)
 
 
 def start_run(run: Run) -> dict[str, Any]:

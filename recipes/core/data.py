@@ -103,8 +103,7 @@ class DataArguments:
         return target_key in bench.domains or bool(self.given(EVAL_FLAGS))
 
     def check(self, bench: BenchmarkConfig, tasks: list[tuple[str, str]], *, all_tasks: bool) -> None:
-        """Every data check that needs no image scan: ConfigError for flag combinations, DataNotFoundError for
-        missing folders and files."""
+        """The data flags' combinations (ConfigError); ``check_files`` then looks at the disk."""
         self.check_target_flags(bench, [t for _, t in tasks], all_tasks=all_tasks)
         lists, name, digits = self.image_lists(bench), bench.display_name, bench.loader == "torchvision"
         if self.dataset_id and (self.image_list_dir or lists):
@@ -123,6 +122,11 @@ class DataArguments:
                 f"target {unknown[0]!r} is not a domain of {name}: pass one of its domains with --target, or give the "
                 "target images with --target_dir, --target_list or --target_dataset_id"
             )
+
+    def check_files(self, bench: BenchmarkConfig, tasks: list[tuple[str, str]]) -> None:
+        """The folders and files the flags name exist, without scanning images (DataNotFoundError)."""
+        digits = bench.loader == "torchvision"
+        given = [(f, Path(getattr(self, f)).expanduser()) for f in self.given((*TARGET_FLAGS, *EVAL_FLAGS))]
         for flag, path in given:  # their contents are checked when loaded
             kind = flag.rsplit("_", 1)[-1]
             if kind == "id" and str(getattr(self, flag)).startswith((".", "/", "~")) and not path.exists():

@@ -87,9 +87,9 @@ def test_missing_files_are_data_not_found_without_scanning(tmp_path):
     (tmp_path / "flat").mkdir()
     (tmp_path / "list.txt").write_text("a.png\n")
     ok = DataArguments(data_dir=str(tmp_path), target_dir=str(tmp_path / "flat"))
-    ok.check(OFFICE_HOME, [("Ar", "flat")], all_tasks=False)  # the folders exist; their images are not opened
-    DataArguments(data_dir=str(tmp_path), target_list=str(tmp_path / "list.txt")).check(
-        OFFICE_HOME, [("Ar", "list")], all_tasks=False
+    ok.check_files(OFFICE_HOME, [("Ar", "flat")])  # the folders exist; their images are not opened
+    DataArguments(data_dir=str(tmp_path), target_list=str(tmp_path / "list.txt")).check_files(
+        OFFICE_HOME, [("Ar", "list")]
     )
     cases = [
         ({"data_dir": str(tmp_path / "nothing")}, [("Ar", "Cl")], "--data_dir .*nothing does not exist"),
@@ -102,7 +102,7 @@ def test_missing_files_are_data_not_found_without_scanning(tmp_path):
     ]
     for flags, tasks, message in cases:
         with pytest.raises(DataNotFoundError, match=message):
-            DataArguments(**flags).check(OFFICE_HOME, tasks, all_tasks=False)
-    DataArguments(data_dir=str(tmp_path), eval_dataset_id="user/some-hub-id").check(
-        OFFICE_HOME, [("Ar", "t")], all_tasks=False
+            DataArguments(**flags).check_files(OFFICE_HOME, tasks)
+    DataArguments(data_dir=str(tmp_path), eval_dataset_id="user/some-hub-id").check_files(
+        OFFICE_HOME, [("Ar", "t")]
     )  # a Hub id is left to datasets

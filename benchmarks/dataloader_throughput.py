@@ -29,9 +29,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from torch.utils.data import DataLoader  # noqa: E402
+
+from cmkd.data import collate_images  # noqa: E402
 from recipes.core.config import load_benchmark_config  # noqa: E402
-from recipes.core.data import available_cpus, build_dataloader, load_domain, transformed  # noqa: E402
-from recipes.core.transforms import train_transform  # noqa: E402
+from recipes.core.data import bench_transform, default_num_workers, load_domain, transformed  # noqa: E402
 
 
 def make_image_folder(root: Path, num_images: int, num_classes: int, size: int, fmt: str) -> None:
@@ -48,7 +50,16 @@ def make_image_folder(root: Path, num_images: int, num_classes: int, size: int, 
 
 
 def loader_rate(dataset, batch_size: int, num_workers: int, batches: int) -> float:
-    loader = build_dataloader(dataset, batch_size, shuffle=True, drop_last=True, num_workers=num_workers, seed=0)
+    loader = DataLoader(  # as the Trainer builds it for the recipes: persistent workers, prefetching
+        dataset,
+        batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        collate_fn=collate_images,
+        generator=torch.Generator().manual_seed(0),
+    )
     it = iter(loader)
     next(it)  # worker start-up and first prefetch
     start = time.perf_counter()
@@ -99,14 +110,14 @@ def main() -> None:
     cfg = load_benchmark_config("office_home")
     num_classes = 5
     cfg_small = dataclasses.replace(cfg, num_classes=num_classes)
-    print(f"CPUs available: {available_cpus()}, torch threads: {torch.get_num_threads()}")
-    out: dict = {"cpus": available_cpus(), "torch_threads": torch.get_num_threads()}
+    print(f"CPUs available: {default_num_workers(max_workers=1024)}, torch threads: {torch.get_num_threads()}")
+    out: dict = {"cpus": default_num_workers(max_workers=1024), "torch_threads": torch.get_num_threads()}
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_image_folder(root, args.num_images, num_classes, 256, args.format)
-        tf = train_transform(cfg, "Ar", "source")  # office_train at 224
-        ds = transformed(load_domain(cfg_small, "Ar", data_dir=root), tf)
+        tf = bench_transform(cfg, cfg.augmentation.train_preset("Ar", "source"))  # office_train at 224
+        ds = transformed(load_domain(cfg_small, "Ar", data_dir=str(root)), tf)
         fmt = args.format.upper()
         print(f"\nloader: {len(ds)} {fmt} images 256x256, office_train -> 224, batch {args.batch_size}")
         out["loader"] = {}

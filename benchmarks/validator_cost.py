@@ -67,7 +67,7 @@ def demo_world(repeats: int) -> dict[str, float]:
     from transformers import AutoModel, AutoTokenizer
 
     from cmkd.toy import DIGITS_PROMPT, TINY_CLIP_PATH, make_digits_shift
-    from recipes.core.transforms import build_transform
+    from cmkd.transforms import build_transform
 
     shift = make_digits_shift(0)
     tf = build_transform("digits_test", 32)

@@ -55,7 +55,7 @@ def run(shift: str, seed: int, steps: int, eval_every: int, out: Path, batch_siz
     from transformers.trainer_callback import PrinterCallback
 
     from cmkd.toy import DIGITS_PROMPT, TINY_CLIP_PATH
-    from recipes.core.transforms import build_transform
+    from cmkd.transforms import build_transform
 
     src_style, tgt_style = SHIFTS[shift]
     source = domain("source", src_style, seed).train_test_split(test_size=0.1, seed=seed, stratify_by_column="label")

@@ -49,8 +49,9 @@ def make_image_folder(root: Path, num_images: int, num_classes: int, size: int, 
         img.save(cls / f"{i:05d}.{fmt}", quality=90) if fmt == "jpg" else img.save(cls / f"{i:05d}.{fmt}")
 
 
-def loader_rate(dataset, batch_size: int, num_workers: int, batches: int) -> float:
-    loader = DataLoader(  # as the Trainer builds it for the recipes: persistent workers, prefetching
+def make_loader(dataset, batch_size: int, num_workers: int) -> DataLoader:
+    """As the Trainer builds it for the recipes: shuffled, persistent workers, prefetching."""
+    return DataLoader(
         dataset,
         batch_size,
         shuffle=True,
@@ -60,6 +61,10 @@ def loader_rate(dataset, batch_size: int, num_workers: int, batches: int) -> flo
         collate_fn=collate_images,
         generator=torch.Generator().manual_seed(0),
     )
+
+
+def loader_rate(dataset, batch_size: int, num_workers: int, batches: int) -> float:
+    loader = make_loader(dataset, batch_size, num_workers)
     it = iter(loader)
     next(it)  # worker start-up and first prefetch
     start = time.perf_counter()
@@ -158,7 +163,7 @@ def main() -> None:
 
         # overlapped: the loader (2 workers if allowed) feeds the step, as in training; time spent in next(it)
         w = min(2, max(out["loader"]))
-        loader = build_dataloader(ds, args.step_batch, shuffle=True, drop_last=True, num_workers=w, seed=0)
+        loader = make_loader(ds, args.step_batch, w)
         it = iter(loader)
         next(it)
         waits, computes = [], []

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from cmkd.data import collate_images  # noqa: E402
 from recipes.core.config import load_benchmark_config  # noqa: E402
-from recipes.core.data import bench_transform, default_num_workers, load_domain, transformed  # noqa: E402
+from recipes.core.data import bench_transform, default_num_workers, load_domain, transformed
 
 
 def make_image_folder(root: Path, num_images: int, num_classes: int, size: int, fmt: str) -> None:

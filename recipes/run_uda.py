@@ -36,7 +36,8 @@ from cmkd.saving import SavedModel, clean_interrupted_saves, save_adapted_model 
 from recipes.core import outputs  # noqa: E402
 from recipes.core.arguments import Run, parse  # noqa: E402
 from recipes.core.config import ConfigError  # noqa: E402
-from recipes.core.data import DataError, TaskData, load_task_data  # noqa: E402
+from recipes.core.data import TaskData, load_task_data
+from recipes.core.data_arguments import DataError
 from recipes.core.outputs import ADAPTER_DIRNAME, MODEL_DIRNAME, RecipeError, TaskResult  # noqa: E402
 from recipes.core.tables import add_result, new_results, render_markdown, write_report  # noqa: E402
 

@@ -26,7 +26,8 @@ from cmkd import PEFT_LABELS, PEFT_METHODS, CMKDConfig, CMKDTrainingArguments
 from cmkd.validators import DEFAULT_VALIDATOR, ORACLE_NAME, VALIDATORS, describe
 
 from .config import BackboneSpec, BenchmarkConfig, ConfigError, available_benchmarks, load_benchmark_config, task_name
-from .data import DataArguments, default_num_workers
+from .data import default_num_workers
+from .data_arguments import DataArguments
 from .tables import RESULTS_FILENAME
 
 SELECTIONS = (*VALIDATORS, "last", "oracle")

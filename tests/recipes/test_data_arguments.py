@@ -7,7 +7,7 @@ import pytest
 from transformers import HfArgumentParser
 
 from recipes.core.config import ConfigError, load_benchmark_config
-from recipes.core.data import DataArguments, DataNotFoundError
+from recipes.core.data_arguments import DataArguments, DataNotFoundError
 
 OFFICE_HOME = load_benchmark_config("office_home")
 DIGITS = load_benchmark_config("digits")

@@ -18,7 +18,8 @@ from transformers import TrainerCallback
 
 from recipes import digits, office_home, run_uda
 from recipes.core import outputs
-from recipes.core.data import DataError, classes_of, read_image_list
+from recipes.core.data_arguments import DataError
+from recipes.core.images import classes_of, read_image_list
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,13 +15,8 @@ from test_run_uda import CLASSES, make_office_home, make_tiny_clip, write_small_
 from cmkd.transforms import build_transform
 from cmkd.validators import DEFAULT_VALIDATOR
 from recipes import office_home
-from recipes.core.data import (
-    DataArguments,
-    DataError,
-    load_target,
-    split_source,
-    transformed,
-)
+from recipes.core.data import load_target, split_source, transformed
+from recipes.core.data_arguments import DataArguments, DataError
 
 ORACLE = "oracle (uses target labels)"
 
@@ -160,7 +155,7 @@ def test_selection_flags_name_what_supplies_them(world, tmp_path, capsys):
 
 
 def test_source_split_is_stratified_seeded_and_disjoint(world):
-    from recipes.core.data import image_folder, image_paths, labels_of
+    from recipes.core.images import image_folder, image_paths, labels_of
 
     source = image_folder(world["data"] / "Art")
     train, held = split_source(source, 0.5, seed=3)
@@ -183,7 +178,7 @@ def test_labeled_folder_alone_is_adapted_on_without_labels_and_oracle_is_named(w
 
 
 def test_labeled_target_with_other_classes_is_refused(world):
-    from recipes.core.data import ClassMismatchError
+    from recipes.core.data_arguments import ClassMismatchError
 
     wrong = [*sorted(CLASSES)[:-1], "Zebra"]
     with pytest.raises(ClassMismatchError, match=r"only in the source: \['Zebra'\]; only in the labeled target"):

@@ -19,24 +19,17 @@ from cmkd.transforms import (
 )
 from recipes.core.config import load_benchmark_config
 from recipes.core.data import (
-    ClassMismatchError,
-    CorruptImageError,
-    DataError,
-    DataNotFoundError,
     bench_transform,
     check_same_classes,
-    classes_of,
     default_num_workers,
     filter_classes,
-    image_paths,
-    labels_of,
     load_domain,
     partial_target,
     partial_target_classes,
-    read_image_list,
     transformed,
-    verify_images,
 )
+from recipes.core.data_arguments import ClassMismatchError, CorruptImageError, DataError, DataNotFoundError
+from recipes.core.images import classes_of, image_paths, labels_of, read_image_list, verify_images
 
 CLASSES = ["Alarm_Clock", "Backpack", "Bed"]
 

@@ -97,6 +97,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence = ()) -> dict:
         # other processes load the machine
         torch.set_num_threads(1)
     _quiet_weight_bars()
+    run_uda.quiet_progress_bars(run)
     run_uda.prepare_inputs(run)
     clip = load_clip(run.model)
     results = run_uda.start_run(run)

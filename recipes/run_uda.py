@@ -48,6 +48,7 @@ MODES = {"cmkd": "cmkd", "baseline": "source_only", "zero_shot": "zero_shot"}  #
 def main(argv: Sequence[str] | None = None, callbacks: Sequence = (), benchmark: str | None = None) -> dict:
     # 1. Arguments: preset defaults + flags, every combination and input on disk checked before anything loads
     run, _ = parse(argv, benchmark, defaults=toy_defaults(argv, benchmark))
+    quiet_progress_bars(run)
     prepare_inputs(run)  # the embedded task's images on first use; then every task's data is found on disk
     # 2. The pretrained CLIP: the vision tower to adapt, the text tower for the zero-shot teacher
     clip = load_clip(run.model)
@@ -63,6 +64,17 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence = (), benchmark:
     # 4. The paper's table (per task, Avg., DSP(M)), the accuracy-vs-DSP plot, then results.json (run finished)
     finish_run(run, results)
     return results
+
+
+def quiet_progress_bars(run: Run) -> None:
+    """--quiet: no progress bars from transformers (loading / saving weights) or the Hub client (the Trainer's own
+    bar follows ``disable_tqdm``)."""
+    if run.recipe.quiet:
+        import huggingface_hub
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
 
 
 def toy_defaults(argv: Sequence[str] | None, benchmark: str | None, output_dir: str | None = None) -> dict:

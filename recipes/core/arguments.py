@@ -32,6 +32,7 @@ from .tables import RESULTS_FILENAME
 
 SELECTIONS = (*VALIDATORS, "last", "oracle")
 RULE_NAMES = {"oracle": ORACLE_NAME, "last": "last checkpoint (label-free)"}
+SELECTION_HELP = f"the reported checkpoint: a validator (default {DEFAULT_VALIDATOR}), last, or oracle = {ORACLE_NAME}"
 OUTPUT_HELP = (
     "--output_dir: where checkpoints, results and tables go (default: runs/<benchmark>/<method>/<SRC>-<TGT>, or "
     "runs/<benchmark>/<method>/all with --all; <method> is e.g. cmkd_rst, baseline, clip)"
@@ -53,24 +54,13 @@ class RecipeArguments:
     partial: bool = field(default=False, metadata={"help": "partial-set protocol (Office-Home 65 -> 25 classes)"})
     rst: bool = field(default=False, metadata={"help": "Residual Sparse Training (= --peft rst)"})
     peft: str | None = field(
-        default=None,
-        metadata={
-            "help": f"how the vision tower trains: {', '.join(PEFT_METHODS)} (default: full). Several, comma "
-            "separated, run one after the other (each in <output_dir>/<method>) and end with the paper's Table VII"
-        },
+        default=None, metadata={"help": f"{', '.join(PEFT_METHODS)} (default full); a,b,...: Table VII"}
     )
     tau: float | None = field(default=None, metadata={"help": "RST reset threshold, tied to the learning rate"})
     model: str | None = field(default=None, metadata={"help": "any CLIP on the Hub or a local folder"})
     backbone: str | None = field(default=None, metadata={"help": "the preset's hyper-parameter family"})
     batch_size: int | None = field(default=None, metadata={"help": "per-domain batch over all processes"})
-    selection: str | None = field(
-        default=None,
-        metadata={
-            "choices": SELECTIONS,
-            "help": f"reported checkpoint: a label-free validator (default {DEFAULT_VALIDATOR}), 'last' (label-free) "
-            f"or 'oracle' = {ORACLE_NAME}",
-        },
-    )
+    selection: str | None = field(default=None, metadata={"choices": SELECTIONS, "help": SELECTION_HELP})
     keep_checkpoints: bool = field(default=False, metadata={"help": "keep the checkpoints of finished tasks"})
     overwrite: bool = field(default=False, metadata={"help": "replace a finished run in --output_dir"})
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
@@ -121,21 +111,17 @@ class Run:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly summary for results metadata; the Hub token is never included."""
-        recipe, data = dataclasses.asdict(self.recipe), dataclasses.asdict(self.data)
-        keys = ("max_steps", "eval_steps", "learning_rate", "head_lr_multiplier", "seed", "report_to")
+        args = {
+            k: getattr(self.training, k) for k in ("max_steps", "eval_steps", "learning_rate", "seed", "report_to")
+        }
+        resolved = {"benchmark": self.bench.name, "tasks": self.task_names, "method_label": self.method_label}
+        resolved |= {"peft_methods": list(self.peft_methods), "tau": self.tau, "output_dir": str(self.output_dir)}
         return {
-            **recipe,
-            **data,
-            **{k: getattr(self.training, k) for k in keys},
-            "benchmark": self.bench.name,
-            "tasks": self.task_names,
-            "method": self.method,
-            "method_label": self.method_label,
-            "peft_methods": list(self.peft_methods),
+            **dataclasses.asdict(self.recipe),
+            **dataclasses.asdict(self.data),
+            **args,
+            **resolved,
             "model": self.model,
-            "tau": self.tau,
-            "batch_size": self.batch_size,
-            "output_dir": str(self.output_dir),
             "selection": self.selection_rule,
         }
 
@@ -215,12 +201,6 @@ def parse(
         if not exit_on_error:
             raise ConfigError(message) from exc
         parser.error(message)
-    if recipe.quiet:
-        import huggingface_hub
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-        huggingface_hub.utils.disable_progress_bars()
     return run, rest
 
 
@@ -348,31 +328,22 @@ def _check_hub(training, default_repo: str) -> str | None:
 
 
 def _check_resume(training, recipe: RecipeArguments, tasks) -> None:
+    from cmkd.checkpoints import checkpoint_problems
+
     resume = training.resume_from_checkpoint
     if resume and recipe.overwrite:
         raise ConfigError("--overwrite starts over and --resume_from_checkpoint continues; pass only one of them")
-    if resume in (None, "last"):
-        return
-    if len(tasks) > 1:
+    if resume not in (None, "last") and len(tasks) > 1:
         raise ConfigError(
             "--resume_from_checkpoint PATH names one task's checkpoint; with --all pass the flag without a value "
             "(each task resumes from its own last checkpoint)"
         )
-    from cmkd.checkpoints import checkpoint_problems, complete_checkpoints
-
-    path = Path(resume)
-    if not path.is_dir():
+    if resume not in (None, "last") and not Path(resume).is_dir():
         raise ConfigError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder (it does not exist)")
-    problems = checkpoint_problems(path)
-    if problems:
-        complete, _ = complete_checkpoints(path)
-        hint = (
-            f"; it holds complete checkpoints, e.g. {complete[-1]}"
-            if complete
-            else "; pass the flag without a value to resume each task from its last complete checkpoint"
-        )
+    if resume not in (None, "last") and (problems := checkpoint_problems(resume)):
         raise ConfigError(
-            f"--resume_from_checkpoint {resume!r} is not a complete checkpoint ({'; '.join(problems)}){hint}"
+            f"--resume_from_checkpoint {resume!r} is not a complete checkpoint ({'; '.join(problems)}); pass the "
+            "flag without a value to resume from the last complete checkpoint"
         )
 
 

@@ -9,6 +9,7 @@ too, it works in ``pipeline("image-classification", model=folder)`` and ``python
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -18,7 +19,7 @@ from typing import Any
 
 from .peft_methods import PEFT_SAVED_AS, count_dsp
 
-__all__ = ["SavedModel", "clean_interrupted_saves", "full_model_card", "save_adapted_model"]
+__all__ = ["SavedModel", "clean_interrupted_saves", "full_model_card", "push_saved_model", "save_adapted_model"]
 
 # what a killed save leaves: this module's temp / old folders, and the temp files of atomic writes (peft_rst.files)
 INTERRUPTED = (".adapter.tmp-*", ".model.tmp-*", ".adapter.old-*", ".model.old-*", ".*.tmp")
@@ -92,3 +93,12 @@ def clean_interrupted_saves(folder: str | os.PathLike) -> list[Path]:
     for path in removed:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     return removed
+
+
+def push_saved_model(trainer, folder: str | os.PathLike, repo_id: str, token: str | None = None) -> Any:
+    """``trainer.push_to_hub`` of a folder written by :func:`save_adapted_model` (a model or a peft adapter), with
+    that folder's card: the trainer saves its model there again and uploads the folder, checkpoints excluded. An
+    RST adapter goes with ``peft_rst.push_adapter_to_hub`` instead (adapter, config and card in one commit)."""
+    trainer.args = dataclasses.replace(trainer.args, output_dir=str(folder), hub_model_id=repo_id, hub_token=token)
+    trainer.model_card = (Path(folder) / "README.md").read_text(encoding="utf-8")
+    return trainer.push_to_hub(commit_message="Upload adapted CLIP", token=token)

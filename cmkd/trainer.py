@@ -375,6 +375,18 @@ class CMKDTrainer(Trainer):
         return TrainOutput(self.state.global_step, float("nan"), {})
 
     # ------------------------------------------------------------------ data
+    model_card: str | None = None  # a card to push instead of the Trainer's training summary (cmkd.saving)
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """``push_to_hub`` writes this card: ``self.model_card`` when set (the card of a folder saved by
+        ``cmkd.saving.save_adapted_model``: selection rule, accuracy, how to rebuild the base), else the Trainer's."""
+        if self.model_card is None:
+            return super().create_model_card(*args, **kwargs)
+        if self.is_world_process_zero():
+            from peft_rst.files import atomic_write_text
+
+            atomic_write_text(os.path.join(self.args.output_dir, "README.md"), self.model_card)
+
     def get_train_dataloader(self) -> DataLoader:
         if self.mode == "zero_shot":
             raise ValueError("mode 'zero_shot' only evaluates the CLIP teacher; call trainer.evaluate().")

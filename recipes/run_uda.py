@@ -156,7 +156,7 @@ def run_task(run: Run, clip: CLIPBundle, source: str, target: str, callbacks: Se
     fields = card_fields(run, source, target, metrics, data.classes)
     saved = save_task(run, trainer, task_dir, fields, clip.processor)
     path = saved.path if saved else None
-    hub_repo = outputs.push_task(run, path, outputs.hub_repo_id(run, source, target), fields)
+    hub_repo = outputs.push_task(run, trainer, path, outputs.hub_repo_id(run, source, target), fields)
     result = TaskResult(
         task=f"{source}->{target}",
         method=run.method_label,

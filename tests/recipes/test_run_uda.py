@@ -196,6 +196,40 @@ def test_full_fine_tuning_saves_the_model_that_scores_the_recorded_accuracy(asse
     assert not any((out / "Ar-Cl").glob("checkpoint-*"))  # scratch checkpoints are dropped once the model is saved
 
 
+def test_a_full_model_is_pushed_by_trainer_push_to_hub_with_the_saved_card(assets, tmp_path, monkeypatch):
+    """Anything but an RST adapter goes through the Trainer's own push: repo created, the saved folder uploaded with
+    the recipe's card (selection rule, accuracy), not the Trainer's generic summary, and no checkpoints."""
+    import transformers.trainer
+    from huggingface_hub import constants
+
+    calls = []
+
+    class FakeHub:  # transformers.trainer talks to the Hub through hf_api() only
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create", repo_id, kwargs["token"]))
+            return type("RepoUrl", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, ignore_patterns, token, **kwargs):
+            files = sorted(p.name for p in Path(folder_path).iterdir())
+            calls.append(("upload", repo_id, folder_path, files, ignore_patterns, token))
+            card = (Path(folder_path) / "README.md").read_text()
+            calls.append(("card", card))
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(transformers.trainer, "hf_api", FakeHub)
+    out = tmp_path / "run"
+    results = office_home.main(argv(assets, out, "--push_to_hub", "--hub_token", "hf_test", "--hub_model_id", "me/m"))
+    model_dir = out / "Ar-Cl" / "model"
+    assert calls[0] == ("create", "me/m", "hf_test")
+    _, repo, folder, files, ignored, token = calls[1]
+    assert (repo, folder, token) == ("me/m", str(model_dir), "hf_test") and "checkpoint-*" in ignored
+    assert {"model.safetensors", "config.json", "README.md", "preprocessor_config.json"} <= set(files)
+    card = calls[2][1]
+    assert "checkpoint: zs_agreement" in card or "Checkpoint selection:" in card
+    assert card == (model_dir / "README.md").read_text() and "CMKD-adapted CLIP" in card
+    assert results["methods"]["CMKD"]["Ar->Cl"]["hub_repo"] == "me/m"
+
+
 @pytest.mark.slow
 def test_fixmatch_trains_on_strong_target_views(assets, tmp_path):
     out = tmp_path / "fm"

@@ -1,6 +1,6 @@
 """Switching the active RST domain, against an in-memory `load_state_dict` of the full dense weights, in one run.
 
-Run: python benchmarks/rst_switch.py [--counts 1 12 50 100] [--changed 100000] [--repeats 60] [--distinct 12]
+Run: python benchmarks/rst_switch.py [--counts 1 12 50 100] [--changed 100000] [--repeats 60] [--distinct 4]
     [--profile]
 
 Targets (issue 12): on a CLIP ViT-B/16 vision tower (built from its config, random init, no download) with 100k
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument(
         "--distinct",
         type=int,
-        default=12,
+        default=4,
         help="domains saved to disk; further domains load these files again under new names (each load holds its "
         "own entries in memory, so a switch does the same work; only setup time is saved)",
     )

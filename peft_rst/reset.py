@@ -60,6 +60,10 @@ class ResetGroup:
         self.step = 0
         self.plan = None  # a ResetPlan (peft_rst.reset_plan), built at the first step, rebuilt when stale
 
+    def __getstate__(self) -> dict:
+        # a copy (deepcopy, pickling) rebuilds its plan from its own tensors instead of copying the flat buffers
+        return {**self.__dict__, "plan": None}
+
     def targets(self) -> list[ResetTarget]:
         found, seen = [], set()
         for layer in self.layers:
@@ -101,7 +105,7 @@ def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
         return
     stepped = {id(p) for param_group in optimizer.param_groups for p in param_group["params"]}
     for group in groups:
-        plan = _current_plan(group)
+        plan = current_plan(group)
         if plan is not None and plan.weight_ids <= stepped:  # the usual case: the optimizer steps every W
             targets = plan.targets
             if not targets:
@@ -120,7 +124,7 @@ def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
         record_reset_step(optimizer, group, targets)  # the step travels with optimizer.state_dict()
 
 
-def _current_plan(group: ResetGroup):
+def current_plan(group: ResetGroup):
     """The group's `ResetPlan`, rebuilt if the model no longer holds the tensors it was built on; None if the
     targets cannot be checked cheaply (then they are resolved from the layers at every step)."""
     from .reset_plan import ResetPlan

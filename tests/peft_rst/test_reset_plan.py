@@ -93,3 +93,15 @@ def test_plan_is_rebuilt_when_the_model_replaces_w0_or_w():
     w.data = (new_base.detach() + 5e-4).clone()
     opt.step()
     assert torch.equal(w.detach(), new_base.detach())
+
+
+def test_a_copy_does_not_carry_the_plan_s_buffers():
+    import copy
+
+    model = get_peft_model(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)), RSTConfig(tau=1e-3))
+    group = model.base_model._reset_groups["default"]
+    assert group.plan is not None  # built when the adapter was injected
+    twin = copy.deepcopy(model)
+    assert twin.base_model._reset_groups["default"].plan is None  # rebuilt from the copy's own tensors when needed
+    w, w_twin = (m.base_model.model[0].rst_weight["default"]["weight"] for m in (model, twin))
+    assert torch.equal(w, w_twin) and w.data_ptr() != w_twin.data_ptr()

@@ -47,6 +47,8 @@ def _packable(target: ResetTarget) -> bool:
         return False
     if not (w.is_contiguous() and b.is_contiguous()) or w.numel() == 0 or not w.dtype.is_floating_point:
         return False
+    if w.is_shared():  # moved to shared memory (Hogwild training): moving it out would end the sharing
+        return False
     # W must own its storage: repointing a view of a buffer owned by a wrapper (FSDP1) would detach it from it
     return w.storage_offset() == 0 and w.untyped_storage().nbytes() == w.numel() * w.element_size()
 
@@ -94,6 +96,8 @@ class ResetPlan:
         self.chunks: list[tuple[torch.Tensor, torch.Tensor | list[torch.Tensor], torch.Tensor | None]] = []
         for dtype, group in packable.items():
             self._pack(group, dtype)
+        # per dtype: the reset's two work buffers, made at the first reset
+        self.work: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
         # where every tensor of the plan is held, and where its data was: the check before every step
         self.checks = [
             (owner, name, tensor, tensor.data_ptr())
@@ -109,18 +113,17 @@ class ResetPlan:
         flat, pieces = _contiguous_storages([t.weight.numel() for t in targets], dtype)
         first = len(self.chunks)
         scratch = None
-        batch_w: list[torch.Tensor] = []
         batch_b: list[torch.Tensor] = []
         batch_start = offset = 0
 
         def close_batch() -> None:
-            nonlocal scratch, batch_w, batch_b
+            nonlocal scratch, batch_b
             n = sum(b.numel() for b in batch_b)
             if n:
                 if scratch is None or scratch.numel() < n:
                     scratch = torch.empty(max(n, _BATCH), dtype=dtype)
                 self.chunks.append((flat[batch_start : batch_start + n], list(batch_b), scratch))
-            batch_w, batch_b = [], []
+            batch_b = []
 
         for t, piece in zip(targets, pieces, strict=True):
             w, n = t.weight, t.weight.numel()
@@ -135,7 +138,6 @@ class ResetPlan:
                 offset += n
                 batch_start = offset
                 continue
-            batch_w.append(view)
             batch_b.append(b)
             offset += n
             if sum(x.numel() for x in batch_b) >= _BATCH:
@@ -161,7 +163,7 @@ class ResetPlan:
     @torch.no_grad()
     def reset(self, tau: float) -> None:
         """`reset_all_below_threshold_` on every target, bit for bit."""
-        work: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        work = self.work
         for w, b, scratch in self.chunks:
             if scratch is not None:
                 gathered = scratch[: w.numel()]

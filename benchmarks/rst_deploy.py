@@ -11,6 +11,7 @@ switching domains costs without sparse patches.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import tempfile
@@ -89,6 +90,7 @@ def run(args: argparse.Namespace, work: str) -> None:
 
     model = base_model()
     x = torch.randn(1, 3, 224, 224)
+    gc.collect()  # the models that made the adapters are garbage now: free them before measuring RSS growth
     before = rss_bytes()
     start = time.perf_counter()
     peft_model = PeftModel.from_pretrained(model, folders[0], adapter_name="task0")

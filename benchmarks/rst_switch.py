@@ -1,6 +1,7 @@
 """Switching the active RST domain, against an in-memory `load_state_dict` of the full dense weights, in one run.
 
-Run: python benchmarks/rst_switch.py [--counts 1 12 50 100] [--changed 100000] [--repeats 60] [--profile]
+Run: python benchmarks/rst_switch.py [--counts 1 12 50 100] [--changed 100000] [--repeats 60] [--distinct 4]
+    [--profile]
 
 Targets (issue 12): on a CLIP ViT-B/16 vision tower (built from its config, random init, no download) with 100k
 changed entries per domain, `PeftModel.set_adapter` takes <= 0.10x the time of `load_state_dict` of a full dense
@@ -34,7 +35,11 @@ def base_model() -> CLIPVisionModel:
 
 @torch.no_grad()
 def make_adapters(work: str, count: int, changed: int) -> list[str]:
-    """`count` adapter folders, each changing `changed` random entries spread over the whole tower."""
+    """`count` adapter folders, each changing `changed` random entries spread over the whole tower.
+
+    One model is built and saved per domain; the entries are drawn with `randint` (not a permutation of all 86M
+    positions) and put back to w0 after saving, so that setup stays a few seconds per domain.
+    """
     model = get_peft_model(base_model(), peft_rst.RSTConfig(tau=1e-6))
     layers = [m for m in model.modules() if isinstance(m, peft_rst.RSTLayer)]
     weights = [w for layer in layers for w in layer.rst_weight["default"].values()]
@@ -44,7 +49,11 @@ def make_adapters(work: str, count: int, changed: int) -> list[str]:
     folders = []
     for seed in range(count):
         generator = torch.Generator().manual_seed(seed)
-        positions = torch.randperm(int(ends[-1]), generator=generator)[:changed].sort().values
+        positions = torch.empty(0, dtype=torch.long)
+        while positions.numel() < changed:  # distinct positions: draw, deduplicate, top up
+            drawn = torch.randint(int(ends[-1]), (changed,), generator=generator)
+            positions = torch.cat([positions, drawn]).unique()
+        positions = positions[torch.randperm(positions.numel(), generator=generator)[:changed]].sort().values
         owner = torch.searchsorted(ends, positions, right=True)
         touched = []
         for i in owner.unique().tolist():
@@ -70,11 +79,20 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 12, 50, 100])
     parser.add_argument("--changed", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=60)
+    parser.add_argument(
+        "--distinct",
+        type=int,
+        default=4,
+        help="domains saved to disk; further domains load these files again under new names (each load holds its "
+        "own entries in memory, so a switch does the same work; only setup time is saved)",
+    )
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     counts = sorted(args.counts)
     with tempfile.TemporaryDirectory() as work:
-        folders = make_adapters(work, counts[-1], args.changed)
+        start = time.perf_counter()
+        folders = make_adapters(work, min(counts[-1], args.distinct), args.changed)
+        print(f"setup: {len(folders)} domains saved in {time.perf_counter() - start:.1f} s", flush=True)
         dense = {k: v.clone() for k, v in base_model().state_dict().items()}
         plain = base_model()
         model = PeftModel.from_pretrained(base_model(), folders[0], adapter_name="d0")
@@ -82,7 +100,9 @@ def main() -> None:
         rows = []
         for count in counts:
             for i in range(loaded, count):
-                model.load_adapter(folders[i], adapter_name=f"d{i}")
+                model.load_adapter(folders[i % len(folders)], adapter_name=f"d{i}")
+            if count > loaded:
+                print(f"setup: {count} domains loaded ({time.perf_counter() - start:.1f} s so far)", flush=True)
             loaded = max(loaded, count)
             names = [f"d{i}" for i in range(count)] if count > 1 else ["d0"]
             switch, full = [], []

@@ -65,22 +65,23 @@ class SparseAdapters(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._adapters: dict[str, dict[str, SparseEntries]] = {}
-        # adapter name -> (positions of every parameter in one buffer, [(parameter, start, end)]), see `_pack`
-        self._flat: dict[str, tuple[torch.Tensor | None, list[tuple[str, int, int]]]] = {}
+        # adapter name -> [(parameter, positions, values)] of the parameters it changes: what activating it writes
+        self._updates: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
 
     def add(self, adapter_name: str) -> None:
         self._adapters[adapter_name] = {}
-        self._flat[adapter_name] = (None, [])
+        self._updates[adapter_name] = []
 
     def fill(self, adapter_name: str, entries: dict[str, SparseEntries]) -> None:
-        self._adapters[adapter_name], self._flat[adapter_name] = _pack(entries)
+        self._adapters[adapter_name] = packed = _pack(entries)
+        self._updates[adapter_name] = [(name, e.indices, e.values) for name, e in packed.items() if e.indices.numel()]
 
-    def flat_positions(self, adapter_name: str) -> tuple[torch.Tensor | None, list[tuple[str, int, int]]]:
-        """All positions of adapter `adapter_name` in this layer as one buffer, and each parameter's span in it.
+    def updates(self, adapter_name: str) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(parameter, positions, values) for every parameter adapter `adapter_name` changes, ready to write.
 
-        Activating a domain widens this buffer to int64 once (index ops need int64) instead of once per parameter.
+        Positions stay int32 where they fit: `overwrite` indexes with them as they are (no widening per switch).
         """
-        return self._flat[adapter_name]
+        return self._updates[adapter_name]
 
     def is_loaded(self, adapter_name: str) -> bool:
         return bool(self._adapters.get(adapter_name))
@@ -98,7 +99,7 @@ class SparseAdapters(nn.Module):
 
     def __delitem__(self, adapter_name: str) -> None:
         del self._adapters[adapter_name]
-        self._flat.pop(adapter_name, None)
+        self._updates.pop(adapter_name, None)
 
     def __contains__(self, adapter_name: object) -> bool:
         return adapter_name in self._adapters
@@ -119,32 +120,29 @@ class SparseAdapters(nn.Module):
         super()._apply(fn, recurse)
         for adapter, params in self._adapters.items():
             moved = {name: e._replace(indices=fn(e.indices), values=fn(e.values)) for name, e in params.items()}
-            self._adapters[adapter], self._flat[adapter] = _pack(moved)
+            self.fill(adapter, moved)
         return self
 
     def extra_repr(self) -> str:
         return f"adapters={list(self._adapters)}"
 
 
-def _pack(
-    entries: dict[str, SparseEntries],
-) -> tuple[dict[str, SparseEntries], tuple[torch.Tensor | None, list[tuple[str, int, int]]]]:
+def _pack(entries: dict[str, SparseEntries]) -> dict[str, SparseEntries]:
     """Put the positions of all parameters into one buffer; each `SparseEntries.indices` becomes a view of it.
 
-    Memory is unchanged (views); parameters without changed entries get no span, so a switch skips them.
+    Memory is unchanged (views), and one allocation per layer and adapter instead of one per parameter.
     """
     written = [(name, e) for name, e in entries.items() if e.indices.numel()]
     kinds = {(e.indices.dtype, e.indices.device) for _, e in written}
     if len(kinds) != 1:  # nothing to write, or positions of mixed width/device (a parameter of >= 2**31 entries)
-        return dict(entries), (None, [(name, 0, e.indices.numel()) for name, e in written])
+        return dict(entries)
     flat = torch.cat([e.indices.reshape(-1) for _, e in written])
-    packed, spans, start = dict(entries), [], 0
+    packed, start = dict(entries), 0
     for name, e in written:
         end = start + e.indices.numel()
         packed[name] = e._replace(indices=flat[start:end])
-        spans.append((name, start, end))
         start = end
-    return packed, (flat, spans)
+    return packed
 
 
 class RSTLayer(nn.Module, BaseTunerLayer):
@@ -247,9 +245,17 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         if isinstance(base_layer, BaseTunerLayer):  # a wrapped tuner layer: w0 is in the innermost base layer
             base_layer = base_layer.get_base_layer()
         bases = base_layer._parameters
+        owned = weights._parameters
         return [
-            ResetTarget(weight=w, base=bases[name], is_bias=name == "bias" or name.endswith("_bias"))
-            for name, w in weights._parameters.items()
+            ResetTarget(
+                weight=w,
+                base=bases[name],
+                is_bias=name == "bias" or name.endswith("_bias"),
+                weight_owner=owned,
+                base_owner=bases,
+                name=name,
+            )
+            for name, w in owned.items()
         ]
 
     # ------------------------------------------------------------------ forward
@@ -276,8 +282,8 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         """Make the base parameters hold w0 patched by the wanted inference adapter (O(changed entries)).
 
         This runs for every layer on every adapter switch, so it stays lean: direct dict access, plain attribute
-        writes, and only the parameters the adapter changes. Positions are held as int32 (half the memory per loaded
-        adapter) in one buffer per layer and adapter, widened to int64 once here for the adapter being activated.
+        writes, and only the parameters the adapter changes, from a list made when the adapter was loaded. Positions
+        are held as int32 (half the memory per loaded adapter) and used as they are.
         """
         wanted = self._wanted_patch()
         if wanted == self._patched:
@@ -285,14 +291,7 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         self.restore_base_weights()
         if wanted is None:
             return
-        adapters = self._modules["rst_sparse"]
-        flat, spans = adapters.flat_positions(wanted)
-        entries = adapters[wanted]
-        if flat is not None:
-            parts = flat.long().split([b - a for _, a, b in spans])  # one widening, views per parameter
-            updates = ((name, part, entries[name].values) for (name, _, _), part in zip(spans, parts, strict=True))
-        else:
-            updates = ((name, entries[name].indices.long(), entries[name].values) for name, _, _ in spans)
+        updates = self._modules["rst_sparse"].updates(wanted)
         params = self._modules["base_layer"]._parameters
         state = self.__dict__  # plain attributes: skip nn.Module.__setattr__ on this hot path
         state["_patch_backup"] = overwrite.write_entries(params, updates, visible=False)

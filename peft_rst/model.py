@@ -19,7 +19,7 @@ from . import format as rst_format
 from .config import RSTConfig
 from .layer import RSTLayer, SparseEntries
 from .loading import ModelSnapshot, as_in_file, current_load_call
-from .reset import ResetGroup, register, unregister
+from .reset import ResetGroup, current_plan, register, unregister
 
 PREFIX = "rst_"
 _CONTAINER = "rst_weight"
@@ -311,6 +311,10 @@ class RSTModel(BaseTuner):
         for layer in group.layers:
             layer._reset_groups[adapter_name] = group
         register(group)
+        # W moves into the reset's flat buffer now, while only w0 and W exist: at the first optimizer step the
+        # gradients and optimizer state would be held too, and the move (a second copy of W for a moment) would
+        # raise the peak memory of training
+        current_plan(group)
 
     # ------------------------------------------------------------------ adapters
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:

@@ -12,8 +12,24 @@ from collections.abc import Iterable
 import torch
 from torch.autograd.graph import increment_version
 
-# (parameter name, flat int64 positions, values that were there before the write)
+# (parameter name, flat positions (int64, or int32 where they fit), values that were there before the write)
 Saved = list[tuple[str, torch.Tensor, torch.Tensor]]
+
+
+def _scatter_takes_int32() -> bool:
+    """Whether this torch's `scatter_` / `index_select` index with int32 positions (recent versions do)."""
+    try:
+        torch.zeros(2).scatter_(0, torch.ones(1, dtype=torch.int32), torch.ones(1))
+    except RuntimeError:
+        return False
+    return True
+
+
+_INT32_OK = _scatter_takes_int32()
+
+
+def _index(positions: torch.Tensor) -> torch.Tensor:
+    return positions if _INT32_OK or positions.dtype == torch.int64 else positions.long()
 
 
 def write_entries(
@@ -22,7 +38,7 @@ def write_entries(
     *,
     visible: bool,
 ) -> Saved:
-    """Write `values` at flat int64 `positions` of each named parameter; return what they replaced.
+    """Write `values` at flat `positions` (int64 or int32) of each named parameter; return what they replaced.
 
     `visible=False` (inference patches) writes through `.data` and leaves the tensors' versions alone, so that
     fingerprints cached for w0 stay valid while a patch is in; `visible=True` (merging) bumps the version, because the
@@ -32,6 +48,7 @@ def write_entries(
     for name, positions, values in updates:
         param = params[name]
         flat = param.data.view(-1)
+        positions = _index(positions)
         saved.append((name, positions, flat.index_select(0, positions)))
         flat.scatter_(0, positions, values if values.dtype == flat.dtype else values.to(flat.dtype))
         if visible:
@@ -46,7 +63,7 @@ def write_back(params: dict[str, torch.Tensor], saved: Saved, *, visible: bool) 
         flat = param.data.view(-1)
         if previous.dtype != flat.dtype or previous.device != flat.device:
             positions, previous = positions.to(flat.device), previous.to(device=flat.device, dtype=flat.dtype)
-        flat.scatter_(0, positions, previous)
+        flat.scatter_(0, _index(positions), previous)
         if visible:
             increment_version(param)
 
@@ -57,5 +74,5 @@ def original_values(saved_stack: Iterable[Saved], name: str, current: torch.Tens
     for saved in reversed(list(saved_stack)):
         for param_name, positions, previous in saved:
             if param_name == name:
-                flat.scatter_(0, positions.to(flat.device), previous.to(device=flat.device, dtype=flat.dtype))
+                flat.scatter_(0, _index(positions.to(flat.device)), previous.to(device=flat.device, dtype=flat.dtype))
     return flat

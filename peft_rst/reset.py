@@ -40,6 +40,10 @@ class ResetTarget:
     weight: torch.Tensor  # W
     base: torch.Tensor  # w0 (the base layer's parameter; never modified by training)
     is_bias: bool
+    # where the layer holds W and w0 (`_parameters` dicts) under `name`: lets a cached plan check it is current
+    weight_owner: dict | None = None
+    base_owner: dict | None = None
+    name: str = ""
 
 
 class ResetGroup:
@@ -54,6 +58,11 @@ class ResetGroup:
         self.adapter_name = adapter_name
         self.layers: list = []  # RSTLayer instances holding this adapter
         self.step = 0
+        self.plan = None  # a ResetPlan (peft_rst.reset_plan): built on registration, rebuilt when stale
+
+    def __getstate__(self) -> dict:
+        # a copy (deepcopy, pickling) rebuilds its plan from its own tensors instead of copying the flat buffers
+        return {**self.__dict__, "plan": None}
 
     def targets(self) -> list[ResetTarget]:
         found, seen = [], set()
@@ -96,11 +105,39 @@ def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
         return
     stepped = {id(p) for param_group in optimizer.param_groups for p in param_group["params"]}
     for group in groups:
-        targets = [t for t in group.targets() if id(t.weight) in stepped]
-        if targets:
+        plan = current_plan(group)
+        if plan is not None and plan.weight_ids <= stepped:  # the usual case: the optimizer steps every W
+            targets = plan.targets
+            if not targets:
+                continue
+            group.step += 1
+            if group.config.bias_only or group.config.keep_ratio is not None:
+                apply_reset(targets, group.config, group.step)
+            else:
+                plan.reset(group.config.tau_at(group.step))
+        else:
+            targets = [t for t in group.targets() if id(t.weight) in stepped]
+            if not targets:
+                continue
             group.step += 1
             apply_reset(targets, group.config, group.step)
-            record_reset_step(optimizer, group, targets)  # the step travels with optimizer.state_dict()
+        record_reset_step(optimizer, group, targets)  # the step travels with optimizer.state_dict()
+
+
+def current_plan(group: ResetGroup):
+    """The group's `ResetPlan`, rebuilt if the model no longer holds the tensors it was built on; None if the
+    targets cannot be checked cheaply (then they are resolved from the layers at every step)."""
+    from .reset_plan import ResetPlan
+
+    plan = group.plan
+    if plan is not None and plan.valid(group.layers):
+        return plan
+    targets = group.targets()
+    if any(t.weight_owner is None or t.base_owner is None for t in targets):
+        group.plan = None
+        return None
+    group.plan = ResetPlan(group.layers, targets)
+    return group.plan
 
 
 # Integer dtypes of each float width: the reset selects bit patterns with integer ops, because torch.where with a

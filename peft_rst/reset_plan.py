@@ -1,0 +1,182 @@
+"""The reset of one adapter as a plan kept between optimizer steps: W laid out in one flat buffer, chunks precomputed.
+
+Why: the reset runs after every optimizer step over every W of the model. Resolving the targets layer by layer and
+concatenating W and w0 into temporary buffers (then copying W back) costs more than the reset arithmetic itself on
+models with many small layers. The plan resolves the targets once and moves every W (same values, same parameter
+objects) into one flat CPU buffer per dtype, each W keeping a storage of its own (see `_contiguous_storages`), so the
+reset works on W in place, chunk by chunk, with no copy of W; w0 of a chunk of small tensors is gathered into one
+reusable scratch buffer. Before every step it checks, without walking the layers' modules, that the model still holds
+the same tensors (peft or the user may replace W or w0 between steps: dtype casts, `.to()`,
+`load_state_dict(assign=True)`); if anything changed, the plan is rebuilt.
+
+Only plain CPU tensors that own their whole storage are moved: views of someone else's buffer (FSDP1 flat
+parameters), sharded DTensors (FSDP2) and accelerator tensors keep their storage and are reset as before.
+"""
+
+from __future__ import annotations
+
+import numpy
+import torch
+from torch.distributed.tensor import DTensor
+
+from .reset import _BATCH, _CHUNK, ResetTarget, _reset_flat_, reset_all_below_threshold_
+
+
+def _contiguous_storages(sizes: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One flat CPU tensor, and 1-D tensors of `sizes` elements laid out back to back in it, each its own storage.
+
+    Separate storages matter: `safetensors` (and Accelerate's `save_state`, `save_pretrained`) refuse or drop
+    tensors that share a storage, so W must not be views of one tensor. Storages made by `torch.from_numpy` over
+    slices of one numpy buffer alias that buffer without sharing a storage object; the buffer lives as long as any
+    of them.
+    """
+    element = torch.empty(0, dtype=dtype).element_size()
+    buffer = numpy.empty(sum(sizes) * element, dtype=numpy.uint8)
+    pieces, start = [], 0
+    for n in sizes:
+        pieces.append(torch.from_numpy(buffer[start : start + n * element]).view(dtype))
+        start += n * element
+    return torch.from_numpy(buffer).view(dtype), pieces
+
+
+def _packable(target: ResetTarget) -> bool:
+    w, b = target.weight, target.base
+    if isinstance(w, DTensor) or isinstance(b, DTensor) or w.dtype != b.dtype or w.device != b.device:
+        return False
+    if w.device.type != "cpu":  # the separate storages over one buffer are made through numpy
+        return False
+    if not (w.is_contiguous() and b.is_contiguous()) or w.numel() == 0 or not w.dtype.is_floating_point:
+        return False
+    if w.is_shared():  # moved to shared memory (Hogwild training): moving it out would end the sharing
+        return False
+    # W must own its storage: repointing a view of a buffer owned by a wrapper (FSDP1) would detach it from it
+    return w.storage_offset() == 0 and w.untyped_storage().nbytes() == w.numel() * w.element_size()
+
+
+# Float dtypes whose reset compares |W - w0| with tau as integers (see `_reset_flat_in_buffers_`), and their widths.
+_BITS_OF = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def _reset_flat_in_buffers_(w: torch.Tensor, b: torch.Tensor, tau: float, d: torch.Tensor, m: torch.Tensor) -> None:
+    """`reset._reset_flat_` for float32 / float64 and tau >= 0, in the given work buffers (no allocation).
+
+    For non-negative floats (and NaN, whose bit pattern exceeds every number's), the IEEE bit patterns read as signed
+    integers are ordered like the values, so |d| <= tau is bits(|d|) - (bits(tau) + 1) < 0, and an arithmetic shift
+    by the width - 1 turns that sign into the all-ones mask of the entries that go back to w0. tau is rounded to W's
+    dtype as torch rounds a scalar compared with a tensor; `abs_` clears the sign bit of NaN too.
+    """
+    width = w.element_size() * 8
+    int_dtype = m.dtype
+    tau_bits = torch.tensor(tau, dtype=w.dtype).view(int_dtype).item()
+    torch.sub(w, b, out=d)
+    d.abs_()
+    mask = d.view(int_dtype)
+    mask.sub_(tau_bits + 1).bitwise_right_shift_(width - 1)
+    w_bits = w.view(int_dtype)
+    torch.bitwise_xor(w_bits, b.view(int_dtype), out=m)
+    m.bitwise_and_(mask)
+    w_bits.bitwise_xor_(m)
+
+
+class ResetPlan:
+    """The targets of one `ResetGroup`, resolved once, with W packed flat for a chunked reset in place."""
+
+    def __init__(self, layers: list, targets: list[ResetTarget]) -> None:
+        self.layers = layers
+        self.targets = targets
+        self.weight_ids = frozenset(id(t.weight) for t in targets)
+        packable: dict[tuple, list[ResetTarget]] = {}
+        self.rest: list[ResetTarget] = []  # reset through the generic path every step
+        for t in targets:
+            if _packable(t):
+                packable.setdefault(t.weight.dtype, []).append(t)
+            else:
+                self.rest.append(t)
+        # per chunk: (W's flat view, w0's flat view) or (W's flat view, [w0 flat views to gather], scratch)
+        self.chunks: list[tuple[torch.Tensor, torch.Tensor | list[torch.Tensor], torch.Tensor | None]] = []
+        for dtype, group in packable.items():
+            self._pack(group, dtype)
+        # per dtype: the reset's two work buffers, made at the first reset
+        self.work: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        # where every tensor of the plan is held, and where its data was: the check before every step
+        self.checks = [
+            (owner, name, tensor, tensor.data_ptr())
+            for t in targets
+            for owner, name, tensor in (
+                (t.weight_owner, t.name, t.weight),
+                (t.base_owner, t.name, t.base),
+            )
+        ]
+
+    @torch.no_grad()
+    def _pack(self, targets: list[ResetTarget], dtype: torch.dtype) -> None:
+        flat, pieces = _contiguous_storages([t.weight.numel() for t in targets], dtype)
+        first = len(self.chunks)
+        scratch = None
+        batch_b: list[torch.Tensor] = []
+        batch_start = offset = 0
+
+        def close_batch() -> None:
+            nonlocal scratch, batch_b
+            n = sum(b.numel() for b in batch_b)
+            if n:
+                if scratch is None or scratch.numel() < n:
+                    scratch = torch.empty(max(n, _BATCH), dtype=dtype)
+                self.chunks.append((flat[batch_start : batch_start + n], list(batch_b), scratch))
+            batch_b = []
+
+        for t, piece in zip(targets, pieces, strict=True):
+            w, n = t.weight, t.weight.numel()
+            piece.copy_(w.detach().reshape(-1))
+            w.data = piece.view(w.shape)
+            view = flat[offset : offset + n]
+            b = t.base.detach().view(-1)
+            if n > _CHUNK:
+                close_batch()
+                for start in range(0, n, _CHUNK):
+                    self.chunks.append((view[start : start + _CHUNK], b[start : start + _CHUNK], None))
+                offset += n
+                batch_start = offset
+                continue
+            batch_b.append(b)
+            offset += n
+            if sum(x.numel() for x in batch_b) >= _BATCH:
+                close_batch()
+                batch_start = offset
+        close_batch()
+        # this dtype's batches share one scratch buffer (the largest batch's)
+        self.chunks[first:] = [(w, b, scratch if s is not None else None) for w, b, s in self.chunks[first:]]
+
+    def valid(self, layers: list) -> bool:
+        """Whether the model still holds exactly the tensors (and storages) this plan was built on."""
+        if layers is not self.layers:
+            return False
+        for layer in layers:
+            if layer.__dict__["_patched"] is not None or layer.merged_adapters:
+                return False
+        for owner, name, tensor, ptr in self.checks:
+            current = owner.get(name)
+            if current is not tensor or current.data_ptr() != ptr:
+                return False
+        return True
+
+    @torch.no_grad()
+    def reset(self, tau: float) -> None:
+        """`reset_all_below_threshold_` on every target, bit for bit."""
+        work = self.work
+        for w, b, scratch in self.chunks:
+            if scratch is not None:
+                gathered = scratch[: w.numel()]
+                torch.cat(b, out=gathered)
+                b = gathered
+            bits = _BITS_OF.get(w.dtype)
+            if bits is None or not tau >= 0:
+                _reset_flat_(w, b, tau)
+                continue
+            buffers = work.get(w.dtype)
+            if buffers is None:
+                size = max(c[0].numel() for c in self.chunks if c[0].dtype == w.dtype)
+                buffers = work[w.dtype] = (torch.empty(size, dtype=w.dtype), torch.empty(size, dtype=bits))
+            _reset_flat_in_buffers_(w, b, tau, buffers[0][: w.numel()], buffers[1][: w.numel()])
+        if self.rest:
+            reset_all_below_threshold_(self.rest, tau)

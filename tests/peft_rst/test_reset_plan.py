@@ -1,0 +1,107 @@
+"""The cached reset plan (peft_rst.reset_plan): bit-exact, W in separate storages, rebuilt when the model changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from peft_rst import RSTConfig
+from peft_rst.reset import ResetTarget
+from peft_rst.reset_plan import ResetPlan, _reset_flat_in_buffers_
+
+BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16}
+
+
+def _where_reference(w: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
+    return torch.where((w - b.to(w.dtype)).abs() <= tau, b.to(w.dtype), w)
+
+
+def _special(n: int, dtype: torch.dtype, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """w0 and W differing by 0, tiny, about tau and large amounts, with nan, inf, -0.0 and subnormals mixed in."""
+    b = torch.randn(n, generator=g, dtype=torch.float64)
+    scale = torch.tensor([0.0, 1e-8, 1e-7, 1e-6, 1e-3, 1.0], dtype=torch.float64)
+    w = b + torch.randn(n, generator=g, dtype=torch.float64) * scale[torch.randint(0, 6, (n,), generator=g)]
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45, -1e-45], dtype=torch.float64)
+    k = n // 4
+    w[:k] = special[torch.randint(0, len(special), (k,), generator=g)]
+    b[k // 2 : k + k // 2] = special[torch.randint(0, len(special), (k,), generator=g)]
+    return w.to(dtype), b.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tau", [0.0, 1e-7, 1e-6, 3e-6, 2.0**-6, 0.1, float("inf")])
+def test_integer_compare_matches_where(dtype, tau):
+    w, b = _special(5000, dtype, torch.Generator().manual_seed(0))
+    w[-10:], b[-10:] = torch.tensor(tau, dtype=dtype) if tau != float("inf") else 1.0, 0.0  # exactly tau away
+    expected = _where_reference(w, b, tau)
+    _reset_flat_in_buffers_(w, b, tau, torch.empty_like(w), torch.empty(w.numel(), dtype=BITS[dtype]))
+    assert torch.equal(w.view(BITS[dtype]), expected.view(BITS[dtype]))
+
+
+def _targets(shapes, dtype, g):
+    targets, expected = [], []
+    for shape in shapes:
+        n = torch.Size(shape).numel()
+        w, b = _special(n, dtype, g)
+        w, b = w.view(shape), b.view(shape)
+        expected.append(_where_reference(w, b, 1e-6))
+        weights, bases = {"p": nn.Parameter(w.clone())}, {"p": nn.Parameter(b, requires_grad=False)}
+        targets.append(
+            ResetTarget(weights["p"], bases["p"], is_bias=False, weight_owner=weights, base_owner=bases, name="p")
+        )
+    return targets, expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_plan_reset_is_bit_exact_and_keeps_separate_storages(dtype, tmp_path):
+    # small tensors batched (crossing the batch size), large ones chunked, odd sizes
+    shapes = [(3,), (64, 64), (1,), (300, 300), (257,), (1 << 16,), (1 << 16, 2)] + [(40, 40)] * 50
+    targets, expected = _targets(shapes, dtype, torch.Generator().manual_seed(1))
+    before = [t.weight.detach().clone() for t in targets]
+    plan = ResetPlan(layers=[], targets=targets)
+    for t, old in zip(targets, before):  # packing moves W, it does not change it
+        assert torch.equal(t.weight.detach().view(BITS[dtype]), old.view(BITS[dtype]))
+    plan.reset(1e-6)
+    for t, want in zip(targets, expected):
+        assert torch.equal(t.weight.detach().view(BITS[dtype]), want.view(BITS[dtype]))
+    # every W keeps a storage of its own: safetensors saves and loads them (it refuses shared storages)
+    tensors = {f"w{i}": t.weight.detach() for i, t in enumerate(targets)}
+    assert len({w.untyped_storage().data_ptr() for w in tensors.values()}) == len(tensors)
+    save_file(tensors, tmp_path / "w.safetensors")
+    loaded = load_file(tmp_path / "w.safetensors")
+    assert all(torch.equal(loaded[k].view(BITS[dtype]), v.view(BITS[dtype])) for k, v in tensors.items())
+
+
+def test_plan_is_rebuilt_when_the_model_replaces_w0_or_w():
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)), RSTConfig(tau=1e-3))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    layer = model.base_model.model[0]
+    w = layer.rst_weight["default"]["weight"]
+    opt.step()  # builds the plan
+    # a new w0 object (load_state_dict(assign=True) does this): the next reset compares with it
+    new_base = nn.Parameter(layer.base_layer.weight.detach() + 1.0, requires_grad=False)
+    layer.base_layer.weight = new_base
+    with torch.no_grad():
+        w.copy_(new_base + 1e-4)
+    opt.step()
+    assert torch.equal(w.detach(), new_base.detach())
+    # W's data replaced in place of the same parameter (what a dtype cast or .to() does): still reset
+    w.data = (new_base.detach() + 5e-4).clone()
+    opt.step()
+    assert torch.equal(w.detach(), new_base.detach())
+
+
+def test_a_copy_does_not_carry_the_plan_s_buffers():
+    import copy
+
+    model = get_peft_model(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)), RSTConfig(tau=1e-3))
+    group = model.base_model._reset_groups["default"]
+    assert group.plan is not None  # built when the adapter was injected
+    twin = copy.deepcopy(model)
+    assert twin.base_model._reset_groups["default"].plan is None  # rebuilt from the copy's own tensors when needed
+    w, w_twin = (m.base_model.model[0].rst_weight["default"]["weight"] for m in (model, twin))
+    assert torch.equal(w, w_twin) and w.data_ptr() != w_twin.data_ptr()

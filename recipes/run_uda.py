@@ -177,9 +177,10 @@ def check_batch_fits(run: Run, data: TaskData, source: str, target: str) -> None
     if run.method != "baseline":
         sizes[f"target domain {target}"] = len(data.target)
     for what, size in sizes.items():
-        if run.batch_size > size:
+        if run.recipe.batch_size > size:
             raise ConfigError(
-                f"--batch_size {run.batch_size} is larger than the {what} ({size} images): every step draws a full "
+                f"--batch_size {run.recipe.batch_size} is larger than the {what} ({size} images): every step draws a "
+                "full "
                 f"batch from each domain; pass --batch_size {min(sizes.values())} or less"
             )
 
@@ -204,8 +205,8 @@ def task_training_args(run: Run, task_dir: Path):
     """This task's ``CMKDTrainingArguments``: the parsed flags, with what the recipe decides per task. ``--batch_size``
     is the global per-domain batch (the paper's 32 + 32): with N processes each takes batch / N."""
     world = get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
-    if run.batch_size % world:
-        raise RecipeError(f"--batch_size {run.batch_size} must be a multiple of the {world} processes")
+    if run.recipe.batch_size % world:
+        raise RecipeError(f"--batch_size {run.recipe.batch_size} must be a multiple of the {world} processes")
     args, rule = run.training, run.recipe.selection
     selection = {"load_best_model_at_end": rule != "last"}
     if rule not in (None, "last"):
@@ -218,7 +219,7 @@ def task_training_args(run: Run, task_dir: Path):
         **selection,
         output_dir=str(task_dir),
         mode="cmkd_fixmatch" if run.recipe.fixmatch else MODES[run.method],
-        per_device_train_batch_size=run.batch_size // world,
+        per_device_train_batch_size=run.recipe.batch_size // world,
         per_device_eval_batch_size=max(1, args.per_device_eval_batch_size // world),
         save_total_limit=None if run.recipe.keep_checkpoints else 1,  # 1: the best and the latest survive
         partial_set=run.recipe.partial,
@@ -296,7 +297,8 @@ def card_fields(run: Run, source: str, target: str, metrics: dict[str, Any], cla
     bench, args = run.bench, run.training
     notes = (
         f"Trained with `{run.script}` ({run.method_label}, checkpoint: {run.selection_rule}): {args.max_steps} "
-        f"iterations, batch {run.batch_size} source + {run.batch_size} target, SGD lr {args.learning_rate:g} (head x"
+        f"iterations, batch {run.recipe.batch_size} source + {run.recipe.batch_size} target, SGD lr "
+        f"{args.learning_rate:g} (head x"
         f"{args.head_lr_multiplier:g}), seed {args.seed}, prompt `{bench.prompt_template}`."
     )
     if metrics.get("teacher_accuracy") is not None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
 from cmkd import PEFT_LABELS, PEFT_METHODS, CMKDConfig, CMKDTrainingArguments
 from cmkd.validators import DEFAULT_VALIDATOR, ORACLE_NAME, VALIDATORS, describe
@@ -82,7 +83,6 @@ class Run:
     backbone: BackboneSpec
     model: str
     tau: float | None
-    batch_size: int
     output_dir: Path
     hub_model_id: str | None
     script: str  # the command model cards name
@@ -115,7 +115,12 @@ class Run:
             k: getattr(self.training, k) for k in ("max_steps", "eval_steps", "learning_rate", "seed", "report_to")
         }
         resolved = {"benchmark": self.bench.name, "tasks": self.task_names, "method_label": self.method_label}
-        resolved |= {"peft_methods": list(self.peft_methods), "tau": self.tau, "output_dir": str(self.output_dir)}
+        resolved |= {
+            "peft_methods": list(self.peft_methods),
+            "tau": self.tau,
+            "batch_size": self.recipe.batch_size,
+            "output_dir": str(self.output_dir),
+        }
         return {
             **dataclasses.asdict(self.recipe),
             **dataclasses.asdict(self.data),
@@ -172,7 +177,7 @@ def parse(
     pre = argparse.ArgumentParser(add_help=False)
     for flag in ("--benchmark", "--config", "--backbone", "--output_dir", "--tau"):
         pre.add_argument(flag)
-    pre.add_argument("--partial", nargs="?", const=True, default=False)
+    pre.add_argument("--partial", nargs="?", const=True, default=False, type=string_to_bool)
     known, _ = pre.parse_known_args(argv)
     name = benchmark or known.benchmark or (defaults or {}).get("benchmark")
     try:
@@ -387,7 +392,6 @@ def resolve(bench, backbone, recipe, data, training, cmkd_config, output_dir, sc
         backbone=backbone,
         model=model,
         tau=tau,
-        batch_size=recipe.batch_size,
         output_dir=out,
         hub_model_id=_check_hub(training, default_repo),
         script=script

@@ -55,7 +55,6 @@ class DataArguments:
     verify_images: Literal["none", "header", "full"] = _arg(
         "check all images first (header: open; full: decode)", "none"
     )
-    num_workers: int | None = _arg("DataLoader workers (default: CPUs available, at most 8)")
     target_dir: str | None = _arg("flat folder of unlabeled target images (replaces --target's domain)")
     target_list: str | None = _arg("text file, one target image path per line (relative to the file)")
     target_dataset_id: str | None = _arg("datasets id or path of unlabeled target images (no labels)")

@@ -167,7 +167,7 @@ def test_defaults_come_from_yaml_and_flags_override(base):
     assert run.tasks == [("Ar", "Cl")] and run.method == "cmkd" and run.method_label == "CMKD"
     args = run.training
     assert args.learning_rate == 3e-6 and args.head_lr_multiplier == 1000 and run.tau is None
-    assert args.max_steps == 10000 and run.batch_size == 32 and args.seed == 42 and args.eval_steps == 500
+    assert args.max_steps == 10000 and run.recipe.batch_size == 32 and args.seed == 42 and args.eval_steps == 500
     assert args.save_steps == 500 and args.sgd_momentum == 0.9 and run.cmkd.lambda1 == 0.25
     run = _resolve(
         "office_home",
@@ -437,3 +437,17 @@ def test_library_benchmark_configs_match_the_presets(preset, name):
     if cfg.partial.available:
         merged = CMKDConfig(**{**cfg.cmkd_config, **cfg.partial.cmkd_config()})
         assert merged == CMKDConfig.for_benchmark(f"{name}_partial")
+
+
+def test_partial_sets_the_protocols_loss_weights_and_partial_false_does_not(base):
+    """--partial puts the preset's partial-set CMKDConfig fields over cmkd_config; flags still override them."""
+    partial = _resolve("office_home", ["--all", "--partial", *base])
+    assert (partial.cmkd.cls_weight, partial.cmkd.transfer_weight, partial.cmkd.partial_class_threshold) == (
+        0.5,
+        0.1,
+        14,
+    )
+    for flags in ([], ["--partial", "false"]):
+        plain = _resolve("office_home", ["--all", *flags, *base])
+        assert not plain.recipe.partial and (plain.cmkd.cls_weight, plain.cmkd.transfer_weight) == (1.0, 1.0)
+    assert _resolve("office_home", ["--all", "--partial", "--cls_weight", "0.7", *base]).cmkd.cls_weight == 0.7

@@ -223,7 +223,9 @@ def test_a_full_model_is_pushed_by_trainer_push_to_hub_with_the_saved_card(asset
     assert calls[0] == ("create", "me/m", "hf_test")
     _, repo, folder, files, ignored, token = calls[1]
     assert (repo, folder, token) == ("me/m", str(model_dir), "hf_test") and "checkpoint-*" in ignored
-    assert {"model.safetensors", "config.json", "README.md", "preprocessor_config.json"} <= set(files)
+    assert {"model.safetensors", "config.json", "README.md", "preprocessor_config.json", "training_args.bin"} <= set(
+        files
+    )
     card = calls[2][1]
     assert "checkpoint: zs_agreement" in card or "Checkpoint selection:" in card
     assert card == (model_dir / "README.md").read_text() and "CMKD-adapted CLIP" in card

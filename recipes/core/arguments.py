@@ -115,12 +115,7 @@ class Run:
             k: getattr(self.training, k) for k in ("max_steps", "eval_steps", "learning_rate", "seed", "report_to")
         }
         resolved = {"benchmark": self.bench.name, "tasks": self.task_names, "method_label": self.method_label}
-        resolved |= {
-            "peft_methods": list(self.peft_methods),
-            "tau": self.tau,
-            "batch_size": self.recipe.batch_size,
-            "output_dir": str(self.output_dir),
-        }
+        resolved |= {"peft_methods": list(self.peft_methods), "tau": self.tau, "output_dir": str(self.output_dir)}
         return {
             **dataclasses.asdict(self.recipe),
             **dataclasses.asdict(self.data),

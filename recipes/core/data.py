@@ -13,36 +13,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 from datasets import Dataset
 from torchvision.transforms import Compose
 
 from cmkd.data import with_image_transform
-from cmkd.transforms import build_transform, image_size_from_processor, normalization_from_processor
-
-from .config import BenchmarkConfig, ConfigError, DomainSpec, load_benchmark_config
-from .data_arguments import (
-    EVAL_FLAGS,
-    TARGET_FLAGS,
+from cmkd.image_sets import (
     ClassMismatchError,
-    DataArguments,
     DataError,
     DataNotFoundError,
-    domain_root,
-    find_list_file,
-    where_to_get,
-)
-from .images import (
+    check_same_classes,
     classes_of,
     files_dataset,
+    filter_classes,
     image_folder,
     in_schema,
-    labels_of,
-    load_hf_dataset,
     open_rgb,
     read_image_list,
     verify_images,
 )
+from cmkd.transforms import build_transform, image_size_from_processor, normalization_from_processor
+
+from .config import BenchmarkConfig, ConfigError, DomainSpec, load_benchmark_config
+from .data_arguments import EVAL_FLAGS, TARGET_FLAGS, DataArguments, domain_root, find_list_file, where_to_get
 
 
 def _load_digits(cfg: BenchmarkConfig, spec: DomainSpec, split: str, data: DataArguments) -> Dataset:
@@ -67,6 +61,32 @@ def _load_digits(cfg: BenchmarkConfig, spec: DomainSpec, split: str, data: DataA
     images = images.transpose(0, 2, 3, 1) if images.ndim == 4 else images  # SVHN: N, C, H, W
     labels = base.labels if getattr(base, "targets", None) is None else base.targets
     return files_dataset(list(images), labels, cfg.classes or [str(i) for i in range(cfg.num_classes)])
+
+
+def load_hf_dataset(dataset_id: str, split: str, flag: str, name: str | None = None) -> Dataset:
+    """``load_dataset`` (Hub id or local files) or ``load_from_disk`` (a ``save_to_disk`` folder); errors name
+    ``flag`` and the fix."""
+    if (Path(dataset_id) / "state.json").is_file() or (Path(dataset_id) / "dataset_dict.json").is_file():
+        ds = datasets.load_from_disk(dataset_id)
+        if isinstance(ds, datasets.DatasetDict) and split not in ds:
+            raise DataError(f"{flag} {dataset_id!r} has splits {list(ds)}, not {split!r}: pass the split flag")
+        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    try:
+        return datasets.load_dataset(dataset_id, name=name, split=split)
+    except ConnectionError as exc:
+        raise DataNotFoundError(
+            f"{flag}: could not reach the Hub for dataset {dataset_id!r} ({exc}). If you are offline, download it "
+            "once with network access (it is then cached) and set HF_HUB_OFFLINE=1, or use a local path (or "
+            "--data_dir with the files)"
+        ) from exc
+    except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as exc:
+        raise DataNotFoundError(
+            f"{flag}: no dataset {dataset_id!r} on the Hub or on disk (private or gated: log "
+            f"in with `hf auth login`): {exc}"
+        ) from exc
+    except ValueError as exc:  # unknown config or split
+        extra = " If one config holds all domains, pass --domain_column naming them." if name else ""
+        raise DataError(f"{flag}: cannot load split {split!r} of {dataset_id!r}: {exc}{extra}") from exc
 
 
 def load_domain(
@@ -99,7 +119,7 @@ def load_domain(
                     f"no rows of {where} have {column} = {spec.key}/{spec.name}; values: {sorted(set(values))[:20]}"
                 )
             ds = ds.select(keep)
-        ds = in_schema(ds, f"--dataset_id {where}", True, cfg.classes)
+        ds = in_schema(ds, f"--dataset_id {where}", True, cfg.classes, "--target_dataset_id")
     elif data_dir is None and cfg.loader == "torchvision":
         raise DataNotFoundError(f"digits need --data_dir (torchvision files live there). {where_to_get(cfg)}")
     elif cfg.loader == "torchvision":
@@ -115,7 +135,7 @@ def load_domain(
             f"{where} has {len(classes_of(ds))} classes but {cfg.display_name} has {cfg.num_classes}: is this the "
             f"right folder, and is the download complete? {where_to_get(cfg)}"
         )
-    verify_images(ds, data.verify_images, spec.key)
+    verify_images(ds, data.verify_images, f"domain {spec.key}")
     return ds
 
 
@@ -132,16 +152,17 @@ def load_target(data: DataArguments, classes: Sequence[str] | None = None) -> Da
             "target). --eval_dir takes <dir>/<class name>/<images>."
         )
     if folder:
-        ds = image_folder(folder, labeled=classes is not None)
+        ds = image_folder(folder, classes is not None, "--target_dir", "--eval_dir")
     elif listed:
         try:
-            ds = read_image_list(listed, None, classes, labeled=classes is not None)
+            ds = read_image_list(listed, None, classes, classes is not None, "--target_list", "--eval_list")
         except DataError as exc:
             hint = ". An image list without labels is an unlabeled target: --target_list" if classes else ""
             raise type(exc)(f"{exc}{hint}") from exc
     else:
         ds = load_hf_dataset(dataset_id, getattr(data, f"{kind}_split"), f"--{kind}_dataset_id")
-        ds = in_schema(ds, f"--{kind}_dataset_id {dataset_id!r}", classes is not None, classes)
+        other = "--target_dataset_id" if classes is not None else "--eval_dataset_id"
+        ds = in_schema(ds, f"--{kind}_dataset_id {dataset_id!r}", classes is not None, classes, other)
     if classes is not None:
         check_same_classes(list(classes), ds, ("the source", "the labeled target"))
     return ds
@@ -163,31 +184,11 @@ def split_source(source: Dataset, fraction: float, seed: int) -> tuple[Dataset, 
     return parts["train"], parts["test"]
 
 
-def check_same_classes(source, target, names: tuple[str, str] = ("source", "target")) -> None:
-    """ClassMismatchError listing the difference unless both (datasets or class lists) have one class list, in one
-    order (label indices must mean the same class)."""
-    a, b = (classes_of(x) if isinstance(x, Dataset) else list(x) for x in (source, target))
-    only = [(n, sorted(set(x) - set(y))) for n, x, y in ((names[0], a, b), (names[1], b, a))]
-    parts = [f"only in {n}: {d[:20]}{' ...' if len(d) > 20 else ''}" for n, d in only if d]
-    moved = ", ".join(f"#{i}: {x} vs {y}" for i, (x, y) in enumerate(zip(a, b)) if x != y)
-    if a != b:
-        raise ClassMismatchError(
-            f"{names[0]} and {names[1]} have different classes "
-            f"({'; '.join(parts) or 'same names in a different label order, e.g. ' + moved}). Both domains must use "
-            "the same class folders / label numbering"
-        )
-
-
 def partial_target_classes(classes: Sequence[str], num_classes: int) -> list[int]:
     """Label indices of the first ``num_classes`` class names in alphabetical order (partial-set protocol)."""
     if not 0 < num_classes <= len(classes):
         raise ValueError(f"cannot keep {num_classes} of {len(classes)} classes")
     return [i for i, c in enumerate(classes) if c in sorted(classes)[:num_classes]]
-
-
-def filter_classes(ds: Dataset, keep: Sequence[int]) -> Dataset:
-    """The rows whose label is in ``keep``; the ``ClassLabel`` (so the label indices) stays the full set."""
-    return ds.select([i for i, y in enumerate(labels_of(ds)) if y in set(keep)])
 
 
 def partial_target(ds: Dataset, bench: BenchmarkConfig) -> Dataset:

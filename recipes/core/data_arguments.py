@@ -11,27 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from cmkd.image_sets import DataNotFoundError
+
 from .config import BenchmarkConfig, ConfigError, DomainSpec
 
 TARGET_FLAGS = ("target_dir", "target_list", "target_dataset_id")
 EVAL_FLAGS = ("eval_dir", "eval_list", "eval_dataset_id")
 LIST_SEARCH_SUBDIRS = ("", "image_list", "list")  # where shipped image lists live relative to --data_dir
-
-
-class DataError(RuntimeError):
-    """The data cannot be used as asked; the message says how to fix it."""
-
-
-class DataNotFoundError(DataError, FileNotFoundError):
-    """A folder, list file or dataset is missing."""
-
-
-class ClassMismatchError(DataError):
-    """Source and target (or the data and the benchmark) disagree on the classes."""
-
-
-class CorruptImageError(DataError):
-    """An image file cannot be opened or decoded."""
 
 
 def _arg(help: str, default: Any = None) -> Any:

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 from transformers import HfArgumentParser
 
+from cmkd.image_sets import DataNotFoundError
 from recipes.core.config import ConfigError, load_benchmark_config
-from recipes.core.data_arguments import DataArguments, DataNotFoundError
+from recipes.core.data_arguments import DataArguments
 
 OFFICE_HOME = load_benchmark_config("office_home")
 DIGITS = load_benchmark_config("digits")

@@ -16,10 +16,9 @@ import torch
 from test_run_uda import argv, make_office_home, make_tiny_clip, write_small_config  # same folder: shared assets
 from transformers import TrainerCallback
 
+from cmkd.image_sets import DataError, classes_of, read_image_list
 from recipes import digits, office_home, run_uda
 from recipes.core import outputs
-from recipes.core.data_arguments import DataError
-from recipes.core.images import classes_of, read_image_list
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,11 +12,12 @@ import pytest
 import torch
 from test_run_uda import CLASSES, make_office_home, make_tiny_clip, write_small_config
 
+from cmkd.image_sets import DataError
 from cmkd.transforms import build_transform
 from cmkd.validators import DEFAULT_VALIDATOR
 from recipes import office_home
 from recipes.core.data import load_target, split_source, transformed
-from recipes.core.data_arguments import DataArguments, DataError
+from recipes.core.data_arguments import DataArguments
 
 ORACLE = "oracle (uses target labels)"
 
@@ -155,7 +156,7 @@ def test_selection_flags_name_what_supplies_them(world, tmp_path, capsys):
 
 
 def test_source_split_is_stratified_seeded_and_disjoint(world):
-    from recipes.core.images import image_folder, image_paths, labels_of
+    from cmkd.image_sets import image_folder, image_paths, labels_of
 
     source = image_folder(world["data"] / "Art")
     train, held = split_source(source, 0.5, seed=3)
@@ -178,7 +179,7 @@ def test_labeled_folder_alone_is_adapted_on_without_labels_and_oracle_is_named(w
 
 
 def test_labeled_target_with_other_classes_is_refused(world):
-    from recipes.core.data_arguments import ClassMismatchError
+    from cmkd.image_sets import ClassMismatchError
 
     wrong = [*sorted(CLASSES)[:-1], "Zebra"]
     with pytest.raises(ClassMismatchError, match=r"only in the source: \['Zebra'\]; only in the labeled target"):

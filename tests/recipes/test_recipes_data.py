@@ -10,6 +10,19 @@ import pytest
 import torch
 from PIL import Image
 
+from cmkd.image_sets import (
+    ClassMismatchError,
+    CorruptImageError,
+    DataError,
+    DataNotFoundError,
+    check_same_classes,
+    classes_of,
+    filter_classes,
+    image_paths,
+    labels_of,
+    read_image_list,
+    verify_images,
+)
 from cmkd.transforms import (
     CLIP_MEAN,
     CLIP_STD,
@@ -20,16 +33,12 @@ from cmkd.transforms import (
 from recipes.core.config import load_benchmark_config
 from recipes.core.data import (
     bench_transform,
-    check_same_classes,
     default_num_workers,
-    filter_classes,
     load_domain,
     partial_target,
     partial_target_classes,
     transformed,
 )
-from recipes.core.data_arguments import ClassMismatchError, CorruptImageError, DataError, DataNotFoundError
-from recipes.core.images import classes_of, image_paths, labels_of, read_image_list, verify_images
 
 CLASSES = ["Alarm_Clock", "Backpack", "Bed"]
 

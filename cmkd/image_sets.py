@@ -1,7 +1,11 @@
-"""Image sets as ``datasets.Dataset``: class folders, flat folders, image lists and ``datasets`` ids, in one schema.
+"""Image sets read as ``datasets.Dataset`` in one schema: class-folder trees, flat folders of unlabeled images, image
+lists and loaded datasets.
 
-``image`` (``Image(decode=False)``: decoded by the transform, so an unreadable file is named) and, when labeled, a
-``ClassLabel`` ``label``. Errors name the flag whose files are wrong and how to fix them (docs/datasets.md).
+Schema: ``image`` (``Image(decode=False)``: nothing is decoded when a set is read, the transform decodes with
+`open_rgb`, so an unreadable file is named) and, when labeled, a ``ClassLabel`` ``label``. Every error is a
+:class:`DataError` whose message says how to fix the data; ``name`` arguments say how the caller calls the set (a
+path, or a command-line flag) and ``other`` what the caller calls the opposite kind of set (labeled vs unlabeled), so
+a labeled set given where an unlabeled one belongs (or the reverse) is refused with the right alternative.
 """
 
 from __future__ import annotations
@@ -13,18 +17,51 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import datasets
 from datasets import ClassLabel, Dataset, Features, Image
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image as PILImage
 
-from .data_arguments import ClassMismatchError, CorruptImageError, DataError, DataNotFoundError
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ClassMismatchError",
+    "CorruptImageError",
+    "DataError",
+    "DataNotFoundError",
+    "check_same_classes",
+    "classes_of",
+    "files_dataset",
+    "filter_classes",
+    "image_folder",
+    "image_paths",
+    "in_schema",
+    "labels_of",
+    "open_rgb",
+    "read_image_list",
+    "read_list_text",
+    "verify_images",
+]
 
 IMAGE_EXTENSIONS = tuple(ImageFolder.EXTENSIONS)  # what load_dataset("imagefolder") reads
 
 
+class DataError(RuntimeError):
+    """The data cannot be used as asked; the message says how to fix it."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A folder, list file or dataset is missing."""
+
+
+class ClassMismatchError(DataError):
+    """Two sets (or a set and the expected class list) disagree on the classes."""
+
+
+class CorruptImageError(DataError):
+    """An image file cannot be opened or decoded."""
+
+
 def files_dataset(images: Sequence[Any], labels: Sequence[int] | None = None, classes=None) -> Dataset:
-    """Images (paths as str, or arrays) + labels named by ``classes``, in the recipes' schema; no file is opened."""
+    """Images (paths as str, or arrays) + labels named by ``classes``, in the schema; no file is opened."""
     data, features = {"image": list(images)}, {"image": Image(decode=False)}
     if labels is not None:
         data["label"], features["label"] = [int(y) for y in labels], ClassLabel(names=list(classes))
@@ -32,6 +69,7 @@ def files_dataset(images: Sequence[Any], labels: Sequence[int] | None = None, cl
 
 
 def image_paths(ds: Dataset) -> list[str | None]:
+    """The file path of every image (None for images embedded as bytes)."""
     return [v.get("path") if isinstance(v, dict) else None for v in ds.select_columns(["image"])["image"]]
 
 
@@ -54,10 +92,10 @@ def _images_under(folder: Path, recursive: bool = True) -> list[str]:
     return found
 
 
-def image_folder(root: str | os.PathLike, labeled: bool = True, flag: str = "--target_dir") -> Dataset:
-    """An ImageFolder as a dataset. Labeled: ``root/<class>/**/<images>``, every class folder holding images.
-    Unlabeled (``flag``): the images directly in ``root``; sub-folders with images mean a labeled set."""
-    root = Path(root)
+def image_folder(root: str | os.PathLike, labeled: bool = True, name: str = "", other: str = "") -> Dataset:
+    """A folder of images. Labeled: ``root/<class>/**/<images>``, every class folder holding images. Unlabeled: the
+    images directly in ``root``; sub-folders with images mean a labeled set (``other``: the caller's name for one)."""
+    root, name = Path(root), name or "unlabeled image folder"
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if labeled and not classes:
         raise DataNotFoundError(f"{root} has no class sub-folders; expected {root}/<class name>/<image files>")
@@ -76,12 +114,13 @@ def image_folder(root: str | os.PathLike, labeled: bool = True, flag: str = "--t
         )
     if nested := [c for c in classes if per_class[c]]:
         raise DataError(
-            f"{flag} {root} holds {len(nested)} sub-folders with images ({', '.join(f'{d}/' for d in nested[:5])}). "
-            "That is the layout of a labeled ImageFolder (one folder per class): pass it as --eval_dir to adapt on "
-            f"its images and report accuracy with its labels. {flag} takes a flat folder of unlabeled images."
+            f"{name} {root} holds {len(nested)} sub-folders with images ({', '.join(f'{d}/' for d in nested[:5])}). "
+            "That is the layout of a labeled image folder (one folder per class): "
+            f"{f'pass it as {other} to use its labels' if other else 'read it with labeled=True'}. "
+            f"{name} takes a flat folder of unlabeled images."
         )
     if not (images := _images_under(root, recursive=False)):
-        raise DataNotFoundError(f"{flag} {root} holds no images; point it at the folder with the image files")
+        raise DataNotFoundError(f"{name} {root} holds no images; point it at the folder with the image files")
     return files_dataset(images)
 
 
@@ -99,11 +138,13 @@ def read_list_text(list_file: str | os.PathLike) -> str:
         ) from exc
 
 
-def read_image_list(list_file: str | os.PathLike, root=None, classes=None, labeled: bool = True) -> Dataset:
-    """A "relative/path label" list as a labeled dataset, or (``labeled=False``, --target_list) a list of paths.
-    Paths are relative to ``root`` (default: the list's folder). Class names: ``classes``, else each label's parent
-    folder name, which must be one per label."""
-    list_file = Path(list_file)
+def read_image_list(
+    list_file: str | os.PathLike, root=None, classes=None, labeled: bool = True, name: str = "", other: str = ""
+) -> Dataset:
+    """A "relative/path label" list as a labeled dataset, or (``labeled=False``) a list of image paths. Paths are
+    relative to ``root`` (default: the list's folder). Class names: ``classes``, else each label's parent folder
+    name, which must be one per label. Blank lines and ``#`` comments are skipped."""
+    list_file, name = Path(list_file), name or "unlabeled image list"
     root = Path(root) if root is not None else list_file.parent
     text = read_list_text(list_file)
     lines = [(n, s) for n, line in enumerate(text.splitlines(), 1) if (s := line.strip()) and not s.startswith("#")]
@@ -117,18 +158,19 @@ def read_image_list(list_file: str | os.PathLike, root=None, classes=None, label
         rows.append((parts[0], int(parts[1])))
     if looks := [(n, line) for n, line in lines if not labeled and _labeled_line(root, line)]:
         raise DataError(
-            f"--target_list {list_file}: {len(looks)} of {len(lines)} lines look like 'path label' (line "
-            f"{looks[0][0]}: {looks[0][1]!r}). That is a labeled image list: pass it as --eval_list to adapt on its "
-            "images and report accuracy with its labels. --target_list takes one image path per line."
+            f"{name} {list_file}: {len(looks)} of {len(lines)} lines look like 'path label' (line "
+            f"{looks[0][0]}: {looks[0][1]!r}). That is a labeled image list: "
+            f"{f'pass it as {other} to use its labels' if other else 'read it with labeled=True'}. "
+            f"{name} takes one image path per line."
         )
     if not lines:
-        raise DataError(f"{'' if labeled else '--target_list '}{list_file} lists no images")
+        raise DataError(f"{'' if labeled else name + ' '}{list_file} lists no images")
     paths = [str(root / rel) for rel, _ in rows] if labeled else [str(root / line) for _, line in lines]
     if missing := [p for p in paths if not Path(p).is_file()]:
-        hint = "relative to --data_dir; check that --data_dir points at the folder the list was written for"
         raise DataNotFoundError(
             f"{len(missing)} of {len(paths)} images listed in {list_file} do not exist under {root}, e.g. "
-            f"{', '.join(missing[:5])}. Paths in a list are {hint if labeled else 'relative to the list folder'}"
+            f"{', '.join(missing[:5])}. Paths in a list are relative to {root}: check that it is the folder the list "
+            "was written for"
         )
     if not labeled:
         return files_dataset(paths)
@@ -148,8 +190,8 @@ def read_image_list(list_file: str | os.PathLike, root=None, classes=None, label
             if ambiguous:
                 detail = f"label {ambiguous[0][0]} appears under folders {ambiguous[0][1]}"
             raise DataError(
-                f"cannot name the classes of {list_file} from its paths ({detail}); add 'classes:' (names in label "
-                "order) to the benchmark YAML"
+                f"cannot name the classes of {list_file} from its paths ({detail}); give the class names in label "
+                "order (classes=; in a recipe preset, add 'classes:' to the benchmark YAML)"
             )
         classes = [next(iter(names[y])) for y in range(n_labels)]
     return files_dataset(paths, [y for _, y in rows], classes)
@@ -161,57 +203,54 @@ def _labeled_line(root: Path, line: str) -> bool:
     return not (root / line).is_file() and bool(head) and tail.lstrip("-").isdigit() and (root / head).is_file()
 
 
-def load_hf_dataset(dataset_id: str, split: str, flag: str, name: str | None = None) -> Dataset:
-    """``load_dataset`` (Hub id or local files) or ``load_from_disk`` (a ``save_to_disk`` folder); errors name
-    ``flag`` and the fix."""
-    if (Path(dataset_id) / "state.json").is_file() or (Path(dataset_id) / "dataset_dict.json").is_file():
-        ds = datasets.load_from_disk(dataset_id)
-        if isinstance(ds, datasets.DatasetDict) and split not in ds:
-            raise DataError(f"{flag} {dataset_id!r} has splits {list(ds)}, not {split!r}: pass the split flag")
-        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-    try:
-        return datasets.load_dataset(dataset_id, name=name, split=split)
-    except ConnectionError as exc:
-        raise DataNotFoundError(
-            f"{flag}: could not reach the Hub for dataset {dataset_id!r} ({exc}). If you are offline, download it "
-            "once with network access (it is then cached) and set HF_HUB_OFFLINE=1, or use a local path (or "
-            "--data_dir with the files)"
-        ) from exc
-    except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as exc:
-        raise DataNotFoundError(
-            f"{flag}: no dataset {dataset_id!r} on the Hub or on disk (private or gated: log "
-            f"in with `hf auth login`): {exc}"
-        ) from exc
-    except ValueError as exc:  # unknown config or split
-        extra = " If one config holds all domains, pass --domain_column naming them." if name else ""
-        raise DataError(f"{flag}: cannot load split {split!r} of {dataset_id!r}: {exc}{extra}") from exc
-
-
-def in_schema(ds: Dataset, flag: str, labeled: bool, classes: Sequence[str] | None = None) -> Dataset:
-    """A loaded dataset as ``image`` (+ ``label``): labeled needs a label column, unlabeled refuses one."""
+def in_schema(ds: Dataset, name: str, labeled: bool, classes: Sequence[str] | None = None, other: str = "") -> Dataset:
+    """A loaded dataset (any column names) as ``image`` (+ ``label``): labeled needs a label column (named by its
+    ``ClassLabel`` or by ``classes``), unlabeled refuses one."""
     image = next((k for k, f in ds.features.items() if isinstance(f, Image)), None)
     label = next((k for k, f in ds.features.items() if isinstance(f, ClassLabel)), None)
     label = label or next((k for k in ("label", "labels") if k in ds.features), None)
+    use = f"pass it as {other}" if other else "read it with labeled=" + str(not labeled)
     if image is None or (labeled and label is None):
-        hint = " Without labels it is an unlabeled target: --target_dataset_id." if image else ""
+        hint = f" Without labels it is an unlabeled set: {use}." if image else ""
         raise DataError(
-            f"{flag} needs an Image column{' and a label column' * labeled}; has {list(ds.features)}.{hint}"
+            f"{name} needs an Image column{' and a label column' * labeled}; has {list(ds.features)}.{hint}"
         )
     if not labeled and label is not None:
-        raise DataError(
-            f"{flag} has a label column {label!r}: a labeled dataset. Pass it as --eval_dataset_id to adapt on its "
-            "images and report accuracy with its labels; --target_dataset_id takes images without labels."
-        )
+        raise DataError(f"{name} has a label column {label!r}: a labeled dataset, {use} to use its labels.")
     if not labeled:
         return ds.select_columns([image]).rename_columns({image: "image"}).cast_column("image", Image(decode=False))
     if not (classes := getattr(ds.features[label], "names", None) or classes):
-        raise DataError(f"{flag}: label column {label!r} is no ClassLabel; add 'classes:' to the benchmark YAML")
+        raise DataError(
+            f"{name}: label column {label!r} is no ClassLabel; give the class names in label order (classes=; in a "
+            "recipe preset, add 'classes:' to the benchmark YAML)"
+        )
     ds = ds.select_columns([image, label]).rename_columns({image: "image", label: "label"})
     return ds.cast(Features({"image": Image(decode=False), "label": ClassLabel(names=list(classes))}))
 
 
-def verify_images(ds: Dataset, mode: str = "header", domain: str = "") -> int:
-    """Open every image file up front (``header``: PIL open; ``full``: decode); one CorruptImageError lists all."""
+def check_same_classes(source, target, names: tuple[str, str] = ("source", "target")) -> None:
+    """ClassMismatchError listing the difference unless both (datasets or class lists) have one class list, in one
+    order (label indices must mean the same class)."""
+    a, b = (classes_of(x) if isinstance(x, Dataset) else list(x) for x in (source, target))
+    only = [(n, sorted(set(x) - set(y))) for n, x, y in ((names[0], a, b), (names[1], b, a))]
+    parts = [f"only in {n}: {d[:20]}{' ...' if len(d) > 20 else ''}" for n, d in only if d]
+    moved = ", ".join(f"#{i}: {x} vs {y}" for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    if a != b:
+        raise ClassMismatchError(
+            f"{names[0]} and {names[1]} have different classes "
+            f"({'; '.join(parts) or 'same names in a different label order, e.g. ' + moved}). Both domains must use "
+            "the same class folders / label numbering"
+        )
+
+
+def filter_classes(ds: Dataset, keep: Sequence[int]) -> Dataset:
+    """The rows whose label is in ``keep``; the ``ClassLabel`` (so the label indices) stays the full set."""
+    return ds.select([i for i, y in enumerate(labels_of(ds)) if y in set(keep)])
+
+
+def verify_images(ds: Dataset, mode: str = "header", name: str = "") -> int:
+    """Open every image file up front (``header``: PIL open; ``full``: decode; ``none``: skip); one
+    CorruptImageError lists every unreadable file. Returns the number of files checked."""
 
     def problem(path: str) -> str | None:
         try:
@@ -226,8 +265,8 @@ def verify_images(ds: Dataset, mode: str = "header", domain: str = "") -> int:
     if bad:
         listing = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
         raise CorruptImageError(
-            f"{len(bad)} of {len(paths)} images of domain {domain!r} cannot be read:\n  {listing}\nRe-download / "
-            "re-extract them, or delete them (and their image-list lines)"
+            f"{len(bad)} of {len(paths)} images{f' of {name}' if name else ''} cannot be read:\n  {listing}\n"
+            "Re-download / re-extract them, or delete them (and their image-list lines)"
         )
     return len(paths)
 
@@ -243,6 +282,6 @@ def open_rgb(image: Any) -> PILImage.Image:
     except (OSError, ValueError, TypeError, PILImage.DecompressionBombError) as exc:
         raise CorruptImageError(
             f"cannot read image {image.get('path') or '(embedded bytes)'} ({type(exc).__name__}: {exc}). Replace or "
-            "delete the file (and its image-list line), or run with --verify_images header to list every unreadable "
-            "file up front"
+            "delete the file (and its image-list line), or list every unreadable file up front with verify_images "
+            "(the recipes: --verify_images header)"
         ) from exc

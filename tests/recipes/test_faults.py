@@ -16,7 +16,6 @@ import torch
 from test_run_uda import argv, make_office_home, make_tiny_clip, write_small_config  # same folder: shared assets
 from transformers import TrainerCallback
 
-from cmkd.image_sets import DataError, classes_of, read_image_list
 from recipes import digits, office_home, run_uda
 from recipes.core import outputs
 
@@ -336,19 +335,6 @@ def test_resume_from_a_folder_that_is_not_a_checkpoint(assets, tmp_path, capsys,
         capsys,
     )
     assert code == 2 and "no model weights" in message and "no optimizer.pt" in message
-
-
-def test_latin1_image_list_names_the_file_and_line(tmp_path):
-    (tmp_path / "caf\u00e9").mkdir()
-    lst = tmp_path / "list.txt"
-    lst.write_bytes("a/1.png 0\ncaf\u00e9/2.png 1\n".encode("latin-1"))
-    with pytest.raises(DataError, match=r"list.txt:2: not UTF-8 text \(byte 0xe9\); image lists must be UTF-8"):
-        read_image_list(lst, tmp_path)
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "1.png").write_bytes(b"x")
-    (tmp_path / "caf\u00e9" / "2.png").write_bytes(b"x")
-    lst.write_bytes("\ufeffa/1.png 0\ncaf\u00e9/2.png 1\n".encode())  # UTF-8 with a BOM reads fine
-    assert classes_of(read_image_list(lst, tmp_path)) == ["a", "caf\u00e9"]
 
 
 def test_push_while_offline_is_a_usage_error(assets, tmp_path, monkeypatch, capsys, no_model_loading):

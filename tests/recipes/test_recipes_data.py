@@ -20,7 +20,6 @@ from cmkd.image_sets import (
     filter_classes,
     image_paths,
     labels_of,
-    read_image_list,
     verify_images,
 )
 from cmkd.transforms import (
@@ -185,25 +184,6 @@ def test_image_list_with_spaces_comments_and_derived_classes(tmp_path, office_ho
     assert labels_of(ds) == [2, 2, 0, 0, 1, 1]
     via_dir = load_domain(office_home_3, "Re", data_dir=tmp_path, image_list_dir=tmp_path / "lists")
     assert image_paths(via_dir) == image_paths(ds) and labels_of(via_dir) == labels_of(ds)
-
-
-@pytest.mark.parametrize(
-    "content, message",
-    [
-        ("Art/Bed/00000.jpg\n", "Art.txt:1: expected 'relative/path label'"),
-        ("Art/Bed/00000.jpg 0\nArt/Bed/00001.png x\n", "Art.txt:2: expected"),
-        ("Art/Bed/00000.jpg 0\nArt/Bed/missing.jpg 0\n", "1 of 2 images listed in .*Art.txt do not exist"),
-        ("Art/Bed/00000.jpg 0\nArt/Backpack/00000.jpg 0\n", "cannot name the classes.*add 'classes:'"),
-        ("Art/Bed/00000.jpg 1\n", "labels \\[0\\] never appear"),
-        ("# only a comment\n", "lists no images"),
-    ],
-)
-def test_image_list_errors(tmp_path, content, message):
-    _tree(tmp_path, domains=("Art",))
-    lst = tmp_path / "Art.txt"
-    lst.write_text(content)
-    with pytest.raises(DataError, match=message):
-        read_image_list(lst, tmp_path)
 
 
 def test_flat_folders_use_yaml_class_names(tmp_path):

@@ -9,24 +9,32 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 GINI_MODES = ("balanced_sum", "mean")
 ALPHA_MODES = ("kl", "fixed", "entropy")
 KL_DIRECTIONS = ("teacher_student", "student_teacher")
 DISTILL_LOSSES = ("gini", "kl")
 
-# Per-benchmark overrides of the defaults (paper App. A and B, release). Anything not listed keeps the default.
-_BENCHMARK_OVERRIDES: dict[str, dict[str, Any]] = {
-    "office_home": {},
-    "office31": {},
-    "imageclef": {},
-    "digits": {},
-    "visda": {"fixmatch_threshold": 0.80, "fixmatch_factor": 2.0},
-    "domainnet": {"lambda1": 0.025, "lambda3": 0.0025, "fixmatch_threshold": 0.95, "fixmatch_factor": 0.1},
-    # Partial-set DA (paper App. K, Office-Home 65 -> 25): classification loss x0.5, transfer loss x0.1.
-    "office_home_partial": {"cls_weight": 0.5, "transfer_weight": 0.1},
-}
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"  # <benchmark>.yaml: the one home of every benchmark default
+PARTIAL_FIELDS = ("partial_class_threshold", "cls_weight", "transfer_weight")  # a preset's partial-set loss fields
+PARTIAL_SUFFIX = "_partial"
+
+
+def preset_names() -> list[str]:
+    """The benchmarks with a preset in ``cmkd/presets``."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def read_preset(name: str) -> dict[str, Any]:
+    """The parsed YAML preset ``cmkd/presets/<name>.yaml`` (the recipes validate it in full, with their schema)."""
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"no benchmark preset {name!r} in {PRESETS_DIR}; presets: {preset_names()}.")
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
 def _canonical(name: str) -> str:
@@ -142,17 +150,23 @@ class CMKDConfig:
 
     @classmethod
     def for_benchmark(cls, name: str, **overrides: Any) -> CMKDConfig:
-        """Release settings for a benchmark (``"office_home"``, ``"domainnet"``, ...), then ``overrides``.
+        """The release settings of a benchmark (``"office_home"``, ``"domainnet"``, ...), then ``overrides``: the
+        ``cmkd_config`` section of its preset ``cmkd/presets/<name>.yaml`` (paper App. A and B, release), the file the
+        recipes read too. ``<name>_partial`` adds the preset's partial-set fields (``partial:``, paper App. K).
 
         Names are matched ignoring case, ``-`` and ``_`` (``"Office-Home"`` works).
         """
         if not isinstance(name, str):
             raise TypeError(f"benchmark name must be a str, got {type(name).__name__}.")
-        by_canonical = {_canonical(key): key for key in _BENCHMARK_OVERRIDES}
+        by_canonical = {_canonical(key): key for key in cls.benchmark_names()}
         key = by_canonical.get(_canonical(name))
         if key is None:
-            raise ValueError(f"Unknown benchmark {name!r}; valid names: {sorted(_BENCHMARK_OVERRIDES)}.")
-        return cls.from_dict({**_BENCHMARK_OVERRIDES[key], **overrides})
+            raise ValueError(f"Unknown benchmark {name!r}; valid names: {cls.benchmark_names()}.")
+        preset = read_preset(key.removesuffix(PARTIAL_SUFFIX))
+        fields = dict(preset["cmkd_config"])
+        if key.endswith(PARTIAL_SUFFIX):
+            fields |= {k: v for k, v in preset["partial"].items() if k in PARTIAL_FIELDS}
+        return cls.from_dict({**fields, **overrides})
 
     @classmethod
     def paper_literal(cls, **overrides: Any) -> CMKDConfig:
@@ -161,7 +175,10 @@ class CMKDConfig:
 
     @classmethod
     def benchmark_names(cls) -> list[str]:
-        return sorted(_BENCHMARK_OVERRIDES)
+        """Every preset, and ``<name>_partial`` for those with a partial-set protocol."""
+        names = preset_names()
+        partial = [n + PARTIAL_SUFFIX for n in names if (read_preset(n).get("partial") or {}).get("available")]
+        return sorted(names + partial)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-serialisable) for logging and saving."""

@@ -1,7 +1,7 @@
 """Digits (10 classes; SVHN, MNIST, USPS via torchvision): CMKD / RST unsupervised domain adaptation of CLIP.
 
 Paper Table III (S->M, U->M, M->U): trained on the training sets, scored on the target test set; USPS as source
-gets the release's own augmentation. Defaults: ``recipes/configs/digits.yaml`` (batch 64 + 64, 20,000 iterations,
+gets the release's own augmentation. Defaults: ``cmkd/presets/digits.yaml`` (batch 64 + 64, 20,000 iterations,
 mixed precision on GPU).
 
     python recipes/digits.py --data_dir data/digits --download --source svhn --target mnist --rst --output_dir runs/s_m

@@ -1,7 +1,7 @@
 """DomainNet (345 classes; clipart, infograph, painting, quickdraw, real, sketch): CMKD / RST adaptation of CLIP.
 
 Paper Table VI: all 30 ordered pairs, shown as a source x target matrix per method. Needs the official
-``<domain>_train.txt`` / ``<domain>_test.txt`` image lists. Defaults: ``recipes/configs/domainnet.yaml``.
+``<domain>_train.txt`` / ``<domain>_test.txt`` image lists. Defaults: ``cmkd/presets/domainnet.yaml``.
 
     python recipes/domainnet.py --data_dir data/domainnet --source clipart --target sketch --rst --output_dir runs/c_s
     python recipes/domainnet.py --data_dir data/domainnet --all --rst --output_dir runs/domainnet_rst

@@ -1,7 +1,7 @@
 """ImageCLEF-DA (12 classes; ImageNet, Pascal, Caltech): CMKD / RST unsupervised domain adaptation of CLIP.
 
 Paper Table IV (6 tasks). Needs the shipped ``i_list.txt`` / ``p_list.txt`` / ``c_list.txt``. Defaults:
-``recipes/configs/image_clef.yaml``.
+``cmkd/presets/image_clef.yaml``.
 
     python recipes/image_clef.py --data_dir data/image_CLEF --source I --target P --rst --output_dir runs/i_p
     python recipes/image_clef.py --data_dir data/image_CLEF --all --rst --output_dir runs/image_clef_rst

@@ -1,6 +1,6 @@
 """Office-31 (31 classes; amazon, dslr, webcam): CMKD / RST unsupervised domain adaptation of CLIP.
 
-Paper Table II (6 tasks). Defaults: ``recipes/configs/office31.yaml``.
+Paper Table II (6 tasks). Defaults: ``cmkd/presets/office31.yaml``.
 
     python recipes/office31.py --data_dir data/office31 --source amazon --target webcam --rst --output_dir runs/a_w
     python recipes/office31.py --data_dir data/office31 --all --rst --output_dir runs/office31_rst

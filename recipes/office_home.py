@@ -1,6 +1,6 @@
 """Office-Home (65 classes; Art, Clipart, Product, Real_World): CMKD / RST unsupervised domain adaptation of CLIP.
 
-Paper Table I (12 tasks), Appendix K (partial-set 65 -> 25). Defaults: ``recipes/configs/office_home.yaml``.
+Paper Table I (12 tasks), Appendix K (partial-set 65 -> 25). Defaults: ``cmkd/presets/office_home.yaml``.
 
     python recipes/office_home.py --data_dir data/OfficeHome -s Art -t Clipart --rst --output_dir runs/ar_cl
     python recipes/office_home.py --data_dir data/OfficeHome --all --rst --output_dir runs/office_home_rst

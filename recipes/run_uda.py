@@ -1,6 +1,6 @@
 """Unsupervised domain adaptation of CLIP with CMKD (and RST or another PEFT method) on a benchmark preset.
 
-``--benchmark`` picks ``recipes/configs/<benchmark>.yaml``, whose values are the defaults every flag overrides; the
+``--benchmark`` picks ``cmkd/presets/<benchmark>.yaml``, whose values are the defaults every flag overrides; the
 flags are the libraries' own field names (``cmkd.CMKDTrainingArguments``, ``cmkd.CMKDConfig``, the data arguments)::
 
     python recipes/run_uda.py --benchmark office_home --data_dir data/OfficeHome -s Ar -t Cl --rst

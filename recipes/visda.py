@@ -1,7 +1,7 @@
 """VisDA-2017 (12 classes; synthetic renderings -> real images): CMKD / RST unsupervised domain adaptation of CLIP.
 
 Paper Table V: one task, scored by mean per-class accuracy; the table lists every class. Defaults:
-``recipes/configs/visda.yaml`` (lr 3e-7 and tau 1e-7 for ViT-B/16, 20,000 iterations).
+``cmkd/presets/visda.yaml`` (lr 3e-7 and tau 1e-7 for ViT-B/16, 20,000 iterations).
 
     python recipes/visda.py --data_dir data/visda-2017 --source Syn --target Real --rst --output_dir runs/visda_rst
     accelerate launch recipes/visda.py --data_dir data/visda-2017 --all --rst --output_dir runs/visda_rst

@@ -25,7 +25,7 @@ NEEDED = [  # read at run time through paths relative to the package files
     "cmkd/assets/tiny_clip_digits/config.json",
     "cmkd/assets/tiny_clip_digits/tokenizer.json",
     "cmkd/metrics/uda_accuracy/uda_accuracy.py",
-    "recipes/configs/office_home.yaml",
+    "cmkd/presets/office_home.yaml",
 ]
 
 
@@ -64,7 +64,7 @@ def test_wheel_carries_every_package_file(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     missing = [name for name in NEEDED if name not in names]
     assert not missing, f"the wheel lacks {missing}"
-    configs = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "recipes" / "configs").glob("*.yaml"))
+    configs = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "cmkd" / "presets").glob("*.yaml"))
     assert len(configs) >= 6 and set(configs) <= names
     left_out = [name for name in _source_files() if name not in names]
     assert not left_out, f"files of the packages not in the wheel (add them to pyproject's package-data): {left_out}"

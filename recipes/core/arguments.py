@@ -4,7 +4,7 @@ One name per setting from YAML to Trainer: ``--max_steps``, ``--eval_steps``, ``
 ``--output_dir``, ``--report_to``, ``--push_to_hub`` ... are ``cmkd.CMKDTrainingArguments`` fields, ``--lambda1``,
 ``--gamma`` ... are ``cmkd.CMKDConfig`` fields, the data flags are ``recipes.core.data.DataArguments``, and
 :class:`RecipeArguments` holds what only a recipe decides (task, method, model, checkpoint rule). The preset
-(``recipes/configs/<benchmark>.yaml``, with ``--config`` merged over it) supplies the defaults; flags override them.
+(``cmkd/presets/<benchmark>.yaml``, with ``--config`` merged over it) supplies the defaults; flags override them.
 Every impossible combination fails here, with a usage error, before anything is loaded or written.
 """
 
@@ -44,7 +44,7 @@ OUTPUT_HELP = (
 class RecipeArguments:
     """What only a recipe decides: the task, the method, the model and the checkpoint rule."""
 
-    benchmark: str | None = field(default=None, metadata={"help": "the preset: recipes/configs/<benchmark>.yaml"})
+    benchmark: str | None = field(default=None, metadata={"help": "the preset: cmkd/presets/<benchmark>.yaml"})
     source: str | None = field(default=None, metadata={"aliases": ["-s"], "help": "source domain (labeled)"})
     target: str | None = field(default=None, metadata={"aliases": ["-t"], "help": "target domain (labels unused)"})
     all: bool = field(default=False, metadata={"help": "run every transfer task of the benchmark (paper's list)"})

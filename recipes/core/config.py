@@ -1,4 +1,4 @@
-"""Benchmark presets: ``recipes/configs/<benchmark>.yaml`` -> a validated :class:`BenchmarkConfig`.
+"""Benchmark presets: ``cmkd/presets/<benchmark>.yaml`` -> a validated :class:`BenchmarkConfig`.
 
 A preset describes a benchmark (domains, tasks, classes, backbones, augmentation names, partial-set protocol) and the
 defaults of a run in the libraries' own names: ``training_args`` are ``cmkd.CMKDTrainingArguments`` fields and
@@ -20,7 +20,9 @@ from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from cmkd.config import PARTIAL_FIELDS, PRESETS_DIR
+from cmkd.config import preset_names as available_benchmarks
+
 TASK_SEPARATOR = "->"
 METRICS = ("accuracy", "mean_class_accuracy")
 TABLE_LAYOUTS = ("tasks", "per_class", "matrix")
@@ -76,8 +78,7 @@ class PartialSpec:
 
     def cmkd_config(self) -> dict[str, Any]:
         """The CMKDConfig fields this section sets (applied over ``cmkd_config`` with --partial)."""
-        names = ("partial_class_threshold", "cls_weight", "transfer_weight")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        return {n: getattr(self, n) for n in PARTIAL_FIELDS if getattr(self, n) is not None}
 
 
 @dataclass(frozen=True)
@@ -121,18 +122,14 @@ def task_name(source: str, target: str) -> str:
     return f"{source}{TASK_SEPARATOR}{target}"
 
 
-def available_benchmarks() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-
-
 def load_benchmark_config(
     name_or_path: str | os.PathLike, override: str | os.PathLike | None = None
 ) -> BenchmarkConfig:
-    """``recipes/configs/<name>.yaml`` (or any YAML path), with the ``override`` YAML (``--config``) deep-merged
+    """``cmkd/presets/<name>.yaml`` (or any YAML path), with the ``override`` YAML (``--config``) deep-merged
     over it, as a validated :class:`BenchmarkConfig`."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
-        path = CONFIG_DIR / f"{name_or_path}.yaml"
+        path = PRESETS_DIR / f"{name_or_path}.yaml"  # shipped in cmkd: CMKDConfig.for_benchmark reads them too
     if not path.is_file():
         raise ConfigError(f"no benchmark config {str(name_or_path)!r}; available: {', '.join(available_benchmarks())}")
     raw, where, source = read_yaml(path), path.name, str(path)

@@ -130,7 +130,7 @@ def test_common_values(name):
 def test_unknown_benchmark_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="available: digits"):
         load_benchmark_config("office_garden")
-    src = (config_mod.CONFIG_DIR / "office31.yaml").read_text()
+    src = (config_mod.PRESETS_DIR / "office31.yaml").read_text()
     bad = tmp_path / "bad.yaml"
     bad.write_text(src.replace("  max_steps: 10000", "  max_steps: 10000\n  max_step: 5"))
     with pytest.raises(ConfigError, match="\\['max_step'\\] are not cmkd.CMKDTrainingArguments fields"):
@@ -428,8 +428,8 @@ def test_config_that_is_a_folder_is_named(tmp_path, base):
     + [("visda", "visda"), ("domainnet", "domainnet")],
 )
 def test_library_benchmark_configs_match_the_presets(preset, name):
-    """cmkd's CMKDConfig.for_benchmark repeats the presets' numbers (a library shortcut without the YAML): they must
-    agree, partial-set protocol included, or one of the two is wrong."""
+    """cmkd's CMKDConfig.for_benchmark (the library's shortcut) reads the presets the recipes read: the same values,
+    and its ``<name>_partial`` is the recipes' --partial merge."""
     from cmkd import CMKDConfig
 
     cfg = load_benchmark_config(preset)

@@ -388,7 +388,7 @@ def test_every_recipe_help_shows_its_yaml_defaults(name, capsys):
         RECIPES[name].main(["--help"])
     assert exc.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    raw = yaml.safe_load((REPO / "recipes" / "configs" / f"{name}.yaml").read_text())
+    raw = yaml.safe_load((REPO / "cmkd" / "presets" / f"{name}.yaml").read_text())
     backbone = raw["backbones"][raw["backbone"]]
 
     options = text[text.index("options:") :]

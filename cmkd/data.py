@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .image_sets import open_rgb
 from .transforms import CLIP_MEAN, CLIP_STD, ToRGB, build_transform
 
 __all__ = [
@@ -79,6 +80,9 @@ def with_image_transform(
 ):
     """A `datasets.Dataset` view yielding ``{"pixel_values", "labels"?, "pixel_values_strong"?}`` (lazy, batched).
 
+    Images may be PIL images or undecoded ``Image(decode=False)`` values (`cmkd.image_sets`): those are read as RGB
+    by `cmkd.image_sets.open_rgb` when the item is fetched, so an unreadable file is named.
+
     ``strong_transform`` adds the FixMatch strong view of the same image (see `cmkd.fixmatch`). Set
     ``label_column=None`` (or leave it absent from the data) for an unlabeled target set.
     """
@@ -113,6 +117,7 @@ class ImageTransformer:
             raise RuntimeError(f"{len(seeds)} item seeds for a batch of {len(images)} images.")
         weak, strong = [], []
         for j, image in enumerate(images):
+            image = open_rgb(image) if isinstance(image, dict) else image  # Image(decode=False): {"path", "bytes"}
             if seeds is not None:
                 _seed_generators(seeds[j])
             weak.append(self.transform(image))

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import datasets
 from datasets import ClassLabel, Dataset, Features, Image
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image as PILImage
@@ -34,6 +35,7 @@ __all__ = [
     "image_folder",
     "image_paths",
     "in_schema",
+    "load_image_dataset",
     "labels_of",
     "open_rgb",
     "read_image_list",
@@ -201,6 +203,33 @@ def _labeled_line(root: Path, line: str) -> bool:
     """A "path label" line in a list of paths: the line is no file, but the path before the number is."""
     head, _, tail = line.rpartition(" ")
     return not (root / line).is_file() and bool(head) and tail.lstrip("-").isdigit() and (root / head).is_file()
+
+
+def load_image_dataset(dataset_id: str, split: str, name: str, config: str | None = None, hint: str = "") -> Dataset:
+    """``datasets.load_dataset`` (Hub id or local files) or ``load_from_disk`` (a ``save_to_disk`` folder) of one
+    split, unchanged (`in_schema` brings it into the schema); errors name ``name`` and the fix, ``hint`` is added to
+    the one for an unknown config or split."""
+    if (Path(dataset_id) / "state.json").is_file() or (Path(dataset_id) / "dataset_dict.json").is_file():
+        ds = datasets.load_from_disk(dataset_id)
+        if isinstance(ds, datasets.DatasetDict) and split not in ds:
+            raise DataError(f"{name} {dataset_id!r} has splits {list(ds)}, not {split!r}: pass one of them")
+        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    try:
+        return datasets.load_dataset(dataset_id, name=config, split=split)
+    except ConnectionError as exc:
+        raise DataNotFoundError(
+            f"{name}: could not reach the Hub for dataset {dataset_id!r} ({exc}). If you are offline, download it "
+            "once with network access (it is then cached) and set HF_HUB_OFFLINE=1, or use a local path"
+        ) from exc
+    except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as exc:
+        raise DataNotFoundError(
+            f"{name}: no dataset {dataset_id!r} on the Hub or on disk (private or gated: log "
+            f"in with `hf auth login`): {exc}"
+        ) from exc
+    except ValueError as exc:  # unknown config or split
+        raise DataError(
+            f"{name}: cannot load split {split!r} of {dataset_id!r}: {exc}{' ' * bool(hint)}{hint}"
+        ) from exc
 
 
 def in_schema(ds: Dataset, name: str, labeled: bool, classes: Sequence[str] | None = None, other: str = "") -> Dataset:

@@ -8,15 +8,13 @@ give the target, ``--eval_*`` a labeled copy for reporting only. Errors say how 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
 from datasets import Dataset
-from torchvision.transforms import Compose
 
 from cmkd.data import with_image_transform
 from cmkd.image_sets import (
@@ -29,7 +27,7 @@ from cmkd.image_sets import (
     filter_classes,
     image_folder,
     in_schema,
-    open_rgb,
+    load_image_dataset,
     read_image_list,
     verify_images,
 )
@@ -37,6 +35,8 @@ from cmkd.transforms import build_transform, image_size_from_processor, normaliz
 
 from .config import BenchmarkConfig, ConfigError, DomainSpec, load_benchmark_config
 from .data_arguments import EVAL_FLAGS, TARGET_FLAGS, DataArguments, domain_root, find_list_file, where_to_get
+
+DOMAIN_COLUMN_HINT = "If one config holds all domains, pass --domain_column naming them."
 
 
 def _load_digits(cfg: BenchmarkConfig, spec: DomainSpec, split: str, data: DataArguments) -> Dataset:
@@ -63,32 +63,6 @@ def _load_digits(cfg: BenchmarkConfig, spec: DomainSpec, split: str, data: DataA
     return files_dataset(list(images), labels, cfg.classes or [str(i) for i in range(cfg.num_classes)])
 
 
-def load_hf_dataset(dataset_id: str, split: str, flag: str, name: str | None = None) -> Dataset:
-    """``load_dataset`` (Hub id or local files) or ``load_from_disk`` (a ``save_to_disk`` folder); errors name
-    ``flag`` and the fix."""
-    if (Path(dataset_id) / "state.json").is_file() or (Path(dataset_id) / "dataset_dict.json").is_file():
-        ds = datasets.load_from_disk(dataset_id)
-        if isinstance(ds, datasets.DatasetDict) and split not in ds:
-            raise DataError(f"{flag} {dataset_id!r} has splits {list(ds)}, not {split!r}: pass the split flag")
-        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-    try:
-        return datasets.load_dataset(dataset_id, name=name, split=split)
-    except ConnectionError as exc:
-        raise DataNotFoundError(
-            f"{flag}: could not reach the Hub for dataset {dataset_id!r} ({exc}). If you are offline, download it "
-            "once with network access (it is then cached) and set HF_HUB_OFFLINE=1, or use a local path (or "
-            "--data_dir with the files)"
-        ) from exc
-    except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as exc:
-        raise DataNotFoundError(
-            f"{flag}: no dataset {dataset_id!r} on the Hub or on disk (private or gated: log "
-            f"in with `hf auth login`): {exc}"
-        ) from exc
-    except ValueError as exc:  # unknown config or split
-        extra = " If one config holds all domains, pass --domain_column naming them." if name else ""
-        raise DataError(f"{flag}: cannot load split {split!r} of {dataset_id!r}: {exc}{extra}") from exc
-
-
 def load_domain(
     bench: BenchmarkConfig | str, domain: str, data: DataArguments | None = None, *, split: str = "train", **flags: Any
 ) -> Dataset:
@@ -108,7 +82,13 @@ def load_domain(
         config = (data.dataset_config or ("" if data.domain_column else "{domain}")).format(
             domain=spec.folder, key=spec.key, name=spec.name
         )
-        ds = load_hf_dataset(data.dataset_id, split, "--dataset_id", config or None)
+        ds = load_image_dataset(
+            data.dataset_id,
+            split,
+            "--dataset_id",
+            config or None,
+            "If one config holds all domains, pass --domain_column naming them." * bool(config),
+        )
         where = f"Hub dataset {data.dataset_id!r}"
         if (column := data.domain_column) and column not in ds.features:
             raise DataError(f"--domain_column {column!r} not in {where}; columns: {list(ds.features)}")
@@ -160,7 +140,7 @@ def load_target(data: DataArguments, classes: Sequence[str] | None = None) -> Da
             hint = ". An image list without labels is an unlabeled target: --target_list" if classes else ""
             raise type(exc)(f"{exc}{hint}") from exc
     else:
-        ds = load_hf_dataset(dataset_id, getattr(data, f"{kind}_split"), f"--{kind}_dataset_id")
+        ds = load_image_dataset(dataset_id, getattr(data, f"{kind}_split"), f"--{kind}_dataset_id")
         other = "--target_dataset_id" if classes is not None else "--eval_dataset_id"
         ds = in_schema(ds, f"--{kind}_dataset_id {dataset_id!r}", classes is not None, classes, other)
     if classes is not None:
@@ -196,13 +176,6 @@ def partial_target(ds: Dataset, bench: BenchmarkConfig) -> Dataset:
     if not bench.partial.available:
         raise ConfigError(f"{bench.display_name} has no partial-set protocol")
     return filter_classes(ds, partial_target_classes(classes_of(ds), bench.partial.num_target_classes))
-
-
-def transformed(ds: Dataset, transform: Callable, strong: Callable | None = None) -> Dataset:
-    """``cmkd.data.with_image_transform`` after `open_rgb`: items ``{"pixel_values", "labels"?,
-    "pixel_values_strong"?}``."""
-    decoded = [Compose([open_rgb, t]) if t is not None else None for t in (transform, strong)]
-    return with_image_transform(ds, *decoded)
 
 
 def bench_transform(bench: BenchmarkConfig, preset: str, *, image_size: int | None = None, processor=None):
@@ -257,14 +230,16 @@ def load_task_data(
         tgt = load_target(data) if data.given(TARGET_FLAGS) or tgt_eval is None else tgt_eval
         tgt_eval = tgt if tgt_eval is None else tgt_eval
     aug, size = bench.augmentation, {"image_size": image_size, "processor": processor}
+
+    def view(ds: Dataset, *presets: str | None) -> Dataset:  # cmkd's lazy transform view, presets at the model's size
+        return with_image_transform(ds, *(bench_transform(bench, p, **size) if p else None for p in presets))
+
     return TaskData(
-        source=transformed(src, bench_transform(bench, aug.train_preset(source, "source"), **size)),
-        target=transformed(
-            tgt.select_columns(["image"]),  # adaptation never sees target labels
-            bench_transform(bench, aug.train_preset(target, "target"), **size),
-            bench_transform(bench, aug.strong, **size) if fixmatch else None,
+        source=view(src, aug.train_preset(source, "source")),
+        target=view(  # adaptation never sees target labels
+            tgt.select_columns(["image"]), aug.train_preset(target, "target"), aug.strong if fixmatch else None
         ),
-        eval=transformed(tgt_eval, bench_transform(bench, aug.test, **size)),
+        eval=view(tgt_eval, aug.test),
         classes=classes_of(src),
-        source_val=transformed(src_val, bench_transform(bench, aug.test, **size)) if src_val is not None else None,
+        source_val=view(src_val, aug.test) if src_val is not None else None,
     )

@@ -12,11 +12,12 @@ import pytest
 import torch
 from test_run_uda import CLASSES, make_office_home, make_tiny_clip, write_small_config
 
+from cmkd.data import with_image_transform
 from cmkd.image_sets import DataError
 from cmkd.transforms import build_transform
 from cmkd.validators import DEFAULT_VALIDATOR
 from recipes import office_home
-from recipes.core.data import load_target, split_source, transformed
+from recipes.core.data import load_target, split_source
 from recipes.core.data_arguments import DataArguments
 
 ORACLE = "oracle (uses target labels)"
@@ -102,7 +103,7 @@ def test_labeled_copy_reports_last_pick_oracle_and_gap(world, tmp_path):
 
 def _pixels(ds):
     """The dataset as the trainer sees it: cmkd's transform API over the recipes' image column."""
-    return transformed(ds, build_transform("office_test", 8))
+    return with_image_transform(ds, build_transform("office_test", 8))
 
 
 def test_image_list_and_dataset_without_labels_are_targets(world, tmp_path):

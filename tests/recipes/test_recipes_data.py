@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cmkd.data import with_image_transform
 from cmkd.image_sets import (
     ClassMismatchError,
     CorruptImageError,
@@ -36,7 +37,6 @@ from recipes.core.data import (
     load_domain,
     partial_target,
     partial_target_classes,
-    transformed,
 )
 
 CLASSES = ["Alarm_Clock", "Backpack", "Bed"]
@@ -74,7 +74,7 @@ def test_image_folder_domain(tmp_path, office_home_3):
     ds = load_domain(office_home_3, "Ar", data_dir=tmp_path)
     assert isinstance(ds, datasets.Dataset) and isinstance(ds.features["label"], datasets.ClassLabel)
     assert classes_of(ds) == CLASSES and len(ds) == 6 and labels_of(ds) == [0, 0, 1, 1, 2, 2]
-    item = transformed(ds, build_transform("office_test", 32))[2]
+    item = with_image_transform(ds, build_transform("office_test", 32))[2]
     x, y = item["pixel_values"], item["labels"]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 1
     same = load_domain(office_home_3, "clipart", data_dir=tmp_path)  # by name, case-insensitive
@@ -85,7 +85,7 @@ def test_image_folder_domain(tmp_path, office_home_3):
 def test_normalisation_matches_hand_computation(tmp_path, office_home_3):
     for c in CLASSES:
         _img(tmp_path / "Art" / c / "a.png", color=(200, 100, 50))
-    ds = transformed(load_domain(office_home_3, "Ar", data_dir=tmp_path), build_transform("office_test", 8))
+    ds = with_image_transform(load_domain(office_home_3, "Ar", data_dir=tmp_path), build_transform("office_test", 8))
     x = ds[0]["pixel_values"]
     expected = [(v / 255 - m) / s for v, m, s in zip((200, 100, 50), CLIP_MEAN, CLIP_STD)]
     assert torch.allclose(x.mean(dim=(1, 2)), torch.tensor(expected), atol=1e-5)
@@ -148,7 +148,7 @@ def test_unreadable_images_lazy_and_eager(tmp_path, office_home_3):
     ds = load_domain(office_home_3, "Ar", data_dir=tmp_path)  # verify="none": scanning does not open images
     idx = image_paths(ds).index(str(garbage))
     with pytest.raises(CorruptImageError, match=f"cannot read image {garbage}"):
-        transformed(ds, build_transform("office_test", 8))[idx]
+        with_image_transform(ds, build_transform("office_test", 8))[idx]
     with pytest.raises(CorruptImageError) as exc:
         load_domain(office_home_3, "Ar", data_dir=tmp_path, verify_images="header")
     assert "1 of 8 images" in str(exc.value) and str(garbage) in str(exc.value) and str(good) not in str(exc.value)
@@ -161,7 +161,7 @@ def test_transformed_is_a_lazy_view(tmp_path, office_home_3):
     """cmkd's with_image_transform over the same rows: the dataset itself is unchanged, FixMatch adds a strong view."""
     _tree(tmp_path, domains=("Art",))
     ds = load_domain(office_home_3, "Ar", data_dir=tmp_path)
-    t = transformed(ds, build_transform("office_test", 16), build_transform("fixmatch_strong", 16))
+    t = with_image_transform(ds, build_transform("office_test", 16), build_transform("fixmatch_strong", 16))
     assert t.data.table is ds.data.table and ds.format["type"] is None and "image" in ds[0]
     assert t[0]["pixel_values"].shape == t[0]["pixel_values_strong"].shape == (3, 16, 16)
 
@@ -250,7 +250,7 @@ def test_hub_dataset_with_domain_column(tmp_path, office_home_3):
         domain_column="domain",
     )
     assert classes_of(ds) == CLASSES and len(ds) == 3 and labels_of(ds) == [0, 1, 2]
-    item = transformed(ds, build_transform("office_test", 8))[1]
+    item = with_image_transform(ds, build_transform("office_test", 8))[1]
     x, y = item["pixel_values"], item["labels"]
     assert x.shape == (3, 8, 8) and y == 1
     expected = (50 / 255 - CLIP_MEAN[0]) / CLIP_STD[0]
@@ -278,7 +278,7 @@ def test_hub_dataset_offline_error(tmp_path, monkeypatch, office_home_3):
         load_domain(office_home_3, "Ar", dataset_id="someone/office-home")
     msg = str(exc.value)
     assert "could not reach the Hub for dataset 'someone/office-home'" in msg
-    assert "HF_HUB_OFFLINE=1" in msg and "--data_dir" in msg
+    assert "HF_HUB_OFFLINE=1" in msg and "local path" in msg
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -302,7 +302,7 @@ def test_torchvision_usps_and_missing_mnist(tmp_path):
     tf = bench_transform(digits, digits.augmentation.train_preset("U", "source"), image_size=32)
     ds = load_domain(digits, "U", data_dir=tmp_path)
     assert classes_of(ds) == [str(i) for i in range(10)] and labels_of(ds) == [3, 0, 9]
-    item = transformed(ds, tf)[0]
+    item = with_image_transform(ds, tf)[0]
     x, y = item["pixel_values"], item["labels"]
     assert x.shape == (3, 32, 32) and y == 3
     with pytest.raises(DataNotFoundError, match="USPS \\(test\\) not found.*usps.t.bz2.*pass --download"):
@@ -437,12 +437,12 @@ def test_default_num_workers_is_the_available_cpus_capped():
 
 
 def test_dict_items_feed_cmkd_paired_loader(tmp_path, office_home_3):
-    """transformed() yields the example format cmkd's paired DataLoader collates (FixMatch strong view included)."""
+    """with_image_transform() yields the items cmkd's paired DataLoader collates (FixMatch strong view included)."""
     torch.manual_seed(0)
     _tree(tmp_path)
     oh = office_home_3
-    src = transformed(load_domain(oh, "Ar", data_dir=tmp_path), _views(oh, "Ar", "source", 16)[0])
-    tgt = transformed(load_domain(oh, "Cl", data_dir=tmp_path), *_views(oh, "Cl", "target", 16))
+    src = with_image_transform(load_domain(oh, "Ar", data_dir=tmp_path), _views(oh, "Ar", "source", 16)[0])
+    tgt = with_image_transform(load_domain(oh, "Cl", data_dir=tmp_path), *_views(oh, "Cl", "target", 16))
     item = tgt[0]
     assert set(item) == {"pixel_values", "pixel_values_strong", "labels"} and item["pixel_values"].shape == (3, 16, 16)
     cmkd_data = pytest.importorskip("cmkd.data")

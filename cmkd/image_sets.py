@@ -97,10 +97,13 @@ def _images_under(folder: Path, recursive: bool = True) -> list[str]:
 def image_folder(root: str | os.PathLike, labeled: bool = True, name: str = "", other: str = "") -> Dataset:
     """A folder of images. Labeled: ``root/<class>/**/<images>``, every class folder holding images. Unlabeled: the
     images directly in ``root``; sub-folders with images mean a labeled set (``other``: the caller's name for one)."""
-    root, name = Path(root), name or "unlabeled image folder"
+    root, name = Path(root), name or ("image folder" if labeled else "unlabeled image folder")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if labeled and not classes:
-        raise DataNotFoundError(f"{root} has no class sub-folders; expected {root}/<class name>/<image files>")
+        raise DataNotFoundError(
+            f"{name} {root} has no class sub-folders, so it has no labels; expected {root}/<class name>/<image files>"
+            + (f" (a flat folder of unlabeled images: pass it as {other})" if other else "")
+        )
     per_class = {c: _images_under(root / c) for c in classes}
     if labeled and (empty := [c for c in classes if not per_class[c]]):
         raise DataError(
@@ -146,7 +149,7 @@ def read_image_list(
     """A "relative/path label" list as a labeled dataset, or (``labeled=False``) a list of image paths. Paths are
     relative to ``root`` (default: the list's folder). Class names: ``classes``, else each label's parent folder
     name, which must be one per label. Blank lines and ``#`` comments are skipped."""
-    list_file, name = Path(list_file), name or "unlabeled image list"
+    list_file, name = Path(list_file), name or ("image list" if labeled else "unlabeled image list")
     root = Path(root) if root is not None else list_file.parent
     text = read_list_text(list_file)
     lines = [(n, s) for n, line in enumerate(text.splitlines(), 1) if (s := line.strip()) and not s.startswith("#")]
@@ -154,7 +157,10 @@ def read_image_list(
     for n, line in lines if labeled else ():
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise DataError(f"{list_file}:{n}: expected 'relative/path label' (integer label), got {line!r}")
+            unlabeled = f" (a list of paths without labels: pass it as {other})" if other else ""
+            raise DataError(
+                f"{list_file}:{n}: expected 'relative/path label' (integer label), got {line!r}{unlabeled}"
+            )
         if int(parts[1]) < 0:
             raise DataError(f"{list_file}:{n}: negative label {int(parts[1])}")
         rows.append((parts[0], int(parts[1])))

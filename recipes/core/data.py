@@ -82,13 +82,8 @@ def load_domain(
         config = (data.dataset_config or ("" if data.domain_column else "{domain}")).format(
             domain=spec.folder, key=spec.key, name=spec.name
         )
-        ds = load_image_dataset(
-            data.dataset_id,
-            split,
-            "--dataset_id",
-            config or None,
-            "If one config holds all domains, pass --domain_column naming them." * bool(config),
-        )
+        hint = DOMAIN_COLUMN_HINT * bool(config)
+        ds = load_image_dataset(data.dataset_id, split, "--dataset_id", config or None, hint)
         where = f"Hub dataset {data.dataset_id!r}"
         if (column := data.domain_column) and column not in ds.features:
             raise DataError(f"--domain_column {column!r} not in {where}; columns: {list(ds.features)}")
@@ -122,28 +117,19 @@ def load_domain(
 def load_target(data: DataArguments, classes: Sequence[str] | None = None) -> Dataset:
     """The target of --target_* (no labels; ``classes`` None) or --eval_* (labeled, reporting only: its classes must
     be ``classes``, the source's, in the same order)."""
-    kind = "eval" if classes is not None else "target"
+    labeled = classes is not None
+    kind, other = ("eval", "target") if labeled else ("target", "eval")
     folder, listed, dataset_id = (getattr(data, f"{kind}_{s}") for s in ("dir", "list", "dataset_id"))
     if (folder and not Path(folder).is_dir()) or (listed and not Path(listed).is_file()):
         raise DataNotFoundError(f"--{kind}_{'dir' if folder else 'list'} {folder or listed} does not exist")
-    if folder and classes is not None and not any(e.is_dir() for e in os.scandir(folder)):
-        raise DataError(
-            f"--eval_dir {folder} holds no class sub-folders, so it has no labels: pass it as --target_dir (unlabeled "
-            "target). --eval_dir takes <dir>/<class name>/<images>."
-        )
     if folder:
-        ds = image_folder(folder, classes is not None, "--target_dir", "--eval_dir")
+        ds = image_folder(folder, labeled, f"--{kind}_dir", f"--{other}_dir")
     elif listed:
-        try:
-            ds = read_image_list(listed, None, classes, classes is not None, "--target_list", "--eval_list")
-        except DataError as exc:
-            hint = ". An image list without labels is an unlabeled target: --target_list" if classes else ""
-            raise type(exc)(f"{exc}{hint}") from exc
+        ds = read_image_list(listed, None, classes, labeled, f"--{kind}_list", f"--{other}_list")
     else:
         ds = load_image_dataset(dataset_id, getattr(data, f"{kind}_split"), f"--{kind}_dataset_id")
-        other = "--target_dataset_id" if classes is not None else "--eval_dataset_id"
-        ds = in_schema(ds, f"--{kind}_dataset_id {dataset_id!r}", classes is not None, classes, other)
-    if classes is not None:
+        ds = in_schema(ds, f"--{kind}_dataset_id {dataset_id!r}", labeled, classes, f"--{other}_dataset_id")
+    if labeled:
         check_same_classes(list(classes), ds, ("the source", "the labeled target"))
     return ds
 

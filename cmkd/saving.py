@@ -19,7 +19,15 @@ from typing import Any
 
 from .peft_methods import PEFT_SAVED_AS, count_dsp
 
-__all__ = ["SavedModel", "clean_interrupted_saves", "full_model_card", "push_saved_model", "save_adapted_model"]
+__all__ = [
+    "HubPushError",
+    "SavedModel",
+    "clean_interrupted_saves",
+    "full_model_card",
+    "push_adapted_model",
+    "push_saved_model",
+    "save_adapted_model",
+]
 
 # what a killed save leaves: this module's temp / old folders, and the temp files of atomic writes (peft_rst.files)
 INTERRUPTED = (".adapter.tmp-*", ".model.tmp-*", ".adapter.old-*", ".model.old-*", ".*.tmp")
@@ -102,3 +110,43 @@ def push_saved_model(trainer, folder: str | os.PathLike, repo_id: str, token: st
     trainer.args = dataclasses.replace(trainer.args, output_dir=str(folder), hub_model_id=repo_id, hub_token=token)
     trainer.model_card = (Path(folder) / "README.md").read_text(encoding="utf-8")
     return trainer.push_to_hub(commit_message="Upload adapted CLIP", token=token)
+
+
+class HubPushError(RuntimeError):
+    """A saved model could not be pushed (network, Hub refusal, bad repo id); it is still saved where it was."""
+
+
+def push_adapted_model(
+    trainer,
+    folder: str | os.PathLike,
+    method: str,
+    repo_id: str,
+    card_fields: dict[str, Any],
+    token: str | None = None,
+) -> str:
+    """Push a folder written by :func:`save_adapted_model`: an RST adapter and its card in one commit
+    (``peft_rst.push_adapter_to_hub``, from the main process), anything else with :func:`push_saved_model` (every
+    process: the Trainer pushes from process zero). A network or Hub failure is a :class:`HubPushError` naming the
+    folder and how to upload it by hand; any other error propagates."""
+    from accelerate import PartialState
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    try:
+        if method != "rst":
+            push_saved_model(trainer, folder, repo_id, token)
+        elif PartialState().is_main_process:
+            import peft_rst
+
+            peft_rst.push_adapter_to_hub(folder, repo_id, card_data={**card_fields, "repo_id": repo_id}, token=token)
+    except Exception as exc:  # noqa: BLE001 - only network / Hub failures become a HubPushError
+        network = type(exc).__module__.startswith(("httpx", "httpcore", "requests", "urllib3"))
+        if not (network or isinstance(exc, (OSError, HfHubHTTPError, HFValidationError))):
+            raise
+        raise HubPushError(
+            f"could not push {folder} to {repo_id} on {constants.ENDPOINT}: {type(exc).__name__}: "
+            f"{str(exc).strip().rstrip('.')}. The model is saved there: upload the folder with "
+            f"`hf upload {repo_id} {folder}`"
+        ) from exc
+    PartialState().wait_for_everyone()
+    return repo_id

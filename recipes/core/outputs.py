@@ -17,7 +17,7 @@ from typing import Any
 from accelerate import PartialState
 
 from cmkd.checkpoints import InterruptedRunError, checkpoint_folders, resume_point
-from cmkd.saving import push_saved_model
+from cmkd.saving import HubPushError, push_adapted_model
 from peft_rst.files import atomic_write_text
 
 from .arguments import Run
@@ -86,34 +86,16 @@ def hub_repo_id(run: Run, source: str, target: str) -> str:
 
 
 def push_task(run: Run, trainer, path: Path | None, repo_id: str, fields: dict[str, Any]) -> str | None:
-    """``--push_to_hub``: an RST adapter and its card in one commit (``peft_rst.push_adapter_to_hub``), anything else
-    with ``trainer.push_to_hub`` (``cmkd.saving.push_saved_model``). A Hub failure says how to push again without
+    """``--push_to_hub``: ``cmkd.saving.push_adapted_model``; a Hub failure says how to push again without
     retraining."""
     if not run.training.push_to_hub or path is None:
         return None
-    from huggingface_hub import constants
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
-
-    token = run.training.hub_token
     try:
-        if not run.rst:
-            push_saved_model(trainer, path, repo_id, token)  # every process: the Trainer pushes from process zero
-        elif PartialState().is_main_process:
-            import peft_rst
-
-            peft_rst.push_adapter_to_hub(path, repo_id, card_data={**fields, "repo_id": repo_id}, token=token)
-    except Exception as exc:  # noqa: BLE001 - only network / Hub failures become a message
-        network = type(exc).__module__.startswith(("httpx", "httpcore", "requests", "urllib3"))
-        if not (network or isinstance(exc, (OSError, HfHubHTTPError, HFValidationError))):
-            raise
+        return push_adapted_model(trainer, path, run.peft, repo_id, fields, run.training.hub_token)
+    except HubPushError as exc:
         raise RecipeError(
-            f"could not push {path} to {repo_id} on {constants.ENDPOINT}: {type(exc).__name__}: "
-            f"{str(exc).strip().rstrip('.')}. The task is trained and saved there; rerun the same command with "
-            f"--resume_from_checkpoint to push it (no training is repeated), or upload the folder with "
-            f"`hf upload {repo_id} {path}`"
+            f"{exc}, or rerun the same command with --resume_from_checkpoint to push it (no training is repeated)"
         ) from exc
-    PartialState().wait_for_everyone()
-    return repo_id
 
 
 def finish_task(run: Run, task_dir: Path, result: TaskResult) -> TaskResult:

@@ -74,3 +74,21 @@ def test_clean_interrupted_saves_removes_only_what_a_killed_save_leaves(tmp_path
     removed = clean_interrupted_saves(tmp_path)
     assert sorted(p.name for p in removed) == [".adapter.tmp-1", ".model.old-2", ".task_result.json.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "checkpoint-3", "task_result.json"]
+
+
+def test_push_failures_name_the_folder_and_other_errors_propagate(tmp_path, monkeypatch):
+    import peft_rst
+    from cmkd.saving import HubPushError, push_adapted_model
+
+    def refuse(error):
+        def push(*args, **kwargs):
+            raise error
+
+        return push
+
+    monkeypatch.setattr(peft_rst, "push_adapter_to_hub", refuse(ConnectionError("no route to host")))
+    with pytest.raises(HubPushError, match=f"could not push {tmp_path} to me/a on .*no route.*hf upload me/a"):
+        push_adapted_model(None, tmp_path, "rst", "me/a", {})
+    monkeypatch.setattr(peft_rst, "push_adapter_to_hub", refuse(KeyError("a bug")))
+    with pytest.raises(KeyError):
+        push_adapted_model(None, tmp_path, "rst", "me/a", {})

@@ -39,7 +39,12 @@ class DomainSpec:
     folder: str  # directory under --data_dir as the dataset ships, e.g. "Art" or "amazon/images"
     alt_folders: tuple[str, ...] = ()  # other shipped spellings, tried in order after `folder`
     list_files: Mapping[str, str] = field(default_factory=dict)  # split -> image-list file name
+    list_file: str = ""  # one image list for both splits
     aliases: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.list_file and not self.list_files:
+            object.__setattr__(self, "list_files", {"train": self.list_file, "test": self.list_file})
 
     def matches(self, text: str) -> bool:
         wanted = text.strip().lower()
@@ -173,9 +178,12 @@ _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str:
 
 
 def _conform(value: Any, hint: Any, where: str) -> Any:
-    """``value`` as a field typed ``hint`` needs it (ints as floats, lists as tuples), or a ConfigError naming the
-    key: a quoted number or a list where a mapping belongs must not reach the code."""
+    """``value`` as a field typed ``hint`` needs it (ints as floats, lists as tuples, mappings as the spec dataclasses;
+    a mapping of specs passes each its YAML key as ``key``), or a ConfigError naming the key: a quoted number or a
+    list where a mapping belongs must not reach the code."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return hint(**_section(hint, value, where))
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -199,7 +207,9 @@ def _conform(value: Any, hint: Any, where: str) -> Any:
     if origin in (Mapping, dict):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        return {str(k): _conform(v, args[1], f"{where}.{k}") for k, v in value.items()}
+        keyed = dataclasses.is_dataclass(args[1])  # domains, backbones: the YAML key is the spec's key
+        items = {str(k): {**v, "key": str(k)} if keyed and isinstance(v, Mapping) else v for k, v in value.items()}
+        return {k: _conform(v, args[1], f"{where}.{k}") for k, v in items.items()}
     return value
 
 
@@ -207,7 +217,7 @@ def _section(cls, raw: Any, where: str, skip: tuple[str, ...] = ()) -> dict[str,
     """A YAML mapping -> keyword arguments of dataclass ``cls``: unknown keys refused, each value of its field's
     type (``skip``: fields filled in by the caller)."""
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+        raise ConfigError(f"{where} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(raw) - names)
@@ -238,22 +248,6 @@ def _require(raw: Mapping[str, Any], key: str, where: str) -> Any:
     return raw[key]
 
 
-def _domains(raw: Any, where: str) -> dict[str, DomainSpec]:
-    if not isinstance(raw, Mapping) or not raw:
-        raise ConfigError(
-            f"{where}.domains must be a non-empty mapping of domain key -> {{name, folder}}, got {raw!r}"
-        )
-    domains = {}
-    for key, spec in raw.items():
-        if not isinstance(spec, Mapping):
-            raise ConfigError(f"{where}.domains.{key} must be a mapping with name and folder, got {spec!r}")
-        spec = dict(spec)
-        list_file = spec.pop("list_file", None)
-        spec.setdefault("list_files", {"train": list_file, "test": list_file} if list_file else {})
-        domains[str(key)] = DomainSpec(key=str(key), **_section(DomainSpec, spec, f"{where}.domains.{key}", ("key",)))
-    return domains
-
-
 def _tasks(raw: Any, domains: Mapping[str, DomainSpec], where: str) -> tuple[tuple[str, str], ...]:
     if not isinstance(raw, list) or not raw:
         raise ConfigError(f"{where}: tasks must be a non-empty list of 'SRC->TGT' strings, got {raw!r}")
@@ -275,32 +269,22 @@ def benchmark_from_dict(raw: Any, where: str, source_path: str = "") -> Benchmar
 
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: expected a YAML mapping at the top level, got {type(raw).__name__}")
-    domains = _domains(_require(raw, "domains", where), where)
-    backbones = _require(raw, "backbones", where)
-    if not isinstance(backbones, Mapping):
-        raise ConfigError(f"{where}: backbones must be a mapping of name -> {{model, learning_rate, ...}}")
-    top = {k: v for k, v in raw.items() if k not in ("domains", "tasks", "backbones", "training_args", "cmkd_config")}
+    special = ("tasks", "training_args", "cmkd_config")  # "SRC->TGT" strings, and the libraries' own fields
     top = _section(
-        BenchmarkConfig, top, where, ("domains", "tasks", "backbones", "training_args", "cmkd_config", "display_name")
+        BenchmarkConfig, {k: v for k, v in raw.items() if k not in special}, where, (*special, "display_name")
     )
-    for key, cls in (("augmentation", AugmentationSpec), ("partial", PartialSpec)):
-        top[key] = cls(**_section(cls, top.get(key, {}), f"{where}.{key}"))
-    training_args = _library_fields(
-        CMKDTrainingArguments, _require(raw, "training_args", where), f"{where}.training_args"
-    )
+    if not top["domains"]:
+        raise ConfigError(f"{where}: domains must be a non-empty mapping of domain key -> {{name, folder}}")
+    tasks, training_args, cmkd_config = (_require(raw, key, where) for key in special)
+    training_args = _library_fields(CMKDTrainingArguments, training_args, f"{where}.training_args")
     missing = [k for k in ("max_steps", "eval_steps", "seed") if k not in training_args]
     if missing:
         raise ConfigError(f"{where}.training_args: missing required keys {missing}")
     cfg = BenchmarkConfig(
         **{**top, "display_name": top.get("display_name") or top["name"], "source_path": source_path},
-        domains=domains,
-        tasks=_tasks(_require(raw, "tasks", where), domains, where),
-        backbones={
-            str(k): BackboneSpec(key=str(k), **_section(BackboneSpec, v, f"{where}.backbones.{k}", ("key",)))
-            for k, v in backbones.items()
-        },
+        tasks=_tasks(tasks, top["domains"], where),
         training_args=training_args,
-        cmkd_config=_library_fields(CMKDConfig, _require(raw, "cmkd_config", where), f"{where}.cmkd_config"),
+        cmkd_config=_library_fields(CMKDConfig, cmkd_config, f"{where}.cmkd_config"),
     )
     _validate(cfg, where)
     return cfg

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from recipes.core import config as config_mod
 from recipes.core.arguments import parse
@@ -138,6 +139,8 @@ def test_unknown_benchmark_and_bad_yaml(tmp_path):
     bad.write_text(src.replace("  - W->D", "  - W->X"))
     with pytest.raises(ConfigError, match="unknown domain key 'X'"):
         load_benchmark_config(bad)
+    with pytest.raises(ConfigError, match="x.yaml: domains must be a non-empty mapping"):
+        config_mod.benchmark_from_dict({**yaml.safe_load(src), "domains": {}}, "x.yaml")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -384,9 +387,9 @@ def test_config_override_yaml(tmp_path, base):
             "backbones:\n  vit_b16:\n    learning_rate: -3\n",
             "backbones.vit_b16.learning_rate must be a finite number > 0",
         ),
-        ("training_args: 5\n", "training_args: expected a mapping, got int"),
+        ("training_args: 5\n", "training_args must be a mapping, got 5"),
         ("tasks: Ar->Cl\n", "tasks must be a non-empty list"),
-        ("domains: [Ar, Cl]\n", "domains must be a non-empty mapping"),
+        ("domains: [Ar, Cl]\n", "domains must be a mapping, got \\['Ar', 'Cl'\\]"),
         ("domains:\n  Ar: Art\n", "domains.Ar must be a mapping"),
         ("classes: 5\n", "classes must be a list"),
         ("num_classes: '65'\n", "num_classes must be an integer, got '65'"),

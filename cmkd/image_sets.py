@@ -32,6 +32,7 @@ __all__ = [
     "classes_of",
     "files_dataset",
     "filter_classes",
+    "hold_out",
     "image_folder",
     "image_paths",
     "in_schema",
@@ -281,6 +282,21 @@ def check_same_classes(source, target, names: tuple[str, str] = ("source", "targ
 def filter_classes(ds: Dataset, keep: Sequence[int]) -> Dataset:
     """The rows whose label is in ``keep``; the ``ClassLabel`` (so the label indices) stays the full set."""
     return ds.select([i for i, y in enumerate(labels_of(ds)) if y in set(keep)])
+
+
+def hold_out(ds: Dataset, fraction: float, seed: int, name: str = "fraction", minimum: int = 1):
+    """(rest, held-out part) of a labeled set: a stratified, seeded ``fraction`` (e.g. the source images the source
+    validators score and training never sees), with at least ``minimum`` images; ``name`` says what set it."""
+    try:
+        parts = ds.train_test_split(test_size=fraction, stratify_by_column="label", seed=seed)
+    except ValueError as exc:  # too few images per class
+        raise DataError(f"{name} {fraction}: {exc}; raise the fraction") from exc
+    if len(parts["test"]) < minimum:
+        raise DataError(
+            f"{name} {fraction} holds out {len(parts['test'])} images, fewer than the {minimum} needed: raise the "
+            "fraction"
+        )
+    return parts["train"], parts["test"]
 
 
 def verify_images(ds: Dataset, mode: str = "header", name: str = "") -> int:

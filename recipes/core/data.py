@@ -25,6 +25,7 @@ from cmkd.image_sets import (
     classes_of,
     files_dataset,
     filter_classes,
+    hold_out,
     image_folder,
     in_schema,
     load_image_dataset,
@@ -135,19 +136,9 @@ def load_target(data: DataArguments, classes: Sequence[str] | None = None) -> Da
 
 
 def split_source(source: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
-    """(training part, held-out part): a stratified, seeded ``fraction`` of the source that never enters training."""
-    if fraction <= 0:
-        return source, None
-    try:
-        parts = source.train_test_split(test_size=fraction, stratify_by_column="label", seed=seed)
-    except ValueError as exc:  # too few images per class
-        raise DataError(f"--source_val_fraction {fraction}: {exc}; raise the fraction") from exc
-    if len(parts["test"]) < 4:
-        raise DataError(
-            f"--source_val_fraction {fraction} holds out {len(parts['test'])} source images; the source "
-            "validators need at least 4: raise the fraction"
-        )
-    return parts["train"], parts["test"]
+    """(training part, held-out part): ``--source_val_fraction`` of the source, for the source validators (at least
+    4 images)."""
+    return hold_out(source, fraction, seed, "--source_val_fraction", minimum=4) if fraction > 0 else (source, None)
 
 
 def partial_target_classes(classes: Sequence[str], num_classes: int) -> list[int]:

@@ -16,6 +16,7 @@ from cmkd.image_sets import (
     classes_of,
     files_dataset,
     filter_classes,
+    hold_out,
     image_folder,
     image_paths,
     in_schema,
@@ -133,3 +134,13 @@ def test_latin1_image_list_names_the_file_and_line(tmp_path):
     (tmp_path / "caf\u00e9" / "2.png").write_bytes(b"x")
     lst.write_bytes("\ufeffa/1.png 0\ncaf\u00e9/2.png 1\n".encode())  # UTF-8 with a BOM reads fine
     assert classes_of(read_image_list(lst, tmp_path)) == ["a", "caf\u00e9"]
+
+
+def test_hold_out_is_stratified_and_refuses_too_small_parts():
+    ds = files_dataset([str(i) for i in range(20)], [i % 2 for i in range(20)], ["a", "b"])
+    rest, held = hold_out(ds, 0.2, seed=0)
+    assert len(held) == 4 and sorted(labels_of(held)) == [0, 0, 1, 1] and len(rest) == 16
+    with pytest.raises(DataError, match="--val 0.2 holds out 4 images, fewer than the 5 needed"):
+        hold_out(ds, 0.2, seed=0, name="--val", minimum=5)
+    with pytest.raises(DataError, match="--val 0.05: .*raise the fraction"):
+        hold_out(ds, 0.05, seed=0, name="--val")

@@ -29,6 +29,14 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
+def package_path(name: str | None) -> str | None:
+    """A preset's ``cmkd:<path>`` model name (a folder shipped inside the installed cmkd package) -> that folder;
+    any other name unchanged."""
+    if not name or not name.startswith("cmkd:"):
+        return name
+    return str(Path(__file__).resolve().parent / name.removeprefix("cmkd:"))
+
+
 def read_preset(name: str) -> dict[str, Any]:
     """The parsed YAML preset ``cmkd/presets/<name>.yaml`` (the recipes validate it in full, with their schema)."""
     path = PRESETS_DIR / f"{name}.yaml"

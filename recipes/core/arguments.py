@@ -24,6 +24,7 @@ from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
 from cmkd import PEFT_LABELS, PEFT_METHODS, CMKDConfig, CMKDTrainingArguments
+from cmkd.config import package_path
 from cmkd.validators import DEFAULT_VALIDATOR, ORACLE_NAME, VALIDATORS, describe
 
 from .config import BackboneSpec, BenchmarkConfig, ConfigError, available_benchmarks, load_benchmark_config, task_name
@@ -124,15 +125,6 @@ class Run:
             "model": self.model,
             "selection": self.selection_rule,
         }
-
-
-def package_path(name: str | None) -> str | None:
-    """``cmkd:<path>`` (a preset's model shipped inside the installed cmkd package) -> that folder; else ``name``."""
-    if not name or not name.startswith("cmkd:"):
-        return name
-    import cmkd
-
-    return str(Path(cmkd.__file__).resolve().parent / name.removeprefix("cmkd:"))
 
 
 def build_parser(bench: BenchmarkConfig, backbone: BackboneSpec, partial: bool, extra: Sequence[type] = ()):

@@ -86,8 +86,9 @@ class DataArguments:
             raise ConfigError(f"{name} is read with torchvision loaders; --image_list(_dir) does not apply")
         if not (self.dataset_id or self.data_dir or lists):
             raise ConfigError(f"no data given: pass --data_dir (the {name} folder as it ships) or --dataset_id")
-        given = [(f, Path(getattr(self, f)).expanduser()) for f in self.given((*TARGET_FLAGS, *EVAL_FLAGS))]
-        if not given and (unknown := sorted({k for task in tasks for k in task} - set(bench.domains))):
+        if not self.given((*TARGET_FLAGS, *EVAL_FLAGS)) and (
+            unknown := sorted({k for task in tasks for k in task} - set(bench.domains))
+        ):
             raise ConfigError(
                 f"target {unknown[0]!r} is not a domain of {name}: pass one of its domains with --target, or give the "
                 "target images with --target_dir, --target_list or --target_dataset_id"

@@ -15,6 +15,7 @@ import dataclasses
 import math
 import os
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,6 +168,11 @@ def parse(
     pre.add_argument("--partial", nargs="?", const=True, default=False, type=string_to_bool)
     known, _ = pre.parse_known_args(argv)
     name = benchmark or known.benchmark or (defaults or {}).get("benchmark")
+    if name is None and {"-h", "--help"} & set(sys.argv[1:] if argv is None else argv):  # no preset yet: its flags
+        presets = (
+            f"presets: {', '.join(available_benchmarks())}; --benchmark NAME --help lists every flag with its defaults"
+        )
+        HfArgumentParser((RecipeArguments, DataArguments), description=f"{OUTPUT_HELP}. {presets}").parse_args(["-h"])
     try:
         if name not in available_benchmarks() and not str(name).endswith((".yaml", ".yml")):
             raise ConfigError(f"--benchmark is required; presets: {', '.join(available_benchmarks())}")

@@ -288,6 +288,14 @@ def test_help_documents_the_default_output_dir_and_the_presets_defaults(capsys):
     assert "--max_steps MAX_STEPS" in text and "(default: 10000)" in text and "--lambda1 LAMBDA1" in text
 
 
+def test_help_without_a_benchmark_lists_the_presets_and_the_recipe_flags(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert exc.value.code == 0 and "presets: digits, digits_shift, domainnet" in text
+    assert "--benchmark BENCHMARK" in text and "--source SOURCE" in text and "--target TARGET" in text
+
+
 def test_finished_output_dir_is_refused_unless_overwrite(tmp_path, base):
     out = tmp_path / "out"
     out.mkdir()

@@ -16,7 +16,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -24,8 +24,6 @@ from cmkd.config import PARTIAL_FIELDS, PRESETS_DIR
 from cmkd.config import preset_names as available_benchmarks
 
 TASK_SEPARATOR = "->"
-METRICS = ("accuracy", "mean_class_accuracy")
-TABLE_LAYOUTS = ("tasks", "per_class", "matrix")
 
 
 class ConfigError(ValueError):
@@ -93,8 +91,8 @@ class BenchmarkConfig:
     num_classes: int
     domains: Mapping[str, DomainSpec]
     tasks: tuple[tuple[str, str], ...]
-    metric: str
-    eval_split: str
+    metric: Literal["accuracy", "mean_class_accuracy"]
+    eval_split: Literal["train", "test"]
     backbone: str
     backbones: Mapping[str, BackboneSpec]
     batch_size: int  # per domain and step, over all processes (per_device_train_batch_size = this / processes)
@@ -107,8 +105,8 @@ class BenchmarkConfig:
     license: str = ""
     classes: tuple[str, ...] | None = None  # label order when the data cannot name classes (flat folders, digits)
     requires_image_lists: bool = False
-    loader: str = "files"  # "files" (ImageFolder / image lists / Hub) or "torchvision" (digits)
-    table_layout: str = "tasks"
+    loader: Literal["files", "torchvision"] = "files"  # ImageFolder / image lists / Hub, or torchvision (digits)
+    table_layout: Literal["tasks", "per_class", "matrix"] = "tasks"  # paper Table I, V or VI
     source_path: str = ""
 
     def domain(self, text: str) -> DomainSpec:
@@ -194,6 +192,10 @@ def _conform(value: Any, hint: Any, where: str) -> Any:
                 continue
         names = " or ".join(_TYPE_NAMES.get(a, "a list") for a in args if a is not type(None))
         raise ConfigError(f"{where} must be {names}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where} must be one of {list(args)}, got {value!r}")
+        return value
     if hint in _TYPE_NAMES:
         if hint is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
@@ -305,11 +307,6 @@ def _validate(cfg: BenchmarkConfig, where: str) -> None:
     for key, bb in cfg.backbones.items():
         for name in ("learning_rate", "head_lr_multiplier", "tau"):
             _positive(getattr(bb, name), f"{where}: backbones.{key}.{name}")
-    choices = {"metric": METRICS, "table_layout": TABLE_LAYOUTS, "eval_split": ("train", "test")}
-    choices["loader"] = ("files", "torchvision")
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise ConfigError(f"{where}: {name} {getattr(cfg, name)!r} not in {allowed}")
     if cfg.backbone not in cfg.backbones:
         raise ConfigError(f"{where}: default backbone {cfg.backbone!r} not among backbones {list(cfg.backbones)}")
     if cfg.classes is not None and len(cfg.classes) != cfg.num_classes:

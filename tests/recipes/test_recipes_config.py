@@ -400,6 +400,7 @@ def test_config_override_yaml(tmp_path, base):
         ("domains: [Ar, Cl]\n", "domains must be a mapping, got \\['Ar', 'Cl'\\]"),
         ("domains:\n  Ar: Art\n", "domains.Ar must be a mapping"),
         ("classes: 5\n", "classes must be a list"),
+        ("table_layout: grid\n", "table_layout must be one of \\['tasks', 'per_class', 'matrix'\\], got 'grid'"),
         ("num_classes: '65'\n", "num_classes must be an integer, got '65'"),
         ("- a\n- b\n", "--config file .*over.yaml must hold a YAML mapping, got list"),
     ],

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from torch.utils.data import DataLoader  # noqa: E402
 
+from cmkd.benchmarks import load_benchmark_config  # noqa: E402
 from cmkd.data import collate_images  # noqa: E402
-from recipes.core.config import load_benchmark_config  # noqa: E402
 from recipes.core.data import bench_transform, default_num_workers, load_domain, transformed
 
 

@@ -9,40 +9,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 GINI_MODES = ("balanced_sum", "mean")
 ALPHA_MODES = ("kl", "fixed", "entropy")
 KL_DIRECTIONS = ("teacher_student", "student_teacher")
 DISTILL_LOSSES = ("gini", "kl")
 
-PRESETS_DIR = Path(__file__).resolve().parent / "presets"  # <benchmark>.yaml: the one home of every benchmark default
-PARTIAL_FIELDS = ("partial_class_threshold", "cls_weight", "transfer_weight")  # a preset's partial-set loss fields
 PARTIAL_SUFFIX = "_partial"
-
-
-def preset_names() -> list[str]:
-    """The benchmarks with a preset in ``cmkd/presets``."""
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
-
-
-def package_path(name: str | None) -> str | None:
-    """A preset's ``cmkd:<path>`` model name (a folder shipped inside the installed cmkd package) -> that folder;
-    any other name unchanged."""
-    if not name or not name.startswith("cmkd:"):
-        return name
-    return str(Path(__file__).resolve().parent / name.removeprefix("cmkd:"))
-
-
-def read_preset(name: str) -> dict[str, Any]:
-    """The parsed YAML preset ``cmkd/presets/<name>.yaml`` (the recipes validate it in full, with their schema)."""
-    path = PRESETS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise ValueError(f"no benchmark preset {name!r} in {PRESETS_DIR}; presets: {preset_names()}.")
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
 def _canonical(name: str) -> str:
@@ -159,22 +133,23 @@ class CMKDConfig:
     @classmethod
     def for_benchmark(cls, name: str, **overrides: Any) -> CMKDConfig:
         """The release settings of a benchmark (``"office_home"``, ``"domainnet"``, ...), then ``overrides``: the
-        ``cmkd_config`` section of its preset ``cmkd/presets/<name>.yaml`` (paper App. A and B, release), the file the
-        recipes read too. ``<name>_partial`` adds the preset's partial-set fields (``partial:``, paper App. K).
+        ``cmkd_config`` section of its preset ``cmkd/presets/<name>.yaml`` (paper App. A and B, release), read by
+        :func:`cmkd.benchmarks.load_benchmark_config` like the recipes read it. ``<name>_partial`` adds the preset's
+        partial-set fields (``partial:``, paper App. K).
 
         Names are matched ignoring case, ``-`` and ``_`` (``"Office-Home"`` works).
         """
+        from .benchmarks import load_benchmark_config  # it checks a preset's fields with this class
+
         if not isinstance(name, str):
             raise TypeError(f"benchmark name must be a str, got {type(name).__name__}.")
         by_canonical = {_canonical(key): key for key in cls.benchmark_names()}
         key = by_canonical.get(_canonical(name))
         if key is None:
             raise ValueError(f"Unknown benchmark {name!r}; valid names: {cls.benchmark_names()}.")
-        preset = read_preset(key.removesuffix(PARTIAL_SUFFIX))
-        fields = dict(preset["cmkd_config"])
-        if key.endswith(PARTIAL_SUFFIX):
-            fields |= {k: v for k, v in preset["partial"].items() if k in PARTIAL_FIELDS}
-        return cls.from_dict({**fields, **overrides})
+        bench = load_benchmark_config(key.removesuffix(PARTIAL_SUFFIX))
+        partial = bench.partial.cmkd_config() if key.endswith(PARTIAL_SUFFIX) else {}
+        return cls.from_dict({**bench.cmkd_config, **partial, **overrides})
 
     @classmethod
     def paper_literal(cls, **overrides: Any) -> CMKDConfig:
@@ -184,8 +159,10 @@ class CMKDConfig:
     @classmethod
     def benchmark_names(cls) -> list[str]:
         """Every preset, and ``<name>_partial`` for those with a partial-set protocol."""
-        names = preset_names()
-        partial = [n + PARTIAL_SUFFIX for n in names if (read_preset(n).get("partial") or {}).get("available")]
+        from .benchmarks import available_benchmarks, load_benchmark_config
+
+        names = available_benchmarks()
+        partial = [n + PARTIAL_SUFFIX for n in names if load_benchmark_config(n).partial.available]
         return sorted(names + partial)
 
     def to_dict(self) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from accelerate import PartialState  # noqa: E402
 from accelerate.utils import get_int_from_env  # noqa: E402
 
 from cmkd import CLIPAdaptationModel, CMKDTrainer, apply_peft  # noqa: E402
+from cmkd.benchmarks import ConfigError  # noqa: E402
 from cmkd.callbacks import TrainingDivergedError  # noqa: E402
 from cmkd.image_sets import DataError
 from cmkd.peft_methods import PEFT_SAVED_AS  # noqa: E402
@@ -37,7 +38,6 @@ from cmkd.pretrained import CLIPBundle, ModelSourceError, load_clip  # noqa: E40
 from cmkd.saving import SavedModel, clean_interrupted_saves, save_adapted_model  # noqa: E402
 from recipes.core import outputs  # noqa: E402
 from recipes.core.arguments import Run, parse  # noqa: E402
-from recipes.core.config import ConfigError  # noqa: E402
 from recipes.core.data import TaskData, load_task_data
 from recipes.core.outputs import ADAPTER_DIRNAME, MODEL_DIRNAME, RecipeError, TaskResult  # noqa: E402
 from recipes.core.tables import add_result, new_results, render_markdown, write_report  # noqa: E402

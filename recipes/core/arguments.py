@@ -25,10 +25,18 @@ from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
 from cmkd import PEFT_LABELS, PEFT_METHODS, CMKDConfig, CMKDTrainingArguments
-from cmkd.config import package_path
+from cmkd.benchmarks import (
+    BackboneSpec,
+    BenchmarkConfig,
+    ConfigError,
+    available_benchmarks,
+    load_benchmark_config,
+    package_path,
+    read_yaml,
+    task_name,
+)
 from cmkd.validators import DEFAULT_VALIDATOR, ORACLE_NAME, VALIDATORS, describe
 
-from .config import BackboneSpec, BenchmarkConfig, ConfigError, available_benchmarks, load_benchmark_config, task_name
 from .data import default_num_workers
 from .data_arguments import DataArguments
 from .tables import RESULTS_FILENAME
@@ -176,7 +184,7 @@ def parse(
     try:
         if name not in available_benchmarks() and not str(name).endswith((".yaml", ".yml")):
             raise ConfigError(f"--benchmark is required; presets: {', '.join(available_benchmarks())}")
-        bench = load_benchmark_config(name, known.config)
+        bench = _load_preset(name, known.config)
         backbone = bench.backbones.get(known.backbone or bench.backbone)
         if backbone is None:
             raise ConfigError(
@@ -200,6 +208,16 @@ def parse(
             raise ConfigError(message) from exc
         parser.error(message)
     return run, rest
+
+
+def _load_preset(name: str, config: str | None) -> BenchmarkConfig:
+    """The preset ``name``, with the ``--config`` YAML file deep-merged over it."""
+    if config is None:
+        return load_benchmark_config(name)
+    extra = read_yaml(config, what="--config file") or {}
+    if not isinstance(extra, dict):
+        raise ConfigError(f"--config file {config} must hold a YAML mapping, got {type(extra).__name__}")
+    return load_benchmark_config(name, extra, Path(config).name)
 
 
 def _peft_methods(recipe: RecipeArguments) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 
+from cmkd.benchmarks import BenchmarkConfig, ConfigError, DomainSpec, load_benchmark_config
 from cmkd.data import with_image_transform
 from cmkd.image_sets import (
     ClassMismatchError,
@@ -34,7 +35,6 @@ from cmkd.image_sets import (
 )
 from cmkd.transforms import build_transform, image_size_from_processor, normalization_from_processor
 
-from .config import BenchmarkConfig, ConfigError, DomainSpec, load_benchmark_config
 from .data_arguments import EVAL_FLAGS, TARGET_FLAGS, DataArguments, domain_root, find_list_file, where_to_get
 
 DOMAIN_COLUMN_HINT = "If one config holds all domains, pass --domain_column naming them."

@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from cmkd.benchmarks import BenchmarkConfig, ConfigError, DomainSpec
 from cmkd.image_sets import DataNotFoundError
-
-from .config import BenchmarkConfig, ConfigError, DomainSpec
 
 TARGET_FLAGS = ("target_dir", "target_list", "target_dataset_id")
 EVAL_FLAGS = ("eval_dir", "eval_list", "eval_dataset_id")

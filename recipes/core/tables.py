@@ -16,9 +16,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cmkd.benchmarks import TASK_SEPARATOR, BenchmarkConfig
 from peft_rst.files import atomic_write_bytes, atomic_write_text
-
-from .config import TASK_SEPARATOR, BenchmarkConfig
 
 RESULTS_FILENAME = "results.json"  # written last by a finished run; its presence marks the folder as finished
 MARKDOWN_FILENAME, PLOT_FILENAME = "results.md", "accuracy_vs_dsp.png"

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from transformers import HfArgumentParser
 
+from cmkd.benchmarks import ConfigError, load_benchmark_config
 from cmkd.image_sets import DataNotFoundError
-from recipes.core.config import ConfigError, load_benchmark_config
 from recipes.core.data_arguments import DataArguments
 
 OFFICE_HOME = load_benchmark_config("office_home")

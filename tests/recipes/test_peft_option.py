@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from test_recipes_config import make_layout  # same folder
 from test_run_uda import argv, make_office_home, make_tiny_clip, write_small_config  # same folder
 
+from cmkd.benchmarks import ConfigError
 from recipes import office_home, run_uda
 from recipes.core.arguments import parse
-from recipes.core.config import ConfigError
 
 
 @pytest.fixture(scope="module")

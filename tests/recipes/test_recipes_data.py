@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cmkd.benchmarks import load_benchmark_config
 from cmkd.data import with_image_transform
 from cmkd.image_sets import (
     ClassMismatchError,
@@ -30,7 +31,6 @@ from cmkd.transforms import (
     image_size_from_processor,
     normalization_from_processor,
 )
-from recipes.core.config import load_benchmark_config
 from recipes.core.data import (
     bench_transform,
     default_num_workers,

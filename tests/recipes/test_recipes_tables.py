@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from recipes.core.config import load_benchmark_config
+from cmkd.benchmarks import load_benchmark_config
 from recipes.core.tables import (
     RESULTS_FILENAME,
     add_result,
@@ -158,7 +158,7 @@ def test_empty_results_render(tmp_path):
 
 
 def test_selection_table_shows_last_pick_oracle_and_gap_and_unlabeled_cells():
-    from recipes.core.config import load_benchmark_config
+    from cmkd.benchmarks import load_benchmark_config
     from recipes.core.tables import add_result, new_results, render_markdown
 
     results = new_results(load_benchmark_config("office_home"))

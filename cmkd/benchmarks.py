@@ -1,9 +1,10 @@
 """Benchmark presets: ``cmkd/presets/<benchmark>.yaml`` -> a validated :class:`BenchmarkConfig`.
 
-A preset describes a benchmark (domains, tasks, classes, backbones, augmentation names, partial-set protocol) and the
-defaults of a run in the libraries' own names: ``training_args`` are ``cmkd.CMKDTrainingArguments`` fields and
-``cmkd_config`` are ``cmkd.CMKDConfig`` fields, each checked by the library class itself. A broken preset (or a
-``--config`` override) is a one-line :class:`ConfigError` naming the file and the key.
+One loader for the presets that both :meth:`cmkd.CMKDConfig.for_benchmark` and the recipes read, so a library user gets
+a benchmark's domains, tasks, class names, backbones and run defaults without the recipes. A preset holds the
+libraries' own names: ``training_args`` are ``cmkd.CMKDTrainingArguments`` fields and ``cmkd_config`` are
+``cmkd.CMKDConfig`` fields, each checked by the library class itself. A broken preset (or override) is a one-line
+:class:`ConfigError` naming the file and the key.
 """
 
 from __future__ import annotations
@@ -20,14 +21,26 @@ from typing import Any, Literal
 
 import yaml
 
-from cmkd.config import PARTIAL_FIELDS, PRESETS_DIR
-from cmkd.config import preset_names as available_benchmarks
-
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"  # <benchmark>.yaml: the one home of every benchmark default
+PARTIAL_FIELDS = ("partial_class_threshold", "cls_weight", "transfer_weight")  # a preset's partial-set loss fields
 TASK_SEPARATOR = "->"
 
 
 class ConfigError(ValueError):
-    """A benchmark YAML or a combination of recipe flags that cannot run; the message says how to fix it."""
+    """A benchmark preset (or a combination of run settings) that cannot run; the message says how to fix it."""
+
+
+def available_benchmarks() -> list[str]:
+    """The benchmarks with a preset in ``cmkd/presets``."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def package_path(name: str | None) -> str | None:
+    """A preset's ``cmkd:<path>`` model name (a folder shipped inside the installed cmkd package) -> that folder;
+    any other name unchanged."""
+    if not name or not name.startswith("cmkd:"):
+        return name
+    return str(Path(__file__).resolve().parent / name.removeprefix("cmkd:"))
 
 
 @dataclass(frozen=True)
@@ -107,7 +120,6 @@ class BenchmarkConfig:
     requires_image_lists: bool = False
     loader: Literal["files", "torchvision"] = "files"  # ImageFolder / image lists / Hub, or torchvision (digits)
     table_layout: Literal["tasks", "per_class", "matrix"] = "tasks"  # paper Table I, V or VI
-    source_path: str = ""
 
     def domain(self, text: str) -> DomainSpec:
         """Look a domain up by key, name, folder or alias (case-insensitive)."""
@@ -126,22 +138,19 @@ def task_name(source: str, target: str) -> str:
 
 
 def load_benchmark_config(
-    name_or_path: str | os.PathLike, override: str | os.PathLike | None = None
+    name_or_path: str | os.PathLike, override: Mapping[str, Any] | None = None, override_name: str = "override"
 ) -> BenchmarkConfig:
-    """``cmkd/presets/<name>.yaml`` (or any YAML path), with the ``override`` YAML (``--config``) deep-merged
-    over it, as a validated :class:`BenchmarkConfig`."""
+    """``cmkd/presets/<name>.yaml`` (or any YAML path), with ``override`` (e.g. a parsed YAML file, named
+    ``override_name`` in messages) deep-merged over it, as a validated :class:`BenchmarkConfig`."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
-        path = PRESETS_DIR / f"{name_or_path}.yaml"  # shipped in cmkd: CMKDConfig.for_benchmark reads them too
+        path = PRESETS_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         raise ConfigError(f"no benchmark config {str(name_or_path)!r}; available: {', '.join(available_benchmarks())}")
-    raw, where, source = read_yaml(path), path.name, str(path)
+    raw, where = read_yaml(path), path.name
     if override is not None:
-        extra = read_yaml(override, what="--config file") or {}
-        if not isinstance(extra, Mapping):
-            raise ConfigError(f"--config file {override} must hold a YAML mapping, got {type(extra).__name__}")
-        raw, where, source = _merge(raw, extra), f"{Path(override).name} (over {path.name})", f"{path} + {override}"
-    return benchmark_from_dict(raw, where, source)
+        raw, where = _merge(raw, override), f"{override_name} (over {path.name})"
+    return benchmark_from_dict(raw, where)
 
 
 def _merge(a: Any, b: Any) -> Any:
@@ -265,9 +274,10 @@ def _tasks(raw: Any, domains: Mapping[str, DomainSpec], where: str) -> tuple[tup
     return tuple(tasks)
 
 
-def benchmark_from_dict(raw: Any, where: str, source_path: str = "") -> BenchmarkConfig:
+def benchmark_from_dict(raw: Any, where: str) -> BenchmarkConfig:
     """A parsed benchmark YAML -> validated :class:`BenchmarkConfig`; ``where`` names the file(s) in messages."""
-    from cmkd import CMKDConfig, CMKDTrainingArguments
+    from .config import CMKDConfig
+    from .trainer import CMKDTrainingArguments
 
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: expected a YAML mapping at the top level, got {type(raw).__name__}")
@@ -283,7 +293,7 @@ def benchmark_from_dict(raw: Any, where: str, source_path: str = "") -> Benchmar
     if missing:
         raise ConfigError(f"{where}.training_args: missing required keys {missing}")
     cfg = BenchmarkConfig(
-        **{**top, "display_name": top.get("display_name") or top["name"], "source_path": source_path},
+        **{**top, "display_name": top.get("display_name") or top["name"]},
         tasks=_tasks(tasks, top["domains"], where),
         training_args=training_args,
         cmkd_config=_library_fields(CMKDConfig, cmkd_config, f"{where}.cmkd_config"),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import re
 import sys
 from collections.abc import Sequence
@@ -35,14 +34,14 @@ from cmkd.benchmarks import (
     read_yaml,
     task_name,
 )
-from cmkd.validators import DEFAULT_VALIDATOR, ORACLE_NAME, VALIDATORS, describe
+from cmkd.validators import DEFAULT_VALIDATOR, LAST_NAME, ORACLE_NAME, VALIDATORS, describe
 
 from .data import default_num_workers
 from .data_arguments import DataArguments
-from .tables import RESULTS_FILENAME
+from .outputs import method_slug, output_folder
 
 SELECTIONS = (*VALIDATORS, "last", "oracle")
-RULE_NAMES = {"oracle": ORACLE_NAME, "last": "last checkpoint (label-free)"}
+RULE_NAMES = {"oracle": ORACLE_NAME, "last": LAST_NAME}
 SELECTION_HELP = f"the reported checkpoint: a validator (default {DEFAULT_VALIDATOR}), last, or oracle = {ORACLE_NAME}"
 OUTPUT_HELP = (
     "--output_dir: where checkpoints, results and tables go (default: runs/<benchmark>/<method>/<SRC>-<TGT>, or "
@@ -98,10 +97,6 @@ class Run:
     script: str  # the command model cards name
 
     @property
-    def rst(self) -> bool:
-        return self.peft == "rst"
-
-    @property
     def task_names(self) -> list[str]:
         return [task_name(s, t) for s, t in self.tasks]
 
@@ -142,10 +137,10 @@ def build_parser(bench: BenchmarkConfig, backbone: BackboneSpec, partial: bool, 
         (RecipeArguments, DataArguments, CMKDTrainingArguments, CMKDConfig, *extra),
         description=f"CMKD / RST unsupervised domain adaptation of CLIP on {bench.display_name}. {OUTPUT_HELP}.",
     )
-    cmkd_defaults = {**bench.cmkd_config, **(bench.partial.cmkd_config() if partial else {})}
     parser.set_defaults(
         **bench.training_args,
-        **cmkd_defaults,
+        **bench.cmkd_config,
+        **(bench.partial.cmkd_config() if partial else {}),
         benchmark=bench.name,
         learning_rate=backbone.learning_rate,
         head_lr_multiplier=backbone.head_lr_multiplier,
@@ -176,14 +171,13 @@ def parse(
     pre.add_argument("--partial", nargs="?", const=True, default=False, type=string_to_bool)
     known, _ = pre.parse_known_args(argv)
     name = benchmark or known.benchmark or (defaults or {}).get("benchmark")
+    presets = available_benchmarks()
     if name is None and {"-h", "--help"} & set(sys.argv[1:] if argv is None else argv):  # no preset yet: its flags
-        presets = (
-            f"presets: {', '.join(available_benchmarks())}; --benchmark NAME --help lists every flag with its defaults"
-        )
-        HfArgumentParser((RecipeArguments, DataArguments), description=f"{OUTPUT_HELP}. {presets}").parse_args(["-h"])
+        about = f"presets: {', '.join(presets)}; --benchmark NAME --help lists every flag with its defaults"
+        HfArgumentParser((RecipeArguments, DataArguments), description=f"{OUTPUT_HELP}. {about}").parse_args(["-h"])
     try:
-        if name not in available_benchmarks() and not str(name).endswith((".yaml", ".yml")):
-            raise ConfigError(f"--benchmark is required; presets: {', '.join(available_benchmarks())}")
+        if name not in presets and not str(name).endswith((".yaml", ".yml")):
+            raise ConfigError(f"--benchmark is required; presets: {', '.join(presets)}")
         bench = _load_preset(name, known.config)
         backbone = bench.backbones.get(known.backbone or bench.backbone)
         if backbone is None:
@@ -299,38 +293,6 @@ def _check_selection(recipe: RecipeArguments, data: DataArguments, bench, tasks)
         )
 
 
-def _output_dir(bench, recipe, method: str, peft: tuple[str, ...], tasks, given: str | None) -> Path:
-    """``--output_dir``, or ``runs/<benchmark>/<method>/<SRC>-<TGT>`` (``.../all`` with --all); a folder holding a
-    finished run (its results file) is refused unless --overwrite."""
-    if given is not None and not given.strip():
-        raise ConfigError("--output_dir is empty; pass a folder, or drop the flag for the default")
-    path = Path(given) if given is not None else Path("runs", bench.name, method_slug(method, recipe, peft))
-    if given is None:
-        path = path / ("all" if recipe.all else "{}-{}".format(*tasks[0]))
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--output_dir {str(path)!r} exists and is not a folder")
-    if (path / RESULTS_FILENAME).exists() and not recipe.overwrite:
-        raise ConfigError(
-            f"--output_dir {str(path)!r} already holds a finished run ({RESULTS_FILENAME}); "
-            "choose another folder or pass --overwrite to replace it"
-        )
-    probe = path.absolute()
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"--output_dir {str(path)!r} cannot be created: {probe} is a file")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"--output_dir {str(path)!r} cannot be written: no write permission on {probe}")
-    return path
-
-
-def method_slug(method: str, recipe: RecipeArguments, peft: tuple[str, ...]) -> str:
-    """Folder name of a method: ``cmkd_rst``, ``baseline``, ``clip``, ``cmkd_fixmatch_partial`` ..."""
-    parts = ["clip" if method == "zero_shot" else method] + ["fixmatch"] * recipe.fixmatch
-    parts += [] if peft == ("full",) else [peft[0]] if len(peft) == 1 else ["peft"]
-    return "_".join(parts + ["partial"] * recipe.partial)
-
-
 def _check_hub(training, default_repo: str) -> str | None:
     if not training.push_to_hub:
         return training.hub_model_id
@@ -382,8 +344,8 @@ def resolve(bench, backbone, recipe, data, training, cmkd_config, output_dir, sc
         raise ConfigError(f"--tau must be a finite number > 0, got {tau}")
     if recipe.batch_size < 1:
         raise ConfigError(f"--batch_size must be an integer >= 1, got {recipe.batch_size}")
-    out = _output_dir(bench, recipe, method, peft, tasks, output_dir)
     slug = method_slug(method, recipe, peft)
+    out = output_folder(bench, recipe, slug, tasks, output_dir)
     default_repo = (
         out.resolve().name
         if output_dir is not None

@@ -1,4 +1,5 @@
-"""What a task leaves on disk and on the Hub: resume point, adapter or model with its card, ``task_result.json``.
+"""What a run leaves on disk and on the Hub: its output folder, each task's resume point, adapter or model with its
+card, ``task_result.json``.
 
 A task folder is finished when ``task_result.json`` exists (written last, atomically); a restarted run reads it back
 instead of training again. Checkpoints of an interrupted task are never trained over silently: the user resumes
@@ -9,18 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from accelerate import PartialState
 
+from cmkd.benchmarks import ConfigError
 from cmkd.checkpoints import InterruptedRunError, checkpoint_folders, resume_point
 from cmkd.saving import HubPushError, push_adapted_model
 from peft_rst.files import atomic_write_text
 
-from .arguments import Run
+from .tables import RESULTS_FILENAME
+
+if TYPE_CHECKING:  # arguments imports this module
+    from .arguments import RecipeArguments, Run
 
 TASK_RESULT_FILENAME = "task_result.json"
 ADAPTER_DIRNAME = "adapter"  # RST / LoRA / AdaLoRA: the adapter + head (+ README.md model card)
@@ -29,6 +35,38 @@ MODEL_DIRNAME = "model"  # full fine-tuning, BitFit, linear probe: the whole ada
 
 class RecipeError(RuntimeError):
     """A run cannot start or continue as asked; the message says how to fix it."""
+
+
+def output_folder(bench, recipe: RecipeArguments, slug: str, tasks, given: str | None) -> Path:
+    """``--output_dir``, or ``runs/<benchmark>/<method>/<SRC>-<TGT>`` (``.../all`` with --all); a folder holding a
+    finished run (its results file) is refused unless --overwrite."""
+    if given is not None and not given.strip():
+        raise ConfigError("--output_dir is empty; pass a folder, or drop the flag for the default")
+    path = Path(given) if given is not None else Path("runs", bench.name, slug)
+    if given is None:
+        path = path / ("all" if recipe.all else "{}-{}".format(*tasks[0]))
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--output_dir {str(path)!r} exists and is not a folder")
+    if (path / RESULTS_FILENAME).exists() and not recipe.overwrite:
+        raise ConfigError(
+            f"--output_dir {str(path)!r} already holds a finished run ({RESULTS_FILENAME}); "
+            "choose another folder or pass --overwrite to replace it"
+        )
+    probe = path.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"--output_dir {str(path)!r} cannot be created: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output_dir {str(path)!r} cannot be written: no write permission on {probe}")
+    return path
+
+
+def method_slug(method: str, recipe: RecipeArguments, peft: tuple[str, ...]) -> str:
+    """Folder name of a method: ``cmkd_rst``, ``baseline``, ``clip``, ``cmkd_fixmatch_partial`` ..."""
+    parts = ["clip" if method == "zero_shot" else method] + ["fixmatch"] * recipe.fixmatch
+    parts += [] if peft == ("full",) else [peft[0]] if len(peft) == 1 else ["peft"]
+    return "_".join(parts + ["partial"] * recipe.partial)
 
 
 def resume_checkpoint(run: Run, task_dir: Path) -> str | None:

@@ -40,7 +40,7 @@ def test_peft_flag_parsing_and_labels(tmp_path, monkeypatch):
     assert run.output_dir == Path("runs/office_home/cmkd_peft/Ar-Cl")
     assert _resolve(["--rst"]).peft_methods == ("rst",) and _resolve(["--peft", "rst"]).method_label == "CMKD+RST"
     lora = _resolve(["--peft", "lora"])
-    assert (lora.peft, lora.rst, lora.method_label, lora.tau) == ("lora", False, "CMKD+LoRA", None)
+    assert (lora.peft, lora.method_label, lora.tau) == ("lora", "CMKD+LoRA", None)
     assert lora.output_dir == Path("runs/office_home/cmkd_lora/Ar-Cl")
     assert _resolve([]).peft_methods == ("full",) and _resolve([]).method_label == "CMKD"
     assert _resolve(["--peft", "linear_probe", "--baseline"]).method_label == "Baseline+Linear probe"

@@ -69,7 +69,7 @@ __all__ = [
 
 SND_MAX_SAMPLES = 2048
 DEV_MAX_SAMPLES = 2048  # target samples the DEV domain classifier is fitted on (seeded subset above that)
-DEFAULT_VALIDATOR = "zs_agreement"  # chosen by benchmarks/validator_study.py, see docs/validation.md
+DEFAULT_VALIDATOR = "im"  # chosen by benchmarks/validator_study.py, see docs/validation.md
 ORACLE_NAME = "oracle (uses target labels)"
 LAST_RULE = "last"  # selection_summary's name for "keep the last checkpoint" (no score)
 LAST_NAME = "last checkpoint (label-free)"

@@ -41,11 +41,11 @@ def domain(pool: str, style: str, seed: int):
     """One pool of the toy digits rendered in ``style`` as a labeled ``datasets.Dataset``."""
     from datasets import ClassLabel, Dataset, Features, Image
 
-    from cmkd.toy import DIGIT_CLASSES, digits_to_pil, load_digit_pools, render_digits, sample_styles
+    from cmkd.toy import TASK_CLASSES, digits_to_pil, load_digit_pools, render_digits, sample_styles
 
     digits, labels = load_digit_pools()[pool]
     images = render_digits(digits, sample_styles(style, len(digits), torch.Generator().manual_seed(seed)))
-    features = Features({"image": Image(), "label": ClassLabel(names=DIGIT_CLASSES)})
+    features = Features({"image": Image(), "label": ClassLabel(names=TASK_CLASSES)})
     return Dataset.from_dict({"image": digits_to_pil(images), "label": labels.tolist()}, features=features)
 
 

@@ -93,12 +93,12 @@ def toy_defaults(argv: Sequence[str] | None, benchmark: str | None, output_dir: 
 
 
 def prepare_inputs(run: Run) -> None:
-    """Render the embedded task's images the first time its default data folder is used, then check that every
-    task's data exists (before a model is loaded)."""
-    data_dir = Path(run.data.data_dir or "")
-    if run.bench.name == TOY and data_dir.name == "data" and not data_dir.exists() and PartialState().is_main_process:
-        from cmkd.toy import write_digits_shift_imagefolder
+    """Render the embedded task's images the first time its default data folder is used (again if an older version
+    rendered it), then check that every task's data exists (before a model is loaded)."""
+    from cmkd.toy import needs_render, write_digits_shift_imagefolder
 
+    data_dir = Path(run.data.data_dir or "")
+    if run.bench.name == TOY and data_dir.name == "data" and needs_render(data_dir) and PartialState().is_main_process:
         print(f"writing the digits domain-shift task to {data_dir}", flush=True)
         write_digits_shift_imagefolder(data_dir)
     PartialState().wait_for_everyone()

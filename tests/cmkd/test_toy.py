@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import datasets
@@ -25,8 +26,10 @@ from transformers import (
 from cmkd.toy import (
     DIGIT_CLASSES,
     DIGITS_PROMPT,
+    TASK_CLASSES,
     TINY_CLIP_PATH,
     make_digits_shift,
+    needs_render,
     render_digits,
     sample_styles,
     split_digit_pools,
@@ -107,12 +110,16 @@ def test_tokenizer_frames_prompts_and_falls_back_to_bytes(shipped):
     assert "".join(tokenizer.convert_ids_to_tokens(unseen)).replace("</w>", " ").strip() == "zebra crossing"
 
 
-def zero_shot(model, tokenizer, dataset) -> float:
-    text = tokenizer([DIGITS_PROMPT.format(c) for c in DIGIT_CLASSES], padding=True, return_tensors="pt")
+def zero_shot_predictions(model, tokenizer, dataset, names=DIGIT_CLASSES) -> np.ndarray:
+    text = tokenizer([DIGITS_PROMPT.format(c) for c in names], padding=True, return_tensors="pt")
     with torch.no_grad():
         txt = F.normalize(model.get_text_features(**text).pooler_output, dim=-1)
         img = F.normalize(model.get_image_features(pixel_values=manual_pixels(dataset["image"])).pooler_output, dim=-1)
-    return float(((img @ txt.T).argmax(-1).numpy() == np.asarray(dataset["label"])).mean())
+    return (img @ txt.T).argmax(-1).numpy()
+
+
+def zero_shot(model, tokenizer, dataset, names=DIGIT_CLASSES) -> float:
+    return float((zero_shot_predictions(model, tokenizer, dataset, names) == np.asarray(dataset["label"])).mean())
 
 
 def test_zero_shot_teacher_is_useful_but_imperfect_on_the_target(shipped, shift):
@@ -123,6 +130,20 @@ def test_zero_shot_teacher_is_useful_but_imperfect_on_the_target(shipped, shift)
     assert source >= 0.85
     assert 0.6 <= target <= 0.9
     assert target < source
+
+
+def test_task_names_two_classes_the_teacher_cannot_name(shipped, shift):
+    """The demo task's label names (TASK_CLASSES) leave the zero-shot teacher blind on classes 8 and 9 only."""
+    model, tokenizer = shipped
+    labels = np.asarray(shift["source"]["label"])
+    pred = zero_shot_predictions(model, tokenizer, shift["source"], TASK_CLASSES)
+    known, renamed = labels < 8, labels >= 8
+    assert TASK_CLASSES[:8] == DIGIT_CLASSES[:8] and TASK_CLASSES[8:] != DIGIT_CLASSES[8:]
+    assert (pred[known] == labels[known]).mean() >= 0.85  # the names pretraining used still work
+    assert (pred[renamed] == labels[renamed]).mean() <= 0.3  # names it never read do not
+    # with the pretraining's own names the same model knows 8 and 9 on the source
+    pred_digits = zero_shot_predictions(model, tokenizer, shift["source"])
+    assert (pred_digits[renamed] == labels[renamed]).mean() >= 0.85
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -142,7 +163,7 @@ def test_rows_are_the_pool_digits_and_never_pretraining_ones(shift):
     raw = load_digits()
     for role in ("source", "target"):
         assert list(shift[role]["label"]) == raw.target[pools[role]].tolist()
-        assert shift[role].features["label"].names == DIGIT_CLASSES
+        assert shift[role].features["label"].names == TASK_CLASSES
     # Independent check on the clean source: each image's nearest bilinear upsampling among all 1797 digits is
     # the pool digit of that row, so it is not a pretraining digit.
     clean = torch.tensor(as_array(shift["source"]["image"])[..., 0], dtype=torch.float32)
@@ -191,13 +212,13 @@ def test_imagefolder_round_trips_through_load_dataset(tmp_path, shift):
         loaded = datasets.load_dataset(
             "imagefolder", data_dir=str(root / domain), split="train", cache_dir=str(tmp_path / "cache")
         )
-        assert loaded.features["label"].names == DIGIT_CLASSES
+        assert loaded.features["label"].names == TASK_CLASSES
         assert len(loaded) == len(shift[role])
         row_of = {int(idx): i for i, idx in enumerate(pools[role])}
         files = sorted((root / domain).glob("*/*.png"))
         for path in files[::37]:  # a spread-out sample of files
             i = row_of[int(path.stem)]
-            assert path.parent.name == DIGIT_CLASSES[shift[role][i]["label"]]
+            assert path.parent.name == TASK_CLASSES[shift[role][i]["label"]]
             np.testing.assert_array_equal(np.asarray(Image.open(path)), np.asarray(shift[role][i]["image"]))
         assert sorted(zip(loaded["label"], [as_array([im]).sum() for im in loaded["image"]])) == sorted(
             zip(shift[role]["label"], [as_array([im]).sum() for im in shift[role]["image"]])
@@ -214,6 +235,26 @@ def test_imagefolder_is_idempotent_and_refuses_foreign_directories(tmp_path):
     (tmp_path / "other" / "file.txt").write_text("x")
     with pytest.raises(FileExistsError):
         write_digits_shift_imagefolder(tmp_path / "other")
+
+
+def test_an_older_render_of_the_task_is_replaced(tmp_path):
+    root = write_digits_shift_imagefolder(tmp_path / "task", seed=0)
+    assert not needs_render(root)
+    marker = root / ".digits_shift.json"
+    old = json.loads(marker.read_text())
+    marker.write_text(json.dumps(old | {"version": old["version"] - 1}))
+    (root / "clean" / "9").mkdir()  # what version 1 named class 9
+    assert needs_render(root)
+    assert write_digits_shift_imagefolder(root, seed=0) == root
+    assert json.loads(marker.read_text()) == old and not needs_render(root)
+    assert sorted(p.name for p in (root / "clean").iterdir()) == sorted(TASK_CLASSES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["task"]  # nothing left aside
+    # another seed's render is not stale, it is someone else's folder: refused, untouched
+    marker.write_text(json.dumps(old | {"version": old["version"] - 1, "seed": 1}))
+    assert not needs_render(root)
+    with pytest.raises(FileExistsError):
+        write_digits_shift_imagefolder(root, seed=0)
+    assert (root / "clean" / "acht").is_dir()
 
 
 def test_imagefolder_write_is_atomic_on_failure(tmp_path, monkeypatch):

@@ -140,10 +140,8 @@ def main() -> None:
 
 
 def reactivate(model: PeftModel, name: str) -> None:
-    """The work of a switch with one domain loaded: undo its patch in every layer, then activate it again."""
-    for module in model.modules():
-        if isinstance(module, peft_rst.RSTLayer):
-            module.restore_base_weights()
+    """The work of a switch with one domain loaded: take its patch out (no adapter active), then activate it again."""
+    model.base_model.set_adapter([])
     model.set_adapter(name)
 
 

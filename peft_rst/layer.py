@@ -52,6 +52,14 @@ class SparseEntries(NamedTuple):
         )
 
 
+# Bumped whenever any layer's inference-adapter entries change: tells a `SwitchPlan` its compiled entries are stale.
+_generation = [0]
+
+
+def sparse_generation() -> int:
+    return _generation[0]
+
+
 class SparseAdapters(nn.Module):
     """Every inference adapter of one layer: adapter name -> {parameter name: `SparseEntries`}.
 
@@ -69,10 +77,12 @@ class SparseAdapters(nn.Module):
         self._updates: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
 
     def add(self, adapter_name: str) -> None:
+        _generation[0] += 1
         self._adapters[adapter_name] = {}
         self._updates[adapter_name] = []
 
     def fill(self, adapter_name: str, entries: dict[str, SparseEntries]) -> None:
+        _generation[0] += 1
         self._adapters[adapter_name] = packed = _pack(entries)
         self._updates[adapter_name] = [(name, e.indices, e.values) for name, e in packed.items() if e.indices.numel()]
 
@@ -98,6 +108,7 @@ class SparseAdapters(nn.Module):
         return self._adapters[adapter_name]
 
     def __delitem__(self, adapter_name: str) -> None:
+        _generation[0] += 1
         del self._adapters[adapter_name]
         self._updates.pop(adapter_name, None)
 

@@ -20,6 +20,7 @@ from .config import RSTConfig
 from .layer import RSTLayer, SparseEntries
 from .loading import ModelSnapshot, as_in_file, current_load_call
 from .reset import ResetGroup, current_plan, register, unregister
+from .switch_plan import SwitchPlan
 
 PREFIX = "rst_"
 _CONTAINER = "rst_weight"
@@ -328,6 +329,9 @@ class RSTModel(BaseTuner):
         for module in wrappers:  # as peft.utils.other._set_adapter
             name = module.check_set_adapter(adapter_name)
             module.set_adapter(name if name in module._adapters else [], inference_mode=inference_mode)
+        if self._switch_with_plan(layers, adapter_name):
+            self.active_adapter = adapter_name
+            return
         for layer in layers:  # as peft.tuners.tuners_utils.set_adapter
             if layer.merged:
                 warnings.warn(
@@ -336,6 +340,23 @@ class RSTModel(BaseTuner):
                 layer.unmerge()
             layer.set_adapter(adapter_name, inference_mode=inference_mode)
         self.active_adapter = adapter_name
+
+    def _switch_with_plan(self, layers: list[RSTLayer], adapter_name: str | list[str]) -> bool:
+        """Switch inference adapters through a `SwitchPlan` (a few tensor ops for the whole model), if it applies.
+
+        It applies when the layers hold inference adapters only; the plan lays the base parameters out in flat
+        buffers the first time (see `peft_rst.switch_plan`). Returns False, changing nothing, otherwise.
+        """
+        plan = self.__dict__.get("_switch_plan")
+        if plan is None or not plan.valid(layers):
+            if not any(len(layer._modules["rst_sparse"]) for layer in layers):
+                return False
+            if any(layer._modules["rst_weight"]._modules for layer in layers):
+                return False  # trainable adapters: the reset plan owns the layout of W; switch layer by layer
+            plan = self.__dict__["_switch_plan"] = SwitchPlan.build(layers, plan)
+            if plan is None:
+                return False
+        return plan.switch([adapter_name] if isinstance(adapter_name, str) else list(adapter_name))
 
     def _switch_modules(self) -> tuple[list[RSTLayer], list[AuxiliaryTrainingWrapper]]:
         cached = self.__dict__.get("_switch_cache")

@@ -45,7 +45,7 @@ def folders(tmp_path_factory):
         model = get_peft_model(base(), RSTConfig(tau=1e-3, modules_to_save=["head"]))
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for name, p in model.named_parameters():
+            for p in model.parameters():
                 if p.requires_grad:
                     chosen = torch.rand(p.shape, generator=g) < 1 / 3
                     p.add_(chosen * torch.randn(p.shape, generator=g))

@@ -24,6 +24,11 @@ from torch.distributed.tensor import DTensor
 from . import layer as rst_layer
 from .reset_plan import _contiguous_storages
 
+# Entries per scatter: below torch's parallel grain size (32768), so each scatter runs on the calling thread. One
+# scatter of 100k entries is split across the intra-op threads, and on a loaded machine waiting for the busy core
+# costs far more than the scatter.
+_SCATTER = 1 << 14
+
 
 def _movable(base: torch.Tensor) -> bool:
     """A plain contiguous CPU float tensor that owns its whole storage, not in shared memory."""
@@ -157,7 +162,10 @@ class SwitchPlan:
                 positions = positions.to(torch.int32)  # half the memory; scatter_ takes it as it is
             w0 = flat.index_select(0, positions)
             w0s[dtype] = w0
-            compiled.writes.append((flat, positions, torch.cat(vals), w0))
+            values = torch.cat(vals)
+            for start in range(0, positions.numel(), _SCATTER):
+                end = start + _SCATTER
+                compiled.writes.append((flat, positions[start:end], values[start:end], w0[start:end]))
         for i, name, dtype, start, count in spans:
             local = self.layers[i]._modules["rst_sparse"][adapter][name].indices
             compiled.backups[i].append((name, local, w0s[dtype][start : start + count]))

@@ -220,6 +220,7 @@ class RSTLayer(nn.Module, BaseTunerLayer):
             self.rst_sparse.add(adapter_name)
             self.sync_patch()
             return
+        self.__dict__.pop("_tied", None)
         self.restore_base_weights()  # W starts from w0, not from a patched-in inference adapter
         weights = nn.ParameterDict()
         for name, base in self._base_parameters().items():
@@ -349,6 +350,7 @@ class RSTLayer(nn.Module, BaseTunerLayer):
             self.sync_patch()
 
     def delete_adapter(self, adapter_name: str) -> None:
+        self.__dict__.pop("_tied", None)
         if self._patched == adapter_name:
             self.restore_base_weights()
         group = self._reset_groups.pop(adapter_name, None)
@@ -427,7 +429,7 @@ class RSTLayer(nn.Module, BaseTunerLayer):
             if weights is None or self.merged_adapters:
                 return modules["base_layer"](*args, **kwargs)
             base = modules["base_layer"]
-            if not base._modules:  # a leaf module (Linear, norm, Conv, ...): no functional_call needed
+            if not base._modules or not self._tied_below():  # no functional_call needed (see _run_leaf)
                 return _run_leaf(base, _cast_to_base(weights._parameters, base._parameters), args, kwargs)
         else:
             dense_active = any(a in dense for a in active)
@@ -438,6 +440,22 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         return functional_call(
             self.base_layer, self._effective_parameters(self.active_adapters), args, kwargs, strict=False
         )
+
+    def _tied_below(self) -> bool:
+        """Whether a parameter the base module owns is also held by one of its submodules (a tie).
+
+        Only then does the forward need `functional_call`, which re-parametrises the tied copies too; otherwise
+        swapping the module's own `_parameters` entries is the same re-parametrisation at a fraction of the cost
+        (the submodules RST wraps run with their own W). Computed once per adapter set (`update_layer`,
+        `delete_adapter` forget it): a tie made later by hand is not seen.
+        """
+        tied = self.__dict__.get("_tied")
+        if tied is None:
+            base = self._modules["base_layer"]
+            own = {id(p) for p in base._parameters.values() if p is not None}
+            tied = any(id(p) in own for child in base.children() for p in child.parameters())
+            self.__dict__["_tied"] = tied
+        return tied
 
     # ------------------------------------------------------------------ merge
     def get_delta_weight(self, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -601,10 +619,11 @@ def _has_hooks(module: nn.Module) -> bool:
 
 
 def _run_leaf(module: nn.Module, weights: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
-    """Run a module without submodules as if its own parameters were `weights` (what `functional_call` does).
+    """Run a module as if its own parameters were `weights` (what `functional_call` does), for a module whose own
+    parameters no submodule holds too (a leaf, or e.g. CLIP's vision embeddings with its `class_embedding`).
 
-    `functional_call` re-parametrises through a module walk, tie detection and a context manager on every call. A
-    leaf has nothing to tie, so swapping the entries of its `_parameters` dict and putting them back is the same
+    `functional_call` re-parametrises through a module walk, tie detection and a context manager on every call.
+    With nothing tied, swapping the entries of the module's `_parameters` dict and putting them back is the same
     re-parametrisation (hooks run, autograd reaches W); for a hook-free Linear or LayerNorm, the op itself is called
     with W.
     """

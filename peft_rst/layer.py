@@ -590,6 +590,11 @@ _DIRECT_OPS: dict[type, Any] = {
     nn.Linear: lambda module, x, weight, bias: F.linear(x, weight, bias),
     NonDynamicallyQuantizableLinear: lambda module, x, weight, bias: F.linear(x, weight, bias),
     nn.LayerNorm: lambda module, x, weight, bias: F.layer_norm(x, module.normalized_shape, weight, bias, module.eps),
+    nn.Conv1d: lambda module, x, weight, bias: module._conv_forward(x, weight, bias),
+    nn.Conv2d: lambda module, x, weight, bias: module._conv_forward(x, weight, bias),
+    nn.Embedding: lambda module, x, weight, bias: F.embedding(
+        x, weight, module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq, module.sparse
+    ),
 }
 
 

@@ -139,6 +139,27 @@ def test_module_whose_parameter_a_child_holds_too():
     assert torch.equal(torch.autograd.grad(out.sum(), [w])[0], torch.autograd.grad(expected.sum(), [w])[0])
 
 
+@pytest.mark.parametrize(
+    "make, x",
+    [
+        (lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), lambda: torch.randn(2, 3, 6, 6)),
+        (lambda: nn.Embedding(10, 4, padding_idx=0), lambda: torch.tensor([[0, 3, 9], [1, 1, 2]])),
+        (lambda: nn.Embedding(10, 4, max_norm=0.5), lambda: torch.tensor([[0, 3, 9], [1, 1, 2]])),
+    ],
+    ids=["conv2d", "embedding", "embedding_max_norm"],
+)
+def test_direct_conv2d_and_embedding_equal_functional_call(make, x):
+    reference, model, weights = _perturbed_rst(make())
+    x = x()
+    out = model(x)
+    w = weights["weight"].detach().clone()  # max_norm renormalises the weight in place: give the reference W as it was
+    expected = _reference_call(reference, {**weights, "weight": w.requires_grad_()}, x)
+    assert torch.equal(out, expected) and torch.equal(weights["weight"], w)
+    assert torch.equal(
+        torch.autograd.grad(out.sum(), [weights["weight"]])[0], torch.autograd.grad(expected.sum(), [w])[0]
+    )
+
+
 @pytest.mark.parametrize("kind", ["linear", "layer_norm"])
 def test_hooks_on_the_base_layer_run_and_see_w(kind):
     """With a hook, the module itself runs (hooks fire) with W in place of its parameters."""

@@ -162,7 +162,9 @@ class RSTLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("rst_weight",)
     other_param_names = ("rst_sparse",)
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, shared: dict | None = None) -> None:
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config, shared: dict | None = None, allocate=None
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.rst_weight = nn.ModuleDict({})  # trainable adapters: dense W per owned parameter
@@ -181,7 +183,7 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         with warnings.catch_warnings():  # peft warns for module kinds it does not know; RST wraps any kind
             warnings.simplefilter("ignore", UserWarning)
             self.in_features, self.out_features = _get_in_out_features(base_layer)
-        self.update_layer(adapter_name, config, shared)
+        self.update_layer(adapter_name, config, shared, allocate)
         # state_dict() shows w0 under the base keys and every inference adapter as a dense W (as peft expects)
         self.register_state_dict_post_hook(_state_dict_as_in_peft)
         self.register_load_state_dict_pre_hook(_take_inference_adapter_keys)
@@ -206,7 +208,9 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         # direct dict access: this runs for every layer on every adapter switch
         return {k: v for k, v in self.get_base_layer()._parameters.items() if v is not None}
 
-    def update_layer(self, adapter_name: str, config, shared: dict[int, nn.Parameter] | None = None) -> None:
+    def update_layer(
+        self, adapter_name: str, config, shared: dict[int, nn.Parameter] | None = None, allocate=None
+    ) -> None:
         """Create adapter `adapter_name`.
 
         Trainable adapters get W = w0 (identity; a perturbed copy with init_weights=False). Adapters created in
@@ -214,6 +218,8 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         patch: memory per extra adapter is its file size, and activating one writes its entries into the base
         parameters in O(changed entries). `shared` maps id(base parameter) to the W already made for it by another
         layer (tied weights, e.g. input and output embeddings), so that a tied weight stays one trained tensor.
+        `allocate(base)` (a `reset_plan.FlatAllocator`'s `take`) gives W's storage where it can, so that the reset
+        plan finds every W laid out in one buffer already and copies nothing.
         """
         if config.inference_mode:
             # no parameters to create or to (un)freeze: other adapters' requires_grad flags are left as they are
@@ -230,7 +236,8 @@ class RSTLayer(nn.Module, BaseTunerLayer):
             if base.device.type == "meta":
                 copy = torch.empty_like(base, device="meta")
             else:
-                copy = base.detach().clone()
+                copy = allocate(base) if allocate is not None else None
+                copy = base.detach().clone() if copy is None else copy.copy_(base.detach())
                 if not config.init_weights:
                     # Non-identity start for tests (peft's convention): a small perturbation of every entry.
                     noise = torch.randn(copy.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)

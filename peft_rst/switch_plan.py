@@ -198,11 +198,7 @@ class SwitchPlan:
         old = self._compiled.get(self.current) if self.current is not None else None
         if old is not None and self._holds(old, self.current):
             for flat, positions, _, w0 in old.writes:
-                flat.scatter_(0, positions, w0)
-            for layer in layers:
-                state = layer.__dict__
-                state["_patched"] = None
-                state["_patch_backup"] = []
+                flat.scatter_(0, positions, w0)  # the layers' bookkeeping is rewritten below
         else:
             for layer in layers:
                 layer.restore_base_weights()
@@ -212,8 +208,10 @@ class SwitchPlan:
         new = None
         if wanted is not None:
             new = self._compiled.get(wanted)
-            if new is None:  # an entry outside the flat buffers: layer by layer
+            if new is None:  # an entry outside the flat buffers: layer by layer, from w0
                 for layer in layers:
+                    layer.__dict__["_patched"] = None
+                    layer.__dict__["_patch_backup"] = []
                     layer.set_adapter(adapter_names)
                 return True
             for flat, positions, values, _ in new.writes:
@@ -225,7 +223,10 @@ class SwitchPlan:
             state["_active_adapter"] = list(adapter_names)
             state["_dense_active"] = False
             backup = backups.get(i)
-            if backup is not None:
+            if backup is None:
+                state["_patched"] = None
+                state["_patch_backup"] = []
+            else:
                 state["_patched"] = wanted
                 state["_patch_backup"] = backup
         return True

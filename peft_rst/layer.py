@@ -52,6 +52,14 @@ class SparseEntries(NamedTuple):
         )
 
 
+# Bumped whenever any layer's inference-adapter entries change: tells a `SwitchPlan` its compiled entries are stale.
+_generation = [0]
+
+
+def sparse_generation() -> int:
+    return _generation[0]
+
+
 class SparseAdapters(nn.Module):
     """Every inference adapter of one layer: adapter name -> {parameter name: `SparseEntries`}.
 
@@ -69,10 +77,12 @@ class SparseAdapters(nn.Module):
         self._updates: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
 
     def add(self, adapter_name: str) -> None:
+        _generation[0] += 1
         self._adapters[adapter_name] = {}
         self._updates[adapter_name] = []
 
     def fill(self, adapter_name: str, entries: dict[str, SparseEntries]) -> None:
+        _generation[0] += 1
         self._adapters[adapter_name] = packed = _pack(entries)
         self._updates[adapter_name] = [(name, e.indices, e.values) for name, e in packed.items() if e.indices.numel()]
 
@@ -98,6 +108,7 @@ class SparseAdapters(nn.Module):
         return self._adapters[adapter_name]
 
     def __delitem__(self, adapter_name: str) -> None:
+        _generation[0] += 1
         del self._adapters[adapter_name]
         self._updates.pop(adapter_name, None)
 
@@ -151,7 +162,9 @@ class RSTLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("rst_weight",)
     other_param_names = ("rst_sparse",)
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, shared: dict | None = None) -> None:
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config, shared: dict | None = None, allocate=None
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.rst_weight = nn.ModuleDict({})  # trainable adapters: dense W per owned parameter
@@ -170,7 +183,7 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         with warnings.catch_warnings():  # peft warns for module kinds it does not know; RST wraps any kind
             warnings.simplefilter("ignore", UserWarning)
             self.in_features, self.out_features = _get_in_out_features(base_layer)
-        self.update_layer(adapter_name, config, shared)
+        self.update_layer(adapter_name, config, shared, allocate)
         # state_dict() shows w0 under the base keys and every inference adapter as a dense W (as peft expects)
         self.register_state_dict_post_hook(_state_dict_as_in_peft)
         self.register_load_state_dict_pre_hook(_take_inference_adapter_keys)
@@ -195,7 +208,9 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         # direct dict access: this runs for every layer on every adapter switch
         return {k: v for k, v in self.get_base_layer()._parameters.items() if v is not None}
 
-    def update_layer(self, adapter_name: str, config, shared: dict[int, nn.Parameter] | None = None) -> None:
+    def update_layer(
+        self, adapter_name: str, config, shared: dict[int, nn.Parameter] | None = None, allocate=None
+    ) -> None:
         """Create adapter `adapter_name`.
 
         Trainable adapters get W = w0 (identity; a perturbed copy with init_weights=False). Adapters created in
@@ -203,12 +218,15 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         patch: memory per extra adapter is its file size, and activating one writes its entries into the base
         parameters in O(changed entries). `shared` maps id(base parameter) to the W already made for it by another
         layer (tied weights, e.g. input and output embeddings), so that a tied weight stays one trained tensor.
+        `allocate(base)` (a `reset_plan.FlatAllocator`'s `take`) gives W's storage where it can, so that the reset
+        plan finds every W laid out in one buffer already and copies nothing.
         """
         if config.inference_mode:
             # no parameters to create or to (un)freeze: other adapters' requires_grad flags are left as they are
             self.rst_sparse.add(adapter_name)
             self.sync_patch()
             return
+        self.__dict__.pop("_tied", None)
         self.restore_base_weights()  # W starts from w0, not from a patched-in inference adapter
         weights = nn.ParameterDict()
         for name, base in self._base_parameters().items():
@@ -218,7 +236,8 @@ class RSTLayer(nn.Module, BaseTunerLayer):
             if base.device.type == "meta":
                 copy = torch.empty_like(base, device="meta")
             else:
-                copy = base.detach().clone()
+                copy = allocate(base) if allocate is not None else None
+                copy = base.detach().clone() if copy is None else copy.copy_(base.detach())
                 if not config.init_weights:
                     # Non-identity start for tests (peft's convention): a small perturbation of every entry.
                     noise = torch.randn(copy.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
@@ -338,6 +357,7 @@ class RSTLayer(nn.Module, BaseTunerLayer):
             self.sync_patch()
 
     def delete_adapter(self, adapter_name: str) -> None:
+        self.__dict__.pop("_tied", None)
         if self._patched == adapter_name:
             self.restore_base_weights()
         group = self._reset_groups.pop(adapter_name, None)
@@ -416,7 +436,7 @@ class RSTLayer(nn.Module, BaseTunerLayer):
             if weights is None or self.merged_adapters:
                 return modules["base_layer"](*args, **kwargs)
             base = modules["base_layer"]
-            if not base._modules:  # a leaf module (Linear, norm, Conv, ...): no functional_call needed
+            if not base._modules or not self._tied_below():  # no functional_call needed (see _run_leaf)
                 return _run_leaf(base, _cast_to_base(weights._parameters, base._parameters), args, kwargs)
         else:
             dense_active = any(a in dense for a in active)
@@ -427,6 +447,22 @@ class RSTLayer(nn.Module, BaseTunerLayer):
         return functional_call(
             self.base_layer, self._effective_parameters(self.active_adapters), args, kwargs, strict=False
         )
+
+    def _tied_below(self) -> bool:
+        """Whether a parameter the base module owns is also held by one of its submodules (a tie).
+
+        Only then does the forward need `functional_call`, which re-parametrises the tied copies too; otherwise
+        swapping the module's own `_parameters` entries is the same re-parametrisation at a fraction of the cost
+        (the submodules RST wraps run with their own W). Computed once per adapter set (`update_layer`,
+        `delete_adapter` forget it): a tie made later by hand is not seen.
+        """
+        tied = self.__dict__.get("_tied")
+        if tied is None:
+            base = self._modules["base_layer"]
+            own = {id(p) for p in base._parameters.values() if p is not None}
+            tied = any(id(p) in own for child in base.children() for p in child.parameters())
+            self.__dict__["_tied"] = tied
+        return tied
 
     # ------------------------------------------------------------------ merge
     def get_delta_weight(self, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -561,6 +597,11 @@ _DIRECT_OPS: dict[type, Any] = {
     nn.Linear: lambda module, x, weight, bias: F.linear(x, weight, bias),
     NonDynamicallyQuantizableLinear: lambda module, x, weight, bias: F.linear(x, weight, bias),
     nn.LayerNorm: lambda module, x, weight, bias: F.layer_norm(x, module.normalized_shape, weight, bias, module.eps),
+    nn.Conv1d: lambda module, x, weight, bias: module._conv_forward(x, weight, bias),
+    nn.Conv2d: lambda module, x, weight, bias: module._conv_forward(x, weight, bias),
+    nn.Embedding: lambda module, x, weight, bias: F.embedding(
+        x, weight, module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq, module.sparse
+    ),
 }
 
 
@@ -590,10 +631,11 @@ def _has_hooks(module: nn.Module) -> bool:
 
 
 def _run_leaf(module: nn.Module, weights: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
-    """Run a module without submodules as if its own parameters were `weights` (what `functional_call` does).
+    """Run a module as if its own parameters were `weights` (what `functional_call` does), for a module whose own
+    parameters no submodule holds too (a leaf, or e.g. CLIP's vision embeddings with its `class_embedding`).
 
-    `functional_call` re-parametrises through a module walk, tie detection and a context manager on every call. A
-    leaf has nothing to tie, so swapping the entries of its `_parameters` dict and putting them back is the same
+    `functional_call` re-parametrises through a module walk, tie detection and a context manager on every call.
+    With nothing tied, swapping the entries of the module's `_parameters` dict and putting them back is the same
     re-parametrisation (hooks run, autograd reaches W); for a hook-free Linear or LayerNorm, the op itself is called
     with W.
     """

@@ -20,6 +20,8 @@ from .config import RSTConfig
 from .layer import RSTLayer, SparseEntries
 from .loading import ModelSnapshot, as_in_file, current_load_call
 from .reset import ResetGroup, current_plan, register, unregister
+from .reset_plan import FlatAllocator, _allocatable
+from .switch_plan import SwitchPlan
 
 PREFIX = "rst_"
 _CONTAINER = "rst_weight"
@@ -173,6 +175,12 @@ class RSTModel(BaseTuner):
             )
         self._owner_keys = set(owners)
         self._shared_weights: dict[int, nn.Parameter] = {}  # id(w0) -> W for tied parameters, per injection
+        self._allocator = None if peft_config.inference_mode else FlatAllocator(_w_sizes(model, owners))
+
+    def _take(self, base: torch.Tensor) -> torch.Tensor | None:
+        """Storage for the W of `base` in this injection's flat buffers (see `reset_plan.FlatAllocator`)."""
+        allocator = self.__dict__.get("_allocator")
+        return allocator.take(base) if allocator is not None else None
 
     def _check_target_module_exists(self, peft_config: RSTConfig, key: str) -> bool:
         return key in self._owner_keys
@@ -181,13 +189,13 @@ class RSTModel(BaseTuner):
         self, peft_config, adapter_name, target, target_name, parent, current_key, parameter_name=None
     ) -> None:
         if isinstance(target, RSTLayer):
-            target.update_layer(adapter_name, peft_config, self._shared_weights)
+            target.update_layer(adapter_name, peft_config, self._shared_weights, self._take)
             # nested wrappers below this one are skipped by peft's injection loop: add the adapter to them here
             for name, module in target.base_layer.named_modules(prefix=f"{current_key}.base_layer"):
                 if isinstance(module, RSTLayer) and name in self._owner_keys:
-                    module.update_layer(adapter_name, peft_config, self._shared_weights)
+                    module.update_layer(adapter_name, peft_config, self._shared_weights, self._take)
             return
-        new_module = RSTLayer(target, adapter_name, peft_config, shared=self._shared_weights)
+        new_module = RSTLayer(target, adapter_name, peft_config, shared=self._shared_weights, allocate=self._take)
         if adapter_name not in self.active_adapters:
             new_module.set_adapter(self.active_adapters)  # a freshly added adapter is not trainable until set
         real_parent = parent.get_base_layer() if isinstance(parent, RSTLayer) else parent
@@ -221,11 +229,13 @@ class RSTModel(BaseTuner):
                         low_cpu_mem_usage=low_cpu_mem_usage,
                         state_dict=state_dict,
                     )
+            self.__dict__["_allocator"] = None  # the W it made hold the buffer; the rest of it is not needed
             self._register_reset(adapter_name)  # also for adapters added after construction (add/load_adapter)
             if call is not None and call.adapter_name == adapter_name and call.local_folder is not None:
                 self._check_file(model, adapter_name, call.local_folder)
         except BaseException:
             snapshot.restore()
+            self.__dict__["_allocator"] = None
             raise
         self._pending_load = (
             (adapter_name, call, snapshot) if call is not None and call.adapter_name == adapter_name else None
@@ -328,6 +338,9 @@ class RSTModel(BaseTuner):
         for module in wrappers:  # as peft.utils.other._set_adapter
             name = module.check_set_adapter(adapter_name)
             module.set_adapter(name if name in module._adapters else [], inference_mode=inference_mode)
+        if self._switch_with_plan(layers, adapter_name):
+            self.active_adapter = adapter_name
+            return
         for layer in layers:  # as peft.tuners.tuners_utils.set_adapter
             if layer.merged:
                 warnings.warn(
@@ -336,6 +349,23 @@ class RSTModel(BaseTuner):
                 layer.unmerge()
             layer.set_adapter(adapter_name, inference_mode=inference_mode)
         self.active_adapter = adapter_name
+
+    def _switch_with_plan(self, layers: list[RSTLayer], adapter_name: str | list[str]) -> bool:
+        """Switch inference adapters through a `SwitchPlan` (a few tensor ops for the whole model), if it applies.
+
+        It applies when the layers hold inference adapters only; the plan lays the base parameters out in flat
+        buffers the first time (see `peft_rst.switch_plan`). Returns False, changing nothing, otherwise.
+        """
+        plan = self.__dict__.get("_switch_plan")
+        if plan is None or not plan.valid(layers):
+            if not any(len(layer._modules["rst_sparse"]) for layer in layers):
+                return False
+            if any(layer._modules["rst_weight"]._modules for layer in layers):
+                return False  # trainable adapters: the reset plan owns the layout of W; switch layer by layer
+            plan = self.__dict__["_switch_plan"] = SwitchPlan.build(layers, plan)
+            if plan is None:
+                return False
+        return plan.switch([adapter_name] if isinstance(adapter_name, str) else list(adapter_name))
 
     def _switch_modules(self) -> tuple[list[RSTLayer], list[AuxiliaryTrainingWrapper]]:
         cached = self.__dict__.get("_switch_cache")
@@ -601,6 +631,21 @@ class RSTModel(BaseTuner):
                     "False; PeftModel.from_pretrained(model, path, config=cfg)`."
                 )
         return decoded
+
+
+def _w_sizes(model: nn.Module, owners: list[str]) -> dict[torch.dtype, int]:
+    """Entries per dtype of the base parameters whose W the injection will make (each tied tensor once)."""
+    sizes: dict[torch.dtype, int] = {}
+    seen: set[int] = set()
+    for name in owners:
+        module = model.get_submodule(name)
+        if isinstance(module, RSTLayer):
+            module = module.get_base_layer()
+        for p in module._parameters.values():
+            if p is not None and id(p) not in seen and _allocatable(p):
+                seen.add(id(p))
+                sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+    return sizes
 
 
 def _is_sharded(tensor: torch.Tensor) -> bool:

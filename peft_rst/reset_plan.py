@@ -15,6 +15,8 @@ parameters), sharded DTensors (FSDP2) and accelerator tensors keep their storage
 
 from __future__ import annotations
 
+import weakref
+
 import numpy
 import torch
 from torch.distributed.tensor import DTensor
@@ -37,6 +39,61 @@ def _contiguous_storages(sizes: list[int], dtype: torch.dtype) -> tuple[torch.Te
         pieces.append(torch.from_numpy(buffer[start : start + n * element]).view(dtype))
         start += n * element
     return torch.from_numpy(buffer).view(dtype), pieces
+
+
+# start address -> numpy buffer of the W made by a `FlatAllocator`; weak: the buffer lives as long as any W in it
+_BUFFERS: weakref.WeakValueDictionary[int, numpy.ndarray] = weakref.WeakValueDictionary()
+
+
+def _allocatable(base: torch.Tensor) -> bool:
+    """Whether W of `base` can be made in a flat buffer (and then be reset in place by a plan)."""
+    if isinstance(base, DTensor) or base.device.type != "cpu" or not base.dtype.is_floating_point:
+        return False
+    return base.numel() > 0 and not base.is_shared()
+
+
+class FlatAllocator:
+    """Makes the W of one injection back to back in one flat CPU buffer per dtype, each W a storage of its own.
+
+    Why: a `ResetPlan` resets W in place only when every W lies in one flat buffer. Copying W there after they were
+    made frees their first storages, which glibc keeps (the process's RSS stays one copy of W higher, also after
+    the model is dropped); making them there from the start needs no copy. `sizes` is the total per dtype of the
+    base parameters to be copied; the buffer's untouched pages cost no memory.
+    """
+
+    def __init__(self, sizes: dict[torch.dtype, int]) -> None:
+        self._free: dict[torch.dtype, tuple[numpy.ndarray, int]] = {}
+        for dtype, n in sizes.items():
+            if n:
+                buffer = numpy.empty(n * torch.empty(0, dtype=dtype).element_size(), dtype=numpy.uint8)
+                _BUFFERS[buffer.ctypes.data] = buffer
+                self._free[dtype] = (buffer, 0)
+
+    def take(self, base: torch.Tensor) -> torch.Tensor | None:
+        """An uninitialised tensor like `base` in the buffer of its dtype, or None if it has no room for it."""
+        free = self._free.get(base.dtype)
+        if free is None or not _allocatable(base):
+            return None
+        buffer, start = free
+        end = start + base.numel() * base.element_size()
+        if end > buffer.nbytes:
+            return None
+        self._free[base.dtype] = (buffer, end)
+        return torch.from_numpy(buffer[start:end]).view(base.dtype).view(base.shape)
+
+
+def _preallocated(targets: list[ResetTarget], dtype: torch.dtype) -> torch.Tensor | None:
+    """The flat buffer that `targets`' W (in address order) tile from its start without gaps, if there is one."""
+    buffer = _BUFFERS.get(targets[0].weight.data_ptr())
+    if buffer is None:
+        return None
+    ptr = buffer.ctypes.data
+    for t in targets:
+        if t.weight.data_ptr() != ptr:
+            return None
+        ptr += t.weight.numel() * t.weight.element_size()
+    used = ptr - buffer.ctypes.data
+    return torch.from_numpy(buffer[:used]).view(dtype)
 
 
 def _packable(target: ResetTarget) -> bool:
@@ -110,7 +167,12 @@ class ResetPlan:
 
     @torch.no_grad()
     def _pack(self, targets: list[ResetTarget], dtype: torch.dtype) -> None:
-        flat, pieces = _contiguous_storages([t.weight.numel() for t in targets], dtype)
+        targets = sorted(targets, key=lambda t: t.weight.data_ptr())
+        flat = _preallocated(targets, dtype)
+        if flat is None:  # W made elsewhere: move them into a new buffer
+            flat, pieces = _contiguous_storages([t.weight.numel() for t in targets], dtype)
+        else:
+            pieces = [t.weight.detach().view(-1) for t in targets]
         first = len(self.chunks)
         scratch = None
         batch_b: list[torch.Tensor] = []
@@ -127,8 +189,9 @@ class ResetPlan:
 
         for t, piece in zip(targets, pieces, strict=True):
             w, n = t.weight, t.weight.numel()
-            piece.copy_(w.detach().reshape(-1))
-            w.data = piece.view(w.shape)
+            if piece.data_ptr() != w.data_ptr():
+                piece.copy_(w.detach().reshape(-1))
+                w.data = piece.view(w.shape)
             view = flat[offset : offset + n]
             b = t.base.detach().view(-1)
             if n > _CHUNK:

@@ -1,7 +1,8 @@
 """RST's eager forward and reset shortcuts give exactly what the general mechanisms give.
 
-`RSTLayer.forward` runs a hook-free Linear / LayerNorm as the functional op with W, any other leaf module with W
-swapped into its `_parameters`, and modules with children through `torch.func.functional_call`. The references here
+`RSTLayer.forward` runs a hook-free Linear / LayerNorm as the functional op with W, any other module with W swapped
+into its `_parameters`, and modules whose own parameters a submodule holds too (ties) through
+`torch.func.functional_call`. The references here
 are independent: the plain module with its weight replaced by W through `functional_call`, and the reset written
 as `torch.where(|W - w0| <= tau, w0, W)` per tensor.
 """
@@ -108,6 +109,55 @@ def test_module_with_children_and_bare_parameter():
     grads = torch.autograd.grad(out.sum(), list(params.values()))
     for got, want in zip(grads, torch.autograd.grad(expected.sum(), list(params.values()))):
         assert torch.equal(got, want)
+
+
+class TiedOwner(nn.Module):
+    """Owns a parameter that its (unwrapped) child holds too: only functional_call re-parametrises both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(8))
+        self.inner = nn.Module()
+        self.inner.scale = self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.inner.scale.sum()
+
+
+def test_module_whose_parameter_a_child_holds_too():
+    torch.manual_seed(0)
+    reference = Net(TiedOwner())
+    torch.manual_seed(0)
+    model = get_peft_model(Net(TiedOwner()), peft_rst.RSTConfig(init_weights=False, exclude_modules=["inner"]))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, peft_rst.RSTLayer)}
+    assert sorted(layers) == ["base_model.model.body"]
+    w = layers["base_model.model.body"].rst_weight["default"]["scale"]
+    x = torch.randn(4, 8)
+    out = model(x)
+    expected = functional_call(reference, {"body.scale": w}, (x,))  # ties: inner.scale is W as well
+    assert torch.equal(out, expected)
+    assert torch.equal(torch.autograd.grad(out.sum(), [w])[0], torch.autograd.grad(expected.sum(), [w])[0])
+
+
+@pytest.mark.parametrize(
+    "make, x",
+    [
+        (lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), lambda: torch.randn(2, 3, 6, 6)),
+        (lambda: nn.Embedding(10, 4, padding_idx=0), lambda: torch.tensor([[0, 3, 9], [1, 1, 2]])),
+        (lambda: nn.Embedding(10, 4, max_norm=0.5), lambda: torch.tensor([[0, 3, 9], [1, 1, 2]])),
+    ],
+    ids=["conv2d", "embedding", "embedding_max_norm"],
+)
+def test_direct_conv2d_and_embedding_equal_functional_call(make, x):
+    reference, model, weights = _perturbed_rst(make())
+    x = x()
+    out = model(x)
+    w = weights["weight"].detach().clone()  # max_norm renormalises the weight in place: give the reference W as it was
+    expected = _reference_call(reference, {**weights, "weight": w.requires_grad_()}, x)
+    assert torch.equal(out, expected) and torch.equal(weights["weight"], w)
+    assert torch.equal(
+        torch.autograd.grad(out.sum(), [weights["weight"]])[0], torch.autograd.grad(expected.sum(), [w])[0]
+    )
 
 
 @pytest.mark.parametrize("kind", ["linear", "layer_norm"])

@@ -105,3 +105,29 @@ def test_a_copy_does_not_carry_the_plan_s_buffers():
     assert twin.base_model._reset_groups["default"].plan is None  # rebuilt from the copy's own tensors when needed
     w, w_twin = (m.base_model.model[0].rst_weight["default"]["weight"] for m in (model, twin))
     assert torch.equal(w, w_twin) and w.data_ptr() != w_twin.data_ptr()
+
+
+def test_w_is_made_in_the_plan_s_buffer_at_injection(monkeypatch, tmp_path):
+    """No copy of W into the plan's buffer: W is made there (the copy's freed first storages stayed in RSS)."""
+    from peft_rst import reset_plan
+
+    def no_move(*args, **kwargs):
+        raise AssertionError("the plan moved W: it was not made in a flat buffer")
+
+    monkeypatch.setattr(reset_plan, "_contiguous_storages", no_move)
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    body[1].weight.data = body[1].weight.data.double()  # a second dtype: a buffer of its own
+    model = get_peft_model(body, RSTConfig(tau=1e-3, init_weights=False))
+    plan = model.base_model._reset_groups["default"].plan
+    weights = [w for m in model.base_model.model for w in m.rst_weight["default"].values()]
+    assert plan is not None and not plan.rest and len(weights) == 6
+    assert len({w.untyped_storage().data_ptr() for w in weights}) == len(weights)  # storages of their own
+    ends = {}
+    for w in sorted(weights, key=lambda w: w.data_ptr()):  # back to back per dtype
+        if w.dtype in ends:
+            assert w.data_ptr() == ends[w.dtype]
+        ends[w.dtype] = w.data_ptr() + w.numel() * w.element_size()
+    bases = [b for m in model.base_model.model for b in m.base_layer.parameters()]
+    assert all(not torch.equal(w, b) for w, b in zip(weights, bases))  # init_weights=False perturbed the copies
+    save_file({f"w{i}": w.detach() for i, w in enumerate(weights)}, tmp_path / "w.safetensors")

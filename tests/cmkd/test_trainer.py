@@ -436,9 +436,11 @@ def test_selection_metrics_name_what_supplies_them(clip, data, tmp_path):
         make_args(tmp_path, eval_validators=["snd", "mixval"])
     no_teacher = fresh_model(clip)
     no_teacher.config.has_text_features = False
-    plain = make_args(tmp_path, eval_strategy="steps", mode="source_only")
+    agreement = make_args(tmp_path, eval_strategy="steps", mode="source_only", metric_for_best_model="zs_agreement")
     with pytest.raises(ValueError, match="zero-shot CLIP teacher, which this model does not have"):
-        CMKDTrainer(no_teacher, plain, source_dataset=data["source"], target_dataset=unlabeled)
+        CMKDTrainer(no_teacher, agreement, source_dataset=data["source"], target_dataset=unlabeled)
+    plain = make_args(tmp_path, eval_strategy="steps", mode="source_only")  # the default validator needs no teacher
+    CMKDTrainer(no_teacher, plain, source_dataset=data["source"], target_dataset=unlabeled)
     source_only = make_args(tmp_path, eval_strategy="steps", mode="source_only")
     with pytest.raises(ValueError, match="target images"):
         CMKDTrainer(fresh_model(clip), source_only, source_dataset=data["source"])

@@ -27,7 +27,10 @@ def pixels_of(files, mean, std) -> torch.Tensor:
 
 def styled_target(data_dir: Path, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
     """The target domain through the digits_test preset written out."""
-    files = [(f, label) for label in range(10) for f in sorted((data_dir / "styled" / str(label)).glob("*.png"))]
+    from cmkd.toy import TASK_CLASSES
+
+    folders = [data_dir / "styled" / name for name in TASK_CLASSES]
+    files = [(f, label) for label, folder in enumerate(folders) for f in sorted(folder.glob("*.png"))]
     return pixels_of([f for f, _ in files], mean, std), torch.tensor([label for _, label in files])
 
 
@@ -37,7 +40,7 @@ def test_quick_demo_runs_every_method_and_leaves_adapter_card_and_table(tmp_path
     from transformers import AutoImageProcessor
 
     from cmkd import CLIPAdaptationModel
-    from cmkd.toy import DIGITS_PROMPT, TINY_CLIP_PATH
+    from cmkd.toy import DIGITS_PROMPT, TASK_CLASSES, TINY_CLIP_PATH
 
     out = tmp_path / "runs" / "demo"
     results = demo.main(["--output_dir", str(out), "--quick", "--seeds", "2", "--dataloader_num_workers", "0"])
@@ -97,7 +100,7 @@ def test_quick_demo_runs_every_method_and_leaves_adapter_card_and_table(tmp_path
     # the recorded CMKD+RST accuracy of seed 42 is that of its saved adapter on the shipped model, scored by hand
     processor = AutoImageProcessor.from_pretrained(TINY_CLIP_PATH)
     pixels, labels = styled_target(out / "data", processor.image_mean, processor.image_std)
-    base = CLIPAdaptationModel.from_clip(TINY_CLIP_PATH, [str(d) for d in range(10)], DIGITS_PROMPT)
+    base = CLIPAdaptationModel.from_clip(TINY_CLIP_PATH, TASK_CLASSES, DIGITS_PROMPT)
     model = PeftModel.from_pretrained(base, adapter).eval()
     with torch.no_grad():
         hits = (model(pixel_values=pixels).logits.argmax(-1) == labels).tolist()
@@ -112,7 +115,7 @@ def test_quick_demo_runs_every_method_and_leaves_adapter_card_and_table(tmp_path
     adapted = CLIPAdaptationModel.from_pretrained(folder).eval()
     with torch.no_grad():
         want = adapted(pixel_values=pixels_of(files, processor.image_mean, processor.image_std)).logits.argmax(-1)
-    assert got == [str(int(i)) for i in want]
+    assert got == [TASK_CLASSES[int(i)] for i in want]
 
 
 def test_oracle_selection_is_named_as_such(tmp_path, capsys):

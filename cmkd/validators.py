@@ -29,10 +29,9 @@ different subset sizes are not comparable with each other; only their ranking ac
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -475,25 +474,6 @@ def greater_is_better(metric: str) -> bool | None:
     return None
 
 
-@contextlib.contextmanager
-def one_intra_op_thread() -> Iterator[None]:
-    """Run torch ops on the calling thread only, then restore the thread count (also after an error).
-
-    Validators work on one evaluation's outputs: small tensors and many tiny ops (a 65x65 Newton solve for DEV).
-    Splitting such ops across intra-op threads costs more than the op, and far more when another process keeps the
-    other cores busy, so the validators run single-threaded (see docs/validation.md, "Cost per evaluation").
-    """
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def compute_validators(inputs: ValidationInputs, names: Sequence[str] | None = None) -> dict[str, float]:
     """Every requested (default: every available) validator's value; unknown names are an error."""
     if names is None:
@@ -507,7 +487,7 @@ def compute_validators(inputs: ValidationInputs, names: Sequence[str] | None = N
             missing = [f for f in validator.needs if getattr(inputs, f) is None]
             raise ValueError(f"validator {name!r} needs {missing}, which this evaluation did not produce.")
     out: dict[str, float] = {}
-    with warnings.catch_warnings(record=True) as caught, one_intra_op_thread():
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ValidatorWarning)
         for name in names:
             out[name] = VALIDATORS[name].compute(inputs)

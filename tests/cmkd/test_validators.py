@@ -1,6 +1,5 @@
 """Label-free validators: values against skada's scorers and hand computations, directions, bad input."""
 
-import dataclasses
 import math
 import warnings
 
@@ -234,62 +233,3 @@ def test_no_warning_on_healthy_inputs():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compute_validators(ValidationInputs(logits(n=100, c=5)))
-
-
-# ---------------------------------------------------------------------------------------------------- threads
-def _all_inputs(seed: int = 0) -> ValidationInputs:
-    g = torch.Generator().manual_seed(seed)
-    n, c, d = 120, 5, 16
-    return ValidationInputs(
-        target_logits=3 * torch.randn(n, c, generator=g),
-        target_features=torch.randn(n, d, generator=g),
-        zero_shot_ids=torch.randint(c, (n,), generator=g),
-        source_logits=3 * torch.randn(40, c, generator=g),
-        source_labels=torch.randint(c, (40,), generator=g),
-        source_features=torch.randn(40, d, generator=g),
-    )
-
-
-def test_validators_run_on_one_thread_and_restore_the_thread_count():
-    inputs = _all_inputs()
-    before = torch.get_num_threads()
-    seen = []
-    original = VALIDATORS["ent"].compute
-    try:
-        VALIDATORS["ent"] = dataclasses.replace(
-            VALIDATORS["ent"], compute=lambda x: seen.append(torch.get_num_threads()) or original(x)
-        )
-        torch.set_num_threads(2)
-        values = compute_validators(inputs)
-        assert seen == [1]
-        assert torch.get_num_threads() == 2
-    finally:
-        VALIDATORS["ent"] = dataclasses.replace(VALIDATORS["ent"], compute=original)
-        torch.set_num_threads(before)
-    # the same numbers as each validator computed directly on two threads (reduction order may differ: 1e-9 rel.)
-    torch.set_num_threads(2)
-    try:
-        direct = {name: VALIDATORS[name].compute(inputs) for name in values}
-    finally:
-        torch.set_num_threads(before)
-    assert set(values) == set(VALIDATORS)
-    for name, value in values.items():
-        assert math.isclose(value, direct[name], rel_tol=1e-9, abs_tol=1e-12), name
-
-
-def test_thread_count_is_restored_after_a_validator_error():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    original = VALIDATORS["ent"].compute
-
-    def boom(_inputs):
-        raise RuntimeError("boom")
-
-    try:
-        VALIDATORS["ent"] = dataclasses.replace(VALIDATORS["ent"], compute=boom)
-        with pytest.raises(RuntimeError, match="boom"):
-            compute_validators(_all_inputs(), ["ent"])
-        assert torch.get_num_threads() == 2
-    finally:
-        VALIDATORS["ent"] = dataclasses.replace(VALIDATORS["ent"], compute=original)
-        torch.set_num_threads(before)

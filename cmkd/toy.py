@@ -325,7 +325,7 @@ def write_digits_shift_imagefolder(root: str | os.PathLike, seed: int = 0) -> Pa
     stale task.
     """
     root = Path(root)
-    meta = {"version": _IMAGEFOLDER_VERSION, "seed": int(seed), "split_seed": SPLIT_SEED}
+    meta = _marker_for(seed)
     stale = False
     if root.exists() and not (root.is_dir() and not any(root.iterdir())):  # an empty directory is replaced
         if _marker_matches(root, meta):
@@ -369,7 +369,12 @@ def needs_render(root: str | os.PathLike, seed: int = 0) -> bool:
     root = Path(root)
     if not root.exists() or (root.is_dir() and not any(root.iterdir())):
         return True
-    return _is_older_render(root, {"version": _IMAGEFOLDER_VERSION, "seed": int(seed), "split_seed": SPLIT_SEED})
+    return _is_older_render(root, _marker_for(seed))
+
+
+def _marker_for(seed: int) -> dict:
+    """What the marker of a render of this task for ``seed`` by this version of the module holds."""
+    return {"version": _IMAGEFOLDER_VERSION, "seed": int(seed), "split_seed": SPLIT_SEED}
 
 
 def _read_marker(root: Path) -> dict | None:

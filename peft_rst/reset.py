@@ -103,7 +103,7 @@ def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
         groups = list(_groups)
     if not groups:
         return
-    stepped = {id(p) for param_group in optimizer.param_groups for p in param_group["params"]}
+    stepped = held_ids(optimizer)
     for group in groups:
         plan = current_plan(group)
         if plan is not None and plan.weight_ids <= stepped:  # the usual case: the optimizer steps every W
@@ -115,6 +115,8 @@ def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
                 apply_reset(targets, group.config, group.step)
             else:
                 plan.reset(group.config.tau_at(group.step))
+        elif plan is not None and plan.weight_ids.isdisjoint(stepped):
+            continue  # another optimizer (another model's, a second optimizer): not this group's step
         else:
             targets = [t for t in group.targets() if id(t.weight) in stepped]
             if not targets:
@@ -122,6 +124,11 @@ def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
             group.step += 1
             apply_reset(targets, group.config, group.step)
         record_reset_step(optimizer, group, targets)  # the step travels with optimizer.state_dict()
+
+
+def held_ids(optimizer: torch.optim.Optimizer) -> set[int]:
+    """The ids of the parameters `optimizer` holds (what its step can have changed)."""
+    return {id(p) for param_group in optimizer.param_groups for p in param_group["params"]}
 
 
 def current_plan(group: ResetGroup):

@@ -15,6 +15,7 @@ parameters), sharded DTensors (FSDP2) and accelerator tensors keep their storage
 
 from __future__ import annotations
 
+import operator
 import weakref
 
 import numpy
@@ -122,17 +123,30 @@ def _reset_flat_in_buffers_(w: torch.Tensor, b: torch.Tensor, tau: float, d: tor
     by the width - 1 turns that sign into the all-ones mask of the entries that go back to w0. tau is rounded to W's
     dtype as torch rounds a scalar compared with a tensor; `abs_` clears the sign bit of NaN too.
     """
-    width = w.element_size() * 8
-    int_dtype = m.dtype
-    tau_bits = torch.tensor(tau, dtype=w.dtype).view(int_dtype).item()
+    bits = m.dtype
+    _reset_bits_(w, w.view(bits), b, b.view(bits), d, d.view(bits), m, _tau_bits(tau, w.dtype, bits))
+
+
+def _tau_bits(tau: float, dtype: torch.dtype, bits: torch.dtype) -> int:
+    """tau rounded to `dtype`, as the signed integer of its bit pattern."""
+    return torch.tensor(tau, dtype=dtype).view(bits).item()
+
+
+def _reset_bits_(w, w_bits, b, b_bits, d, d_bits, m, tau_bits: int) -> None:
+    """The arithmetic of `_reset_flat_in_buffers_` on views made beforehand (`*_bits`: the same memory as integers).
+
+    A plan calls this for every chunk after every optimizer step, so nothing here makes a view or a Python object.
+    """
     torch.sub(w, b, out=d)
     d.abs_()
-    mask = d.view(int_dtype)
-    mask.sub_(tau_bits + 1).bitwise_right_shift_(width - 1)
-    w_bits = w.view(int_dtype)
-    torch.bitwise_xor(w_bits, b.view(int_dtype), out=m)
-    m.bitwise_and_(mask)
+    d_bits.sub_(tau_bits + 1).bitwise_right_shift_(w.element_size() * 8 - 1)
+    torch.bitwise_xor(w_bits, b_bits, out=m)
+    m.bitwise_and_(d_bits)
     w_bits.bitwise_xor_(m)
+
+
+_MERGED = operator.attrgetter("merged_adapters")
+_PATCHED = operator.attrgetter("_patched")
 
 
 class ResetPlan:
@@ -153,17 +167,20 @@ class ResetPlan:
         self.chunks: list[tuple[torch.Tensor, torch.Tensor | list[torch.Tensor], torch.Tensor | None]] = []
         for dtype, group in packable.items():
             self._pack(group, dtype)
-        # per dtype: the reset's two work buffers, made at the first reset
-        self.work: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        # what the reset runs on per chunk, with its work buffers, and the integer dtype per float dtype: made at
+        # the first reset (`_prepare_steps`)
+        self.steps: list[tuple] | None = None
+        self.widths: dict[torch.dtype, torch.dtype] = {}
         # where every tensor of the plan is held, and where its data was: the check before every step
-        self.checks = [
-            (owner, name, tensor, tensor.data_ptr())
-            for t in targets
-            for owner, name, tensor in (
-                (t.weight_owner, t.name, t.weight),
-                (t.base_owner, t.name, t.base),
-            )
+        held = [(t.weight_owner, t.name, t.weight) for t in targets] + [
+            (t.base_owner, t.name, t.base) for t in targets
         ]
+        self.checks = (
+            [owner for owner, _, _ in held],
+            [name for _, name, _ in held],
+            [tensor for _, _, tensor in held],
+            [tensor.data_ptr() for _, _, tensor in held],
+        )
 
     @torch.no_grad()
     def _pack(self, targets: list[ResetTarget], dtype: torch.dtype) -> None:
@@ -214,32 +231,51 @@ class ResetPlan:
         """Whether the model still holds exactly the tensors (and storages) this plan was built on."""
         if layers is not self.layers:
             return False
-        for layer in layers:
-            if layer.__dict__["_patched"] is not None or layer.merged_adapters:
-                return False
-        for owner, name, tensor, ptr in self.checks:
-            current = owner.get(name)
-            if current is not tensor or current.data_ptr() != ptr:
-                return False
-        return True
+        # as C-level maps over the columns: this runs around every optimizer step, once per layer, target and tensor
+        if any(map(_MERGED, layers)) or list(map(_PATCHED, layers)).count(None) != len(layers):
+            return False  # an inference adapter is written into w0, or an adapter is merged
+        owners, names, tensors, pointers = self.checks
+        if not all(map(operator.is_, map(dict.get, owners, names), tensors)):
+            return False
+        return list(map(torch.Tensor.data_ptr, tensors)) == pointers
 
     @torch.no_grad()
     def reset(self, tau: float) -> None:
         """`reset_all_below_threshold_` on every target, bit for bit."""
-        work = self.work
-        for w, b, scratch in self.chunks:
-            if scratch is not None:
-                gathered = scratch[: w.numel()]
+        if self.steps is None:
+            self.steps = self._prepare_steps()
+        fast = tau >= 0  # False for NaN too
+        tau_bits = {dtype: _tau_bits(tau, dtype, bits) for dtype, bits in self.widths.items()} if fast else {}
+        for w, b, gathered, views in self.steps:
+            if gathered is not None:
                 torch.cat(b, out=gathered)
                 b = gathered
-            bits = _BITS_OF.get(w.dtype)
-            if bits is None or not tau >= 0:
+            if views is None or not fast:
                 _reset_flat_(w, b, tau)
                 continue
-            buffers = work.get(w.dtype)
-            if buffers is None:
-                size = max(c[0].numel() for c in self.chunks if c[0].dtype == w.dtype)
-                buffers = work[w.dtype] = (torch.empty(size, dtype=w.dtype), torch.empty(size, dtype=bits))
-            _reset_flat_in_buffers_(w, b, tau, buffers[0][: w.numel()], buffers[1][: w.numel()])
+            w_bits, b_bits, d, d_bits, m = views
+            _reset_bits_(w, w_bits, b, b_bits, d, d_bits, m, tau_bits[w.dtype])
         if self.rest:
             reset_all_below_threshold_(self.rest, tau)
+
+    def _prepare_steps(self) -> list[tuple]:
+        """Per chunk: W, w0 (or the w0 pieces to gather and where), and the integer views and work buffers the
+        bitwise reset needs. Made at the first reset, so a plan that never resets (inference) holds no buffers."""
+        work: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        for dtype, bits in _BITS_OF.items():
+            sizes = [w.numel() for w, _, _ in self.chunks if w.dtype == dtype]
+            if sizes:
+                work[dtype] = (torch.empty(max(sizes), dtype=dtype), torch.empty(max(sizes), dtype=bits))
+                self.widths[dtype] = bits
+        steps = []
+        for w, b, scratch in self.chunks:
+            n = w.numel()
+            gathered = scratch[:n] if scratch is not None else None
+            views = None
+            if w.dtype in work:
+                bits = self.widths[w.dtype]
+                d, m = (buffer[:n] for buffer in work[w.dtype])
+                b_flat = gathered if gathered is not None else b
+                views = (w.view(bits), b_flat.view(bits), d, d.view(bits), m)
+            steps.append((w, b, gathered, views))
+        return steps

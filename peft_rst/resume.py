@@ -66,12 +66,27 @@ def sync_reset_step(optimizer: torch.optim.Optimizer, group: ResetGroup) -> None
 
 
 def before_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    """Global optimizer pre-step hook (registered with the reset's post-step hook)."""
-    from .reset import _groups, _lock
+    """Global optimizer pre-step hook (registered with the reset's post-step hook).
 
+    It runs before the step of every optimizer in the process, so an optimizer that holds none of a group's
+    parameters (another model's, a second optimizer) is recognised without walking the group's layers.
+    """
+    from .reset import _groups, _lock, current_plan, held_ids
+
+    if not optimizer.state:  # nothing loaded, nothing stepped yet
+        return
     with _lock:
         groups = list(_groups)
+    state, held = optimizer.state, None
     for group in groups:
+        plan = group.plan
+        if plan is None or not plan.targets or not state.get(plan.targets[0].weight):
+            # not the usual case (this optimizer has stepped the group's first W): look closer
+            plan = current_plan(group)
+            if plan is not None:
+                held = held_ids(optimizer) if held is None else held
+                if plan.weight_ids.isdisjoint(held):
+                    continue
         sync_reset_step(optimizer, group)
 
 

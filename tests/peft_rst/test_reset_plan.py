@@ -131,3 +131,53 @@ def test_w_is_made_in_the_plan_s_buffer_at_injection(monkeypatch, tmp_path):
     bases = [b for m in model.base_model.model for b in m.base_layer.parameters()]
     assert all(not torch.equal(w, b) for w, b in zip(weights, bases))  # init_weights=False perturbed the copies
     save_file({f"w{i}": w.detach() for i, w in enumerate(weights)}, tmp_path / "w.safetensors")
+
+
+def test_an_optimizer_of_other_parameters_leaves_the_rst_model_alone(monkeypatch):
+    """The reset hooks run for every optimizer in the process; one that holds no W neither resets nor walks the
+    RST layers (which would cost every other optimizer a pass over the model), and the RST optimizer still resets."""
+    from peft_rst.layer import RSTLayer
+
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)), RSTConfig(tau=1e-3))
+    rst_opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    other = nn.Linear(4, 4)
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)
+    for opt, module, x in ((rst_opt, model, torch.randn(3, 8)), (other_opt, other, torch.randn(3, 4))):
+        module(x).sum().backward()
+        opt.step()  # both now hold optimizer state
+    tuner = model.base_model
+    w = tuner.model[0].rst_weight["default"]["weight"]
+    before, step = w.detach().clone(), tuner.reset_step()
+
+    calls = []
+    original = RSTLayer.reset_targets
+    monkeypatch.setattr(RSTLayer, "reset_targets", lambda self, name: calls.append(name) or original(self, name))
+    other(torch.randn(3, 4)).sum().backward()
+    other_opt.step()
+    assert calls == [] and tuner.reset_step() == step and torch.equal(w.detach(), before)
+    assert "rst_reset_step" not in other_opt.state[other.weight]
+
+    with torch.no_grad():  # W moves by less than tau: the RST optimizer's step puts w0 back
+        w.copy_(tuner.model[0].base_layer.weight + 1e-4)
+    rst_opt.zero_grad()
+    rst_opt.step()
+    assert torch.equal(w.detach(), tuner.model[0].base_layer.weight) and tuner.reset_step() == step + 1
+    assert all(rst_opt.state[p]["rst_reset_step"] == step + 1 for p in rst_opt.param_groups[0]["params"])
+
+
+def test_the_step_is_recorded_into_a_replaced_optimizer_state():
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)), RSTConfig(tau=1e-3))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    for _ in range(2):
+        model(torch.randn(3, 8)).sum().backward()
+        opt.step()
+    del opt.state[params[0]]  # a state dropped by hand: the next step writes into the new one
+    model(torch.randn(3, 8)).sum().backward()
+    opt.step()
+    assert [opt.state[p]["rst_reset_step"] for p in params] == [3] * len(params)
+    opt.load_state_dict(opt.state_dict())  # a loaded state replaces the state object
+    opt.step()
+    assert [opt.state[p]["rst_reset_step"] for p in params] == [4] * len(params)

@@ -93,6 +93,20 @@ class SparseAdapters(nn.Module):
         """
         return self._updates[adapter_name]
 
+    def share_values(self, adapter_name: str, name: str, values: torch.Tensor) -> None:
+        """Hold `values`, a copy of the entry's values made elsewhere (the switch plan's), instead of its own, so
+        that both are one memory. The entries stay equal, so a `SwitchPlan` compiled from them stays current."""
+        entry = self._adapters[adapter_name][name]
+        if values.shape != entry.values.shape or values.dtype != entry.values.dtype:
+            raise ValueError(
+                f"share_values: {adapter_name!r}/{name!r} holds {tuple(entry.values.shape)} {entry.values.dtype} "
+                f"values, not {tuple(values.shape)} {values.dtype}"
+            )
+        self._adapters[adapter_name][name] = entry._replace(values=values)
+        self._updates[adapter_name] = [
+            (n, positions, values if n == name else v) for n, positions, v in self._updates[adapter_name]
+        ]
+
     def is_loaded(self, adapter_name: str) -> bool:
         return bool(self._adapters.get(adapter_name))
 

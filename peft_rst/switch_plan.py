@@ -45,6 +45,7 @@ class _Compiled:
     def __init__(self) -> None:
         self.writes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # flat, pos, new, w0
         self.backups: dict[int, list] = {}  # layer index -> the `_patch_backup` the layer holds while patched
+        self.nbytes = 0  # memory this adds to the layers' own entries (see `SwitchPlan.nbytes`)
 
 
 class SwitchPlan:
@@ -155,6 +156,7 @@ class SwitchPlan:
                 spans.append((i, name, dtype, counts[dtype], positions.numel()))
                 counts[dtype] += positions.numel()
         w0s: dict[torch.dtype, torch.Tensor] = {}
+        all_values: dict[torch.dtype, torch.Tensor] = {}
         for dtype, (pos, vals) in parts.items():
             flat = self.flat[dtype]
             positions = torch.cat(pos)
@@ -162,14 +164,26 @@ class SwitchPlan:
                 positions = positions.to(torch.int32)  # half the memory; scatter_ takes it as it is
             w0 = flat.index_select(0, positions)
             w0s[dtype] = w0
-            values = torch.cat(vals)
+            values = all_values[dtype] = torch.cat(vals)
+            compiled.nbytes += sum(t.numel() * t.element_size() for t in (positions, w0, values))
             for start in range(0, positions.numel(), _SCATTER):
                 end = start + _SCATTER
                 compiled.writes.append((flat, positions[start:end], values[start:end], w0[start:end]))
         for i, name, dtype, start, count in spans:
-            local = self.layers[i]._modules["rst_sparse"][adapter][name].indices
-            compiled.backups[i].append((name, local, w0s[dtype][start : start + count]))
+            sparse = self.layers[i]._modules["rst_sparse"]
+            entry = sparse[adapter][name]
+            compiled.backups[i].append((name, entry.indices, w0s[dtype][start : start + count]))
+            if entry.values.dtype == dtype:  # the layer keeps a view of the plan's copy: one memory, not two
+                sparse.share_values(adapter, name, all_values[dtype][start : start + count])
+                compiled.nbytes -= count * entry.values.element_size()
         return compiled
+
+    def nbytes(self, adapter: str) -> int:
+        """Bytes this plan adds for `adapter` once compiled: per changed entry its position in the flat buffer
+        (int32, or int64 in buffers of 2**31 entries or more) and the w0 it replaces. Its values are one copy
+        that the layers' entries hold views of (unless they are of another dtype than the base)."""
+        compiled = self._compiled.get(adapter)
+        return 0 if compiled is None else compiled.nbytes
 
     def switch(self, adapter_names: list[str]) -> bool:
         """Make every layer hold w0 patched by the one loaded inference adapter in `adapter_names`, if any.

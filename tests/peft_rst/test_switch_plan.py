@@ -215,3 +215,25 @@ def test_entries_replaced_in_place_are_compiled_again(folders):
     model.set_adapter("d1")
     patched = bits(layer.base_layer.weight)[entries.indices.long()]
     assert torch.equal(patched, bits(entries.values + 1))
+
+
+def test_loaded_adapter_nbytes_counts_the_entries_and_their_compiled_copy(folders):
+    model = load(folders)
+    tuner = model.base_model
+    # the reference: the changed entries in each file (head excluded: modules_to_save keeps a dense copy)
+    files = [load_file(f / "adapter_model.safetensors") for f in folders]
+    entries = [sum(t.numel() for k, t in f.items() if k.endswith(".val") and "head" not in k) for f in files]
+    sparse = [sum(m.rst_sparse.nbytes(f"d{i}") for m in model.modules() if isinstance(m, RSTLayer)) for i in range(3)]
+    assert [tuner.loaded_adapter_nbytes(f"d{i}") for i in range(3)] == sparse  # nothing compiled yet
+    model.set_adapter("d1")  # compiles every loaded adapter: + an int32 position and the fp32 w0 per entry
+    assert [tuner.loaded_adapter_nbytes(f"d{i}") for i in range(3)] == [s + 8 * n for s, n in zip(sparse, entries)]
+    # the layers' values became views of the plan's one copy (so they are not counted twice)
+    compiled = tuner._switch_plan._compiled["d2"]
+    ((_, _, plan_values, _),) = compiled.writes
+    layer_values = [e.values for m in model.modules() if isinstance(m, RSTLayer) for e in m.rst_sparse["d2"].values()]
+    start, end = plan_values.data_ptr(), plan_values.data_ptr() + plan_values.nbytes
+    assert all(start <= v.data_ptr() < end for v in layer_values if v.numel())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="'nope' is not a loaded inference adapter.*load_adapter"):
+        tuner.loaded_adapter_nbytes("nope")
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

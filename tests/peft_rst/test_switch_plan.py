@@ -237,3 +237,26 @@ def test_loaded_adapter_nbytes_counts_the_entries_and_their_compiled_copy(folder
     with pytest.raises(ValueError, match="'nope' is not a loaded inference adapter.*load_adapter"):
         tuner.loaded_adapter_nbytes("nope")
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_a_parameter_the_plan_cannot_lay_out_is_switched_layer_by_layer(folders, monkeypatch):
+    """What a GPU tensor, a DTensor or shared memory meets: the plan leaves that parameter where it is, and the
+    adapters that change it switch layer by layer, from w0, bit for bit."""
+    from peft_rst import switch_plan
+
+    movable = switch_plan._movable
+    monkeypatch.setattr(switch_plan, "_movable", lambda base: movable(base) and tuple(base.shape) != (8, 16))
+    model = load(folders)
+    w0 = w0_of(model)
+    expected = [alone(f) for f in folders]
+    for name in ("d1", "d2", "d0", "d2"):
+        model.set_adapter(name)
+        with torch.no_grad():
+            assert torch.equal(model(X), expected[int(name[1])]), name
+    plan = model.base_model._switch_plan
+    assert plan is not None and not plan._compiled  # every adapter changes lin1.weight: none is compiled
+    (flat,) = plan.flat.values()
+    lin1 = model.get_base_model().lin1.base_layer.weight
+    start, end = flat.data_ptr(), flat.data_ptr() + flat.nbytes
+    assert not start <= lin1.data_ptr() < end  # left in place
+    assert_holds_w0(model, w0)

@@ -229,17 +229,24 @@ class RSTModel(BaseTuner):
                         low_cpu_mem_usage=low_cpu_mem_usage,
                         state_dict=state_dict,
                     )
-            self.__dict__["_allocator"] = None  # the W it made hold the buffer; the rest of it is not needed
+            self._end_injection()
             self._register_reset(adapter_name)  # also for adapters added after construction (add/load_adapter)
             if call is not None and call.adapter_name == adapter_name and call.local_folder is not None:
                 self._check_file(model, adapter_name, call.local_folder)
         except BaseException:
             snapshot.restore()
-            self.__dict__["_allocator"] = None
+            self._end_injection()
             raise
         self._pending_load = (
             (adapter_name, call, snapshot) if call is not None and call.adapter_name == adapter_name else None
         )
+
+    def _end_injection(self) -> None:
+        """Drop what only the injection needed. The W made hold the allocator's buffer; the rest of it is not needed.
+        The tied-weight map holds every W it made: kept, it would keep the original W alive after FSDP2's
+        `fully_shard` replaced them by their shards (a full copy of W on every rank for the model's lifetime)."""
+        self.__dict__["_allocator"] = None
+        self.__dict__["_shared_weights"] = {}
 
     def _check_file(self, model: nn.Module, adapter_name: str, folder: str) -> None:
         """Check the adapter file in `folder` from its safetensors header: readable, keys and shapes fit the model.

@@ -8,13 +8,16 @@ Accelerate moves the model to meta, shards it there and loads rank 0's state dic
 (`fsdp2_load_full_state_dict`). Each rank takes its half of every global batch. Rank 0 writes the gathered
 trainable weights (`trained.safetensors`), the adapter saved the documented Accelerate way
 (`unwrap_model(model).save_pretrained(..., state_dict=accelerator.get_state_dict(model))`, `adapter/`), the reset
-step count (`steps.txt`) and how many of the prepared model's parameters are sharded DTensors (`sharded.txt`).
+step count (`steps.txt`), how many of the prepared model's parameters are sharded DTensors (`sharded.txt`) and how
+many of the parameters built before `prepare` are still alive after training (`kept.txt`; the shards replaced them).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+import weakref
 
 import _distributed_train as script
 import torch
@@ -63,6 +66,7 @@ def train(out: str, cpu_ram_efficient_loading: bool) -> None:
             for p in model.parameters():
                 p.fill_(float("nan"))
     optimizer = script.make_optimizer(model)
+    originals = [weakref.ref(p) for p in model.parameters()]  # replaced by their shards in `prepare`
     model, optimizer = accelerator.prepare(model, optimizer)
     half = script.GLOBAL_BATCH // world
     for x, y in script.global_batches():
@@ -73,6 +77,8 @@ def train(out: str, cpu_ram_efficient_loading: bool) -> None:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     params = list(model.parameters())
     sharded = sum(isinstance(p, DTensor) and p.to_local().numel() < p.numel() for p in params)
+    gc.collect()
+    kept = sum(r() is not None for r in originals)
     full = accelerator.get_state_dict(model)  # collective: every rank calls it, rank 0 gets the tensors
     if accelerator.is_main_process:
         save_file(
@@ -84,6 +90,8 @@ def train(out: str, cpu_ram_efficient_loading: bool) -> None:
             f.write(str(unwrapped.base_model.reset_step()))
         with open(os.path.join(out, "sharded.txt"), "w") as f:
             f.write(f"{sharded}/{len(params)}")
+        with open(os.path.join(out, "kept.txt"), "w") as f:
+            f.write(str(kept))
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

@@ -72,6 +72,8 @@ def test_accelerate_fsdp2_equals_one_process_bitwise_and_saves_the_same_adapter(
     # every parameter of the prepared model is a DTensor holding a proper shard: no DDP fallback
     sharded, total = map(int, (accelerate_run / "sharded.txt").read_text().split("/"))
     assert sharded == total == sum(1 for _ in single.parameters())
+    # nothing keeps the unsharded parameters alive: each rank holds its shards only
+    assert (accelerate_run / "kept.txt").read_text() == "0"
     assert (accelerate_run / "steps.txt").read_text() == str(script.STEPS)  # one reset per optimizer step
 
     trained = load_file(accelerate_run / "trained.safetensors")

@@ -8,6 +8,9 @@ check for each rank of a 2-process FSDP2 run and prints the towers' figures.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -46,3 +49,23 @@ def test_state_after_a_step_is_the_accounted_multiple_of_the_weights(optimizer_n
     model(pixel_values=torch.randn(2, 3, 16, 16)).image_embeds.sum().backward()
     optimizer.step()
     assert _held_bytes(model, optimizer) == weights * (2 + states + int(rst))
+
+
+def test_a_w_replaced_by_its_shard_is_freed():
+    """FSDP2's `fully_shard` puts each parameter's shard in its place (`module._parameters[name] = shard`). Nothing
+    in RST may keep the original W alive after that, or every rank holds a full W next to its shard (the tied-weight
+    map of the injection did, for the model's lifetime)."""
+    torch.manual_seed(0)
+    body = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    model = get_peft_model(body, peft_rst.RSTConfig(tau=1e-3))
+    originals = []
+    for layer in model.base_model.model:
+        owned = layer.rst_weight["default"]._parameters
+        for name in list(owned):
+            originals.append(weakref.ref(owned[name]))
+            owned[name] = torch.nn.Parameter(owned[name].detach().clone())
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(torch.randn(2, 8)).sum().backward()
+    optimizer.step()  # the reset plan is rebuilt on the new tensors
+    gc.collect()
+    assert len(originals) == 6 and [r() for r in originals] == [None] * 6

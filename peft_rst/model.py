@@ -20,7 +20,7 @@ from .config import RSTConfig
 from .layer import RSTLayer, SparseEntries
 from .loading import ModelSnapshot, as_in_file, current_load_call
 from .reset import ResetGroup, current_plan, register, unregister
-from .reset_plan import FlatAllocator, _allocatable
+from .reset_plan import FlatAllocator, _allocatable, packs_in_place
 from .switch_plan import SwitchPlan
 
 PREFIX = "rst_"
@@ -328,10 +328,13 @@ class RSTModel(BaseTuner):
         for layer in group.layers:
             layer._reset_groups[adapter_name] = group
         register(group)
-        # W moves into the reset's flat buffer now, while only w0 and W exist: at the first optimizer step the
-        # gradients and optimizer state would be held too, and the move (a second copy of W for a moment) would
-        # raise the peak memory of training
-        current_plan(group)
+        # W that the plan has to move into its flat buffer move now, while only w0 and W exist: at the first
+        # optimizer step the gradients and optimizer state would be held too, and the move (a second copy of W for a
+        # moment) would raise the peak memory of training. W made in the buffer (the usual case) need no move: their
+        # plan is built at the first step, on the tensors the model holds then. Built now, it would keep the
+        # unsharded W and w0 alive through the first step after FSDP2's `fully_shard` replaced them by shards.
+        if not packs_in_place(group.targets()):
+            current_plan(group)
 
     # ------------------------------------------------------------------ adapters
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:

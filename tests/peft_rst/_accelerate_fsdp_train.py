@@ -9,7 +9,7 @@ Accelerate moves the model to meta, shards it there and loads rank 0's state dic
 trainable weights (`trained.safetensors`), the adapter saved the documented Accelerate way
 (`unwrap_model(model).save_pretrained(..., state_dict=accelerator.get_state_dict(model))`, `adapter/`), the reset
 step count (`steps.txt`), how many of the prepared model's parameters are sharded DTensors (`sharded.txt`) and how
-many of the parameters built before `prepare` are still alive after training (`kept.txt`; the shards replaced them).
+many of the parameters built before `prepare` are still alive after it (`kept.txt`; their shards replaced them).
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ def train(out: str, cpu_ram_efficient_loading: bool) -> None:
     optimizer = script.make_optimizer(model)
     originals = [weakref.ref(p) for p in model.parameters()]  # replaced by their shards in `prepare`
     model, optimizer = accelerator.prepare(model, optimizer)
+    gc.collect()
+    kept = sum(r() is not None for r in originals)
     half = script.GLOBAL_BATCH // world
     for x, y in script.global_batches():
         optimizer.zero_grad()
@@ -77,8 +79,6 @@ def train(out: str, cpu_ram_efficient_loading: bool) -> None:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     params = list(model.parameters())
     sharded = sum(isinstance(p, DTensor) and p.to_local().numel() < p.numel() for p in params)
-    gc.collect()
-    kept = sum(r() is not None for r in originals)
     full = accelerator.get_state_dict(model)  # collective: every rank calls it, rank 0 gets the tensors
     if accelerator.is_main_process:
         save_file(

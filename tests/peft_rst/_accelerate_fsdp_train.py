@@ -38,6 +38,8 @@ def use_fsdp_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParallelPl
     after it, `prepare`, `backward`, `get_state_dict`, `unwrap_model`, is Accelerate's unmodified code.
     """
     state = accelerator.state
+    if accelerator.is_fsdp2:  # an Accelerate that honours the plugin on CPU needs no shim
+        return
     if state.distributed_type != DistributedType.MULTI_CPU:
         raise RuntimeError(f"expected the MULTI_CPU fallback, got {state.distributed_type}; launch on CPU")
     state.distributed_type = DistributedType.FSDP

@@ -20,7 +20,7 @@ from .config import RSTConfig
 from .layer import RSTLayer, SparseEntries
 from .loading import ModelSnapshot, as_in_file, current_load_call
 from .reset import ResetGroup, current_plan, register, unregister
-from .reset_plan import FlatAllocator, _allocatable
+from .reset_plan import FlatAllocator, _allocatable, packs_in_place
 from .switch_plan import SwitchPlan
 
 PREFIX = "rst_"
@@ -229,17 +229,24 @@ class RSTModel(BaseTuner):
                         low_cpu_mem_usage=low_cpu_mem_usage,
                         state_dict=state_dict,
                     )
-            self.__dict__["_allocator"] = None  # the W it made hold the buffer; the rest of it is not needed
+            self._end_injection()
             self._register_reset(adapter_name)  # also for adapters added after construction (add/load_adapter)
             if call is not None and call.adapter_name == adapter_name and call.local_folder is not None:
                 self._check_file(model, adapter_name, call.local_folder)
         except BaseException:
             snapshot.restore()
-            self.__dict__["_allocator"] = None
+            self._end_injection()
             raise
         self._pending_load = (
             (adapter_name, call, snapshot) if call is not None and call.adapter_name == adapter_name else None
         )
+
+    def _end_injection(self) -> None:
+        """Drop what only the injection needed. The W made hold the allocator's buffer; the rest of it is not needed.
+        The tied-weight map holds every W it made: kept, it would keep the original W alive after FSDP2's
+        `fully_shard` replaced them by their shards (a full copy of W on every rank for the model's lifetime)."""
+        self.__dict__["_allocator"] = None
+        self.__dict__["_shared_weights"] = {}
 
     def _check_file(self, model: nn.Module, adapter_name: str, folder: str) -> None:
         """Check the adapter file in `folder` from its safetensors header: readable, keys and shapes fit the model.
@@ -321,10 +328,13 @@ class RSTModel(BaseTuner):
         for layer in group.layers:
             layer._reset_groups[adapter_name] = group
         register(group)
-        # W moves into the reset's flat buffer now, while only w0 and W exist: at the first optimizer step the
-        # gradients and optimizer state would be held too, and the move (a second copy of W for a moment) would
-        # raise the peak memory of training
-        current_plan(group)
+        # W that the plan has to move into its flat buffer move now, while only w0 and W exist: at the first
+        # optimizer step the gradients and optimizer state would be held too, and the move (a second copy of W for a
+        # moment) would raise the peak memory of training. W made in the buffer (the usual case) need no move: their
+        # plan is built at the first step, on the tensors the model holds then. Built now, it would keep the
+        # unsharded W and w0 alive through the first step after FSDP2's `fully_shard` replaced them by shards.
+        if not packs_in_place(group.targets()):
+            current_plan(group)
 
     # ------------------------------------------------------------------ adapters
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:

@@ -58,7 +58,7 @@ class ResetGroup:
         self.adapter_name = adapter_name
         self.layers: list = []  # RSTLayer instances holding this adapter
         self.step = 0
-        self.plan = None  # a ResetPlan (peft_rst.reset_plan): built on registration, rebuilt when stale
+        self.plan = None  # a ResetPlan (peft_rst.reset_plan): built when first needed, rebuilt when stale
 
     def __getstate__(self) -> dict:
         # a copy (deepcopy, pickling) rebuilds its plan from its own tensors instead of copying the flat buffers

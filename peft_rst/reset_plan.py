@@ -97,6 +97,18 @@ def _preallocated(targets: list[ResetTarget], dtype: torch.dtype) -> torch.Tenso
     return torch.from_numpy(buffer[:used]).view(dtype)
 
 
+def packs_in_place(targets: list[ResetTarget]) -> bool:
+    """Whether a plan built on `targets` would find every W it packs laid out in a flat buffer already (no move)."""
+    by_dtype: dict[torch.dtype, list[ResetTarget]] = {}
+    for t in targets:
+        if _packable(t):
+            by_dtype.setdefault(t.weight.dtype, []).append(t)
+    return all(
+        _preallocated(sorted(group, key=lambda t: t.weight.data_ptr()), dtype) is not None
+        for dtype, group in by_dtype.items()
+    )
+
+
 def _packable(target: ResetTarget) -> bool:
     w, b = target.weight, target.base
     if isinstance(w, DTensor) or isinstance(b, DTensor) or w.dtype != b.dtype or w.device != b.device:

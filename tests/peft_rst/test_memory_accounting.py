@@ -8,6 +8,9 @@ check for each rank of a 2-process FSDP2 run and prints the towers' figures.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -46,3 +49,27 @@ def test_state_after_a_step_is_the_accounted_multiple_of_the_weights(optimizer_n
     model(pixel_values=torch.randn(2, 3, 16, 16)).image_embeds.sum().backward()
     optimizer.step()
     assert _held_bytes(model, optimizer) == weights * (2 + states + int(rst))
+
+
+def test_w_and_w0_replaced_by_their_shards_are_freed_at_once():
+    """FSDP2's `fully_shard` puts each parameter's shard in its place (`module._parameters[name] = shard`). Nothing
+    in RST may keep the original W or w0 alive after that, or every rank holds them next to its shards: the
+    injection's tied-weight map kept every W for the model's lifetime, and a reset plan built at injection kept W
+    and w0 until the first optimizer step rebuilt it."""
+    torch.manual_seed(0)
+    body = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    model = get_peft_model(body, peft_rst.RSTConfig(tau=1e-3))
+    originals = []
+    for layer in model.base_model.model:
+        for owned in (layer.rst_weight["default"]._parameters, layer.base_layer._parameters):
+            for name in list(owned):
+                originals.append(weakref.ref(owned[name]))
+                owned[name] = torch.nn.Parameter(owned[name].detach().clone(), owned[name].requires_grad)
+    gc.collect()
+    assert len(originals) == 12 and [r() for r in originals] == [None] * 12
+    # and training goes on over the new tensors: the plan is built on them at the first step
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(torch.randn(2, 8)).sum().backward()
+    optimizer.step()
+    group = model.base_model._reset_groups["default"]
+    assert group.plan is not None and group.plan.weight_ids == {id(p) for p in model.parameters() if p.requires_grad}

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peft_rst import RSTConfig
-from peft_rst.reset import ResetTarget
+from peft_rst.reset import ResetTarget, current_plan
 from peft_rst.reset_plan import ResetPlan, _reset_flat_in_buffers_
 
 BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16}
@@ -100,7 +100,7 @@ def test_a_copy_does_not_carry_the_plan_s_buffers():
 
     model = get_peft_model(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)), RSTConfig(tau=1e-3))
     group = model.base_model._reset_groups["default"]
-    assert group.plan is not None  # built when the adapter was injected
+    assert current_plan(group) is not None and group.plan is not None
     twin = copy.deepcopy(model)
     assert twin.base_model._reset_groups["default"].plan is None  # rebuilt from the copy's own tensors when needed
     w, w_twin = (m.base_model.model[0].rst_weight["default"]["weight"] for m in (model, twin))
@@ -119,7 +119,9 @@ def test_w_is_made_in_the_plan_s_buffer_at_injection(monkeypatch, tmp_path):
     body = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2))
     body[1].weight.data = body[1].weight.data.double()  # a second dtype: a buffer of its own
     model = get_peft_model(body, RSTConfig(tau=1e-3, init_weights=False))
-    plan = model.base_model._reset_groups["default"].plan
+    group = model.base_model._reset_groups["default"]
+    assert group.plan is None  # W lies in its buffer already: nothing to move, the plan is built when first needed
+    plan = current_plan(group)
     weights = [w for m in model.base_model.model for w in m.rst_weight["default"].values()]
     assert plan is not None and not plan.rest and len(weights) == 6
     assert len({w.untyped_storage().data_ptr() for w in weights}) == len(weights)  # storages of their own
@@ -181,3 +183,14 @@ def test_the_step_is_recorded_into_a_replaced_optimizer_state():
     opt.load_state_dict(opt.state_dict())  # a loaded state replaces the state object
     opt.step()
     assert [opt.state[p]["rst_reset_step"] for p in params] == [4] * len(params)
+
+
+def test_w_made_outside_a_flat_buffer_moves_at_injection(monkeypatch):
+    """W that the plan must move into its buffer move when the adapter is injected, before the gradients and the
+    optimizer state exist (moving at the first step would raise its peak by a copy of W)."""
+    from peft_rst.model import RSTModel
+
+    monkeypatch.setattr(RSTModel, "_take", lambda self, base: None)  # every W a clone of its own
+    model = get_peft_model(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)), RSTConfig(tau=1e-3))
+    plan = model.base_model._reset_groups["default"].plan
+    assert plan is not None and not plan.rest and len(plan.targets) == 4

@@ -22,7 +22,12 @@ import numpy
 import torch
 from torch.distributed.tensor import DTensor
 
-from .reset import _BATCH, _CHUNK, ResetTarget, _reset_flat_, reset_all_below_threshold_
+from .reset import _CHUNK, ResetTarget, _reset_flat_, reset_all_below_threshold_
+
+# Elements per chunk of the plan's reset, and per batch of small tensors (those of up to `_CHUNK` elements, whose
+# w0 are gathered): seven whole-chunk ops each, with work buffers and scratch of this size made once per plan. Fewer,
+# larger chunks than the generic path's spend less on dispatching ops; the buffers stay a few MB.
+_PLAN_CHUNK = 1 << 18
 
 
 def _contiguous_storages(sizes: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -212,7 +217,7 @@ class ResetPlan:
             n = sum(b.numel() for b in batch_b)
             if n:
                 if scratch is None or scratch.numel() < n:
-                    scratch = torch.empty(max(n, _BATCH), dtype=dtype)
+                    scratch = torch.empty(n, dtype=dtype)
                 self.chunks.append((flat[batch_start : batch_start + n], list(batch_b), scratch))
             batch_b = []
 
@@ -225,14 +230,14 @@ class ResetPlan:
             b = t.base.detach().view(-1)
             if n > _CHUNK:
                 close_batch()
-                for start in range(0, n, _CHUNK):
-                    self.chunks.append((view[start : start + _CHUNK], b[start : start + _CHUNK], None))
+                for start in range(0, n, _PLAN_CHUNK):
+                    self.chunks.append((view[start : start + _PLAN_CHUNK], b[start : start + _PLAN_CHUNK], None))
                 offset += n
                 batch_start = offset
                 continue
             batch_b.append(b)
             offset += n
-            if sum(x.numel() for x in batch_b) >= _BATCH:
+            if sum(x.numel() for x in batch_b) >= _PLAN_CHUNK:
                 close_batch()
                 batch_start = offset
         close_batch()

@@ -9,7 +9,8 @@ Both variants live in this one process, built from the same seed, with SGD momen
 in the release (RST's reset runs in the optimizer's post-step hook, so it is inside the optimizer phase). Each round
 times `--steps` steps of full fine-tuning, then of RST, alternating which goes first, so machine load hits both
 alike. Reported: the median over rounds of each variant's mean step time, their ratio, and the overhead: the median
-over rounds of (RST - full) within the round (and, as a check, min(RST) - min(full)), in total, per block, and per
+over rounds of (RST - full) within the round, with the interquartile range of those per-round differences (this
+machine's noise is of the order of the target), and, as a check, min(RST) - min(full); in total, per block, and per
 block for each phase (forward, backward, optimizer step including RST's reset). The slope between the smallest and
 largest depth separates the per-block cost from the fixed cost of the layers outside the blocks (embeddings,
 pre/post norms, projection).
@@ -120,7 +121,7 @@ def main() -> None:
     )
     print(
         f"{'blocks':>6}{'full ms':>10}{'RST ms':>10}{'RST/full':>10}{'RST-full ms':>13}{'ms/block':>10}"
-        f"{'(min-based)':>13}   ms/block by phase: forward, backward, optimizer step + reset"
+        f"{'IQR/block':>18}{'(min-based)':>13}   ms/block by phase: forward, backward, optimizer step + reset"
     )
     overhead: dict[int, tuple[float, float]] = {}
     for blocks in depths:
@@ -128,7 +129,11 @@ def main() -> None:
         full, rst = variants["full"], variants["rst"]
         full_steps, rst_steps = full.step_times(), rst.step_times()
         # rounds are paired (both variants ran back to back), so the median of per-round differences
-        paired = statistics.median(r - f for r, f in zip(rst_steps, full_steps))
+        differences = [r - f for r, f in zip(rst_steps, full_steps)]
+        paired = statistics.median(differences)
+        # the spread of the per-round differences: how far one run's median can be trusted on this machine
+        q1, _, q3 = statistics.quantiles(differences, n=4) if len(differences) > 1 else (paired, paired, paired)
+        spread = f"[{q1 / blocks * ms:+.3f},{q3 / blocks * ms:+.3f}]"
         by_min = min(rst_steps) - min(full_steps)
         overhead[blocks] = (paired, by_min)
         phases = ", ".join(
@@ -138,7 +143,7 @@ def main() -> None:
         full_ms, rst_ms = statistics.median(full_steps) * ms, statistics.median(rst_steps) * ms
         print(
             f"{blocks:>6}{full_ms:>10.2f}{rst_ms:>10.2f}{rst_ms / full_ms:>10.3f}{paired * ms:>+13.2f}"
-            f"{paired / blocks * ms:>+10.3f}{by_min / blocks * ms:>+13.3f}   {phases}"
+            f"{paired / blocks * ms:>+10.3f}{spread:>18}{by_min / blocks * ms:>+13.3f}   {phases}"
         )
     if len(depths) > 1:
         lo, hi = min(depths), max(depths)

@@ -2,8 +2,9 @@
 
 Launched with `python -m torch.distributed.run --nproc_per_node 2`. Each rank takes its half of every global batch;
 FSDP2 shards every parameter (w0, W, the saved head) across the ranks, reduce-scatters the gradients and each rank
-steps its shard, so RST's reset runs on the local shards. Rank 0 writes the gathered trainable weights
-(`trained.safetensors`), the adapter saved from the gathered state dict (`adapter/`) and the reset step count.
+steps its shard, so RST's reset runs on the local shards. `--rules tau,keep_ratio,...` trains once per reset rule
+(`_distributed_train.RULES`) in the same processes; for each, rank 0 writes to `<out>/<rule>/` the gathered trainable
+weights (`trained.safetensors`), the adapter saved from the gathered state dict (`adapter/`) and the reset step count.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from torch.distributed.tensor import DTensor
 
 
 @script.single_thread
-def train_fsdp(out: str) -> None:
-    dist.init_process_group("gloo")
+def train_fsdp(out: str, rule: str, width: int) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == 2, f"run with --nproc_per_node 2, got {world}"
-    model = script.build_model()
+    out = os.path.join(out, rule)
+    os.makedirs(out, exist_ok=True)
+    model = script.build_model(rule, width)
     for block in model.base_model.model.body:  # one FSDP unit per block with parameters, then the root
         if any(True for _ in block.parameters()):
             fully_shard(block)
@@ -49,15 +51,24 @@ def train_fsdp(out: str) -> None:
         with open(os.path.join(out, "steps.txt"), "w") as f:
             f.write(str(model.base_model.reset_step()))
     dist.barrier()
-    dist.destroy_process_group()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--rules", default="tau", help="comma-separated keys of _distributed_train.RULES")
+    parser.add_argument("--width", type=int, default=16, help="hidden size; odd shards unevenly over 2 ranks")
     args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    train_fsdp(args.out)
+    rules = args.rules.split(",")
+    unknown = sorted(set(rules) - set(script.RULES))
+    if unknown:
+        parser.error(f"unknown rules {unknown}; use keys of {sorted(script.RULES)}")
+    dist.init_process_group("gloo")
+    try:
+        for rule in rules:
+            train_fsdp(args.out, rule, args.width)
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

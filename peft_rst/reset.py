@@ -20,7 +20,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from .resume import before_optimizer_step, record_reset_step
+from .resume import before_optimizer_step, is_state_init_step, record_reset_step
 
 if TYPE_CHECKING:
     from .config import RSTConfig
@@ -105,25 +105,30 @@ def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
     if not groups:
         return
     stepped = held_ids(optimizer)
+    # checkpoint state initialisation (zero grads, lr 0): no training step, so no reset and no count; the step is
+    # still recorded, so the state it creates says where the schedule is
+    counts = not is_state_init_step(optimizer)
     for group in groups:
         plan = current_plan(group)
         if plan is not None and plan.weight_ids <= stepped:  # the usual case: the optimizer steps every W
             targets = plan.targets
             if not targets:
                 continue
-            group.step += 1
-            if group.config.bias_only or group.config.keep_ratio is not None:
-                apply_reset(targets, group.config, group.step)
-            else:
-                plan.reset(group.config.tau_at(group.step))
+            if counts:
+                group.step += 1
+                if group.config.bias_only or group.config.keep_ratio is not None:
+                    apply_reset(targets, group.config, group.step)
+                else:
+                    plan.reset(group.config.tau_at(group.step))
         elif plan is not None and plan.weight_ids.isdisjoint(stepped):
             continue  # another optimizer (another model's, a second optimizer): not this group's step
         else:
             targets = [t for t in group.targets() if id(t.weight) in stepped]
             if not targets:
                 continue
-            group.step += 1
-            apply_reset(targets, group.config, group.step)
+            if counts:
+                group.step += 1
+                apply_reset(targets, group.config, group.step)
         record_reset_step(optimizer, group, targets)  # the step travels with optimizer.state_dict()
 
 

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from .resume import before_optimizer_step, record_reset_step
+from .resume import before_optimizer_step, is_state_init_step, record_reset_step
 
 if TYPE_CHECKING:
     from .config import RSTConfig
@@ -104,25 +105,30 @@ def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
     if not groups:
         return
     stepped = held_ids(optimizer)
+    # checkpoint state initialisation (zero grads, lr 0): no training step, so no reset and no count; the step is
+    # still recorded, so the state it creates says where the schedule is
+    counts = not is_state_init_step(optimizer)
     for group in groups:
         plan = current_plan(group)
         if plan is not None and plan.weight_ids <= stepped:  # the usual case: the optimizer steps every W
             targets = plan.targets
             if not targets:
                 continue
-            group.step += 1
-            if group.config.bias_only or group.config.keep_ratio is not None:
-                apply_reset(targets, group.config, group.step)
-            else:
-                plan.reset(group.config.tau_at(group.step))
+            if counts:
+                group.step += 1
+                if group.config.bias_only or group.config.keep_ratio is not None:
+                    apply_reset(targets, group.config, group.step)
+                else:
+                    plan.reset(group.config.tau_at(group.step))
         elif plan is not None and plan.weight_ids.isdisjoint(stepped):
             continue  # another optimizer (another model's, a second optimizer): not this group's step
         else:
             targets = [t for t in group.targets() if id(t.weight) in stepped]
             if not targets:
                 continue
-            group.step += 1
-            apply_reset(targets, group.config, group.step)
+            if counts:
+                group.step += 1
+                apply_reset(targets, group.config, group.step)
         record_reset_step(optimizer, group, targets)  # the step travels with optimizer.state_dict()
 
 
@@ -234,24 +240,93 @@ def reset_all_below_threshold_(targets: list[ResetTarget], tau: float) -> None:
         _reset_batch_(ws, bs, tau)
 
 
+def _changes(weight: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """|W - w0| flattened, in float32: what the top-r mode ranks."""
+    return (weight - base.to(weight.dtype)).abs().reshape(-1).float()
+
+
+def _whole(weight: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W and w0 as whole plain tensors (DTensors gathered: the layout-independent fallback of the ranking)."""
+    if isinstance(weight, DTensor):
+        weight = weight.full_tensor()
+    if isinstance(base, DTensor):
+        base = base.full_tensor()
+    return weight, base
+
+
+def _shard_layout(targets: list[ResetTarget]) -> tuple[dist.ProcessGroup, int] | None:
+    """For targets whose W and w0 are DTensors sharded alike along one mesh dimension of one mesh (FSDP2, HSDP): the
+    process group of that mesh dimension and a bound on any rank's number of local entries; None otherwise.
+
+    Then each rank's local shards are disjoint pieces of the whole and the ranks of that group hold all of it, so a
+    ranking over the union of their local candidates is a ranking over the whole adapter.
+    """
+    mesh, mesh_dim, bound = None, None, 0
+    for t in targets:
+        w, b = t.weight, t.base
+        if not (isinstance(w, DTensor) and isinstance(b, DTensor)):
+            return None
+        if w.device_mesh != b.device_mesh or w.placements != b.placements:
+            return None
+        shards = [i for i, p in enumerate(w.placements) if type(p) is Shard]
+        if len(shards) != 1 or not all(type(p) in (Shard, Replicate) for p in w.placements):
+            return None
+        if mesh is None:
+            mesh, mesh_dim = w.device_mesh, shards[0]
+        elif (w.device_mesh, shards[0]) != (mesh, mesh_dim):
+            return None
+        rows = w.shape[w.placements[mesh_dim].dim]
+        if rows:  # torch.chunk (FSDP2's split) gives each rank at most ceil(rows / ranks) rows
+            bound += -(-rows // mesh.size(mesh_dim)) * (w.numel() // rows)
+    if mesh is None:
+        return None
+    return mesh.get_group(mesh_dim), bound
+
+
+def _kth_largest_change(targets: list[ResetTarget], keep: int) -> float:
+    """The `keep`-th largest |W - w0| over all entries of `targets` (0 < keep < their count), the same on every rank.
+
+    Sharded W (FSDP2): every rank takes the `keep` largest of its local entries, the ranks all-gather them and take the
+    `keep`-th largest of the union. The whole adapter's `keep` largest values are in that union, so this is the exact
+    global value (ties and NaN included, as `torch.topk` orders them), with one collective per step and memory
+    O(min(keep, local entries) x ranks) instead of gathering every tensor.
+    """
+    layout = _shard_layout(targets)
+    if layout is None:
+        # plain tensors, or DTensors laid out otherwise: rank the whole tensors (a DTensor is gathered in full)
+        magnitudes = torch.cat([_changes(*_whole(t.weight, t.base)) for t in targets])
+        return torch.topk(magnitudes, keep, largest=True, sorted=False).values.min().item()
+    group, bound = layout
+    local = torch.cat([_changes(*_local_pair(t.weight, t.base)) for t in targets])
+    top = torch.topk(local, min(keep, local.numel()), largest=True, sorted=False).values
+    candidates = torch.full((min(keep, bound),), float("-inf"), device=local.device)  # equal sizes for all_gather
+    candidates[: top.numel()] = top
+    gathered = [torch.empty_like(candidates) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, candidates, group=group)
+    return torch.topk(torch.cat(gathered), keep, largest=True, sorted=False).values.min().item()
+
+
 @torch.no_grad()
 def _keep_top_fraction_(targets: list[ResetTarget], fraction: float) -> None:
-    """Keep the `fraction` of entries with the largest |W - w0| over all targets; reset the others to w0."""
-    total = sum(t.weight.numel() for t in targets)
+    """Keep the `fraction` of entries with the largest |W - w0| over all targets; reset the others to w0.
+
+    The ranking is over the whole adapter also when W is sharded (FSDP2): see `_kth_largest_change`.
+    """
+    total = sum(t.weight.numel() for t in targets)  # a DTensor's numel is the whole tensor's
     keep = int(round(fraction * total))
     if keep >= total:
         return
     if keep <= 0:
         for t in targets:
-            t.weight.copy_(t.base)
+            w, b = _local_pair(t.weight, t.base)
+            w.copy_(b)
         return
-    magnitudes = torch.cat([(t.weight - t.base.to(t.weight.dtype)).abs().view(-1).float() for t in targets])
     # k-th largest change; entries at or below it (but for ties at the threshold itself) are reset.
-    threshold = torch.topk(magnitudes, keep, largest=True, sorted=False).values.min().item()
-    del magnitudes
+    threshold = _kth_largest_change(targets, keep)
     for t in targets:
-        delta = (t.weight - t.base.to(t.weight.dtype)).abs()
-        torch.where(delta < threshold, t.base.to(t.weight.dtype), t.weight, out=t.weight)
+        w, b = _local_pair(t.weight, t.base)
+        b = b.to(w.dtype)
+        torch.where((w - b).abs() < threshold, b, w, out=w)
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,11 @@ LEGACY_STEP_FILENAME = "rst_reset_step.json"
 
 # optimizer -> group -> the step this process last wrote into that optimizer's state for that group.
 _written: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# optimizers whose current step is torch.distributed.checkpoint's state initialisation, not a training step
+_state_init_steps: weakref.WeakSet = weakref.WeakSet()
+# where that step comes from: `get_optimizer_state_dict` / `set_optimizer_state_dict` (Accelerate's FSDP2 save_state
+# and load_state among them) on an optimizer without state call `_init_optim_state`, which steps with zero grads and lr
+_STATE_INIT = ("torch.distributed.checkpoint.state_dict", "_init_optim_state")
 # (optimizer, group) pairs already warned about a legacy state, keyed by the id of the loaded state dict
 _warned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -73,7 +79,10 @@ def before_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: A
     """
     from .reset import _groups, _lock, current_plan, held_ids
 
+    _state_init_steps.discard(optimizer)
     if not optimizer.state:  # nothing loaded, nothing stepped yet
+        if _called_by_state_init():
+            _state_init_steps.add(optimizer)
         return
     with _lock:
         groups = list(_groups)
@@ -88,6 +97,28 @@ def before_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: A
                 if plan.weight_ids.isdisjoint(held):
                     continue
         sync_reset_step(optimizer, group)
+
+
+def _called_by_state_init() -> bool:
+    """Whether the optimizer step running now is torch.distributed.checkpoint's `_init_optim_state`.
+
+    That step (zero gradients, lr 0) only creates the optimizer state that a state dict is read from or loaded into;
+    counting it as an RST step would advance the schedule by one and apply a reset to the weights just loaded.
+    """
+    frame = sys._getframe(1)
+    for _ in range(64):  # the optimizer's step wrappers and hook dispatch sit between it and this hook
+        if frame is None:
+            return False
+        code = frame.f_code
+        if code.co_name == _STATE_INIT[1] and frame.f_globals.get("__name__") == _STATE_INIT[0]:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def is_state_init_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the step `optimizer` just took was checkpoint state initialisation (see `_called_by_state_init`)."""
+    return optimizer in _state_init_steps
 
 
 def _first_state(optimizer: torch.optim.Optimizer, group: ResetGroup) -> dict | None:

@@ -10,6 +10,12 @@ trainable weights (`trained.safetensors`), the adapter saved the documented Acce
 (`unwrap_model(model).save_pretrained(..., state_dict=accelerator.get_state_dict(model))`, `adapter/`), the reset
 step count (`steps.txt`), how many of the prepared model's parameters are sharded DTensors (`sharded.txt`) and how
 many of the parameters built before `prepare` are still alive after it (`kept.txt`; their shards replaced them).
+
+`--resume` then checks a resumed run with the `keep_ratio` schedule (`_distributed_train.RULES`): a fresh model
+trains the first half of the steps and `accelerator.save_state` writes model and sharded optimizer state (DCP); a
+second fresh model is prepared, `accelerator.load_state` loads that, and it trains the second half. Rank 0 writes
+to `<out>/resumed/` the gathered trainable weights, the reset step count and the reset step right after
+`load_state` (`loaded_step.txt`: the model's own count, adopted from the optimizer state only at the next step).
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ def use_fsdp_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParallelPl
 
 
 @script.single_thread
-def train(out: str, cpu_ram_efficient_loading: bool) -> None:
+def train(out: str, cpu_ram_efficient_loading: bool, resume: bool = False) -> None:
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2,
         auto_wrap_policy="transformer_based_wrap",
@@ -95,16 +101,59 @@ def train(out: str, cpu_ram_efficient_loading: bool) -> None:
         with open(os.path.join(out, "kept.txt"), "w") as f:
             f.write(str(kept))
     accelerator.wait_for_everyone()
+    if resume:
+        train_resumed(accelerator, out)
     accelerator.end_training()
+
+
+def _prepared(accelerator: Accelerator, rule: str):
+    accelerator.free_memory()  # forget the earlier models and optimizers: save_state / load_state see only these
+    model = script.build_model(rule)
+    return accelerator.prepare(model, script.make_optimizer(model))
+
+
+def _steps(accelerator: Accelerator, model, optimizer, batches) -> None:
+    rank, half = accelerator.process_index, script.GLOBAL_BATCH // accelerator.num_processes
+    for x, y in batches:
+        optimizer.zero_grad()
+        rows = slice(rank * half, (rank + 1) * half)
+        accelerator.backward(nn.functional.cross_entropy(model(x[rows]), y[rows]))
+        optimizer.step()
+
+
+def train_resumed(accelerator: Accelerator, out: str, rule: str = "keep_ratio") -> None:
+    """Half the steps, `save_state`, a fresh model and `load_state`, the other half; see the module docstring."""
+    out = os.path.join(out, "resumed")
+    batches, cut = script.global_batches(), script.STEPS // 2
+    model, optimizer = _prepared(accelerator, rule)
+    _steps(accelerator, model, optimizer, batches[:cut])
+    accelerator.save_state(os.path.join(out, "state"))
+    del model, optimizer
+    model, optimizer = _prepared(accelerator, rule)
+    accelerator.load_state(os.path.join(out, "state"))
+    loaded_step = accelerator.unwrap_model(model).base_model.reset_step()
+    _steps(accelerator, model, optimizer, batches[cut:])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    full = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        save_file(
+            {n: t.contiguous() for n, t in full.items() if n in trainable}, os.path.join(out, "trained.safetensors")
+        )
+        with open(os.path.join(out, "steps.txt"), "w") as f:
+            f.write(str(accelerator.unwrap_model(model).base_model.reset_step()))
+        with open(os.path.join(out, "loaded_step.txt"), "w") as f:
+            f.write(str(loaded_step))
+    accelerator.wait_for_everyone()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--cpu-ram-efficient-loading", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="also check save_state / load_state mid-schedule")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    train(args.out, args.cpu_ram_efficient_loading)
+    train(args.out, args.cpu_ram_efficient_loading, args.resume)
 
 
 if __name__ == "__main__":

@@ -25,21 +25,34 @@ from peft_rst import RSTConfig
 TAU = 1e-3
 STEPS = 4
 GLOBAL_BATCH = 8
+# The reset rules a run can use (`build_model(rule)`): the default threshold, the global top-r mode with a decaying
+# fraction (paper appendix M), and RST_bias.
+RULES = {
+    "tau": {"tau": TAU},
+    "keep_ratio": {"keep_ratio": 0.5, "keep_ratio_end": 0.1, "keep_ratio_schedule": "linear", "schedule_steps": STEPS},
+    "bias_only": {"bias_only": True},
+}
 
 
 class Net(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, width: int = 16) -> None:
+        # an odd `width` makes FSDP2 shard the hidden layers unevenly over 2 ranks (8 and 7 rows)
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
-        self.head = nn.Linear(16, 3)
+        self.body = nn.Sequential(
+            nn.Linear(6, width), nn.LayerNorm(width), nn.Tanh(), nn.Linear(width, width), nn.Tanh()
+        )
+        self.head = nn.Linear(width, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
 
 
-def build_model():
+def build_model(rule: str = "tau", width: int = 16):
+    """The tiny model (hidden size `width`) with an RST adapter resetting by `rule` (a key of `RULES`)."""
+    if rule not in RULES:
+        raise ValueError(f"unknown reset rule {rule!r}; use one of {sorted(RULES)}")
     torch.manual_seed(0)
-    return get_peft_model(Net(), RSTConfig(tau=TAU, modules_to_save=["head"]))
+    return get_peft_model(Net(width), RSTConfig(**RULES[rule], modules_to_save=["head"]))
 
 
 def global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -76,9 +89,9 @@ def single_thread(fn):
 
 
 @single_thread
-def train_single(mode: str):
+def train_single(mode: str, rule: str = "tau", width: int = 16):
     """One process: `accumulate` (two half-batches of loss / 2) or `full` (one backward over the global batch)."""
-    model = build_model()
+    model = build_model(rule, width)
     opt = make_optimizer(model)
     half = GLOBAL_BATCH // 2
     for x, y in global_batches():

@@ -49,6 +49,10 @@ def _rst_config(schedule: str = "tau") -> RSTConfig:
         return RSTConfig(
             keep_ratio=0.5, keep_ratio_end=0.05, keep_ratio_schedule="linear", schedule_steps=STEPS, **targets
         )
+    if schedule == "keep_ratio_up":  # the kept fraction grows: a reset with an early step's fraction undoes progress
+        return RSTConfig(
+            keep_ratio=0.05, keep_ratio_end=0.5, keep_ratio_schedule="linear", schedule_steps=STEPS, **targets
+        )
     # tau grows 0 -> 2e-3 over the run: late steps reset far more entries than early ones
     return RSTConfig(tau=0.0, tau_end=2e-3, tau_schedule="linear", schedule_steps=STEPS, **targets)
 
@@ -257,6 +261,46 @@ def test_set_reset_step_is_not_overridden_by_the_running_optimizer():
     model.base_model.set_reset_step(6)
     _hand_steps(model, opt, batches[2:3])
     assert model.base_model.reset_step() == 7
+
+
+def test_distributed_checkpoint_state_dicts_are_schedule_exact():
+    """torch.distributed.checkpoint's `get_optimizer_state_dict` / `set_optimizer_state_dict` (what Accelerate's
+    FSDP2 `save_state` / `load_state` call) first step an optimizer without state with zero grads and lr 0
+    (`_init_optim_state`). That step is no training step: it must neither count nor reset. Counted, it put a fresh
+    run one schedule step ahead, and after loading it reset the loaded weights with step 1's fraction."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    def setup():
+        model = _model("keep_ratio_up")
+        return model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+
+    batches = _batches()
+    full, full_opt = setup()
+    _hand_steps(full, full_opt, batches)
+
+    first, opt = setup()
+    before = _trained(first)
+    get_optimizer_state_dict(first, opt)  # on the fresh optimizer: its state-initialising step
+    assert first.base_model.reset_step() == 0
+    _assert_bitwise(_trained(first), before)
+    _hand_steps(first, opt, batches[:HALF])
+    model_state, optimizer_state = get_model_state_dict(first), get_optimizer_state_dict(first, opt)
+    assert {s[RESET_STEP_KEY] for s in optimizer_state["state"].values() if RESET_STEP_KEY in s} == {HALF}
+
+    second, opt2 = setup()
+    set_model_state_dict(second, model_state)
+    loaded = _trained(second)
+    set_optimizer_state_dict(second, opt2, optimizer_state)  # steps the fresh optimizer first
+    assert second.base_model.reset_step() == 0  # adopted at the first step, not at load time
+    _assert_bitwise(_trained(second), loaded)
+    _hand_steps(second, opt2, batches[HALF:])
+    assert second.base_model.reset_step() == full.base_model.reset_step() == STEPS
+    _assert_bitwise(_trained(second), _trained(full))
 
 
 @pytest.fixture

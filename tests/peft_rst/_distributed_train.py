@@ -16,7 +16,7 @@ import os
 
 import torch
 from peft import get_peft_model
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import peft_rst  # noqa: F401  (registers RST)
@@ -71,6 +71,23 @@ def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_run_matches(run: str, single: nn.Module, tmp_path: str) -> dict[str, torch.Tensor]:
+    """A multi-process run's gathered weights (`<run>/trained.safetensors`) equal `single`'s bit for bit, and the
+    adapter it saved (`<run>/adapter/`) equals the one `single` saves, tensor by tensor. Returns the run's weights."""
+    trained = load_file(os.path.join(run, "trained.safetensors"))
+    reference = trainable_state(single)
+    assert trained.keys() == reference.keys() and any(".rst_weight." in k for k in trained)
+    for key, value in trained.items():
+        assert torch.equal(value.view(torch.int32), reference[key].view(torch.int32)), key
+    single.save_pretrained(os.path.join(tmp_path, "single"))
+    saved = load_file(os.path.join(run, "adapter", "adapter_model.safetensors"))
+    saved_single = load_file(os.path.join(tmp_path, "single", "adapter_model.safetensors"))
+    assert saved.keys() == saved_single.keys()
+    for key in saved:
+        assert saved[key].dtype == saved_single[key].dtype and torch.equal(saved[key], saved_single[key]), key
+    return trained
 
 
 def single_thread(fn):

@@ -81,18 +81,7 @@ def test_accelerate_fsdp2_equals_one_process_bitwise_and_saves_the_same_adapter(
     assert (accelerate_run / "kept.txt").read_text() == "0"
     assert (accelerate_run / "steps.txt").read_text() == str(script.STEPS)  # one reset per optimizer step
 
-    trained = load_file(accelerate_run / "trained.safetensors")
-    reference = script.trainable_state(single)
-    assert trained.keys() == reference.keys() and any(".rst_weight." in k for k in trained)
-    for key, value in trained.items():
-        assert torch.equal(value.view(torch.int32), reference[key].view(torch.int32)), key
-
-    single.save_pretrained(tmp_path / "single")
-    saved = load_file(accelerate_run / "adapter" / "adapter_model.safetensors")
-    saved_single = load_file(tmp_path / "single" / "adapter_model.safetensors")
-    assert saved.keys() == saved_single.keys()
-    for key in saved:
-        assert saved[key].dtype == saved_single[key].dtype and torch.equal(saved[key], saved_single[key]), key
+    trained = script.assert_run_matches(accelerate_run, single, tmp_path)
 
     # sanity: training moved entries and the reset put others back
     bases = {n: p for n, p in single.named_parameters() if not p.requires_grad}

@@ -20,7 +20,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from .resume import before_optimizer_step, is_state_init_step, record_reset_step
+from .resume import before_optimizer_step, is_state_init_step, not_stepping, record_reset_step
 
 if TYPE_CHECKING:
     from .config import RSTConfig
@@ -104,11 +104,15 @@ def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
         groups = list(_groups)
     if not groups:
         return
-    stepped = held_ids(optimizer)
+    stepped = None
     # checkpoint state initialisation (zero grads, lr 0): no training step, so no reset and no count; the step is
     # still recorded, so the state it creates says where the schedule is
     counts = not is_state_init_step(optimizer)
+    others = not_stepping(optimizer)
     for group in groups:
+        if others and (id(group), id(group.plan)) in others:
+            continue  # the pre-step hook found this optimizer holds none of the group's W
+        stepped = held_ids(optimizer) if stepped is None else stepped
         plan = current_plan(group)
         if plan is not None and plan.weight_ids <= stepped:  # the usual case: the optimizer steps every W
             targets = plan.targets

@@ -41,6 +41,8 @@ LEGACY_STEP_FILENAME = "rst_reset_step.json"
 
 # optimizer -> group -> the step this process last wrote into that optimizer's state for that group.
 _written: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# optimizer -> the (group, plan) ids its current step does not touch (see `not_stepping`)
+_not_stepping: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # optimizers whose current step is torch.distributed.checkpoint's state initialisation, not a training step
 _state_init_steps: weakref.WeakSet = weakref.WeakSet()
 # where that step comes from: `get_optimizer_state_dict` / `set_optimizer_state_dict` (Accelerate's FSDP2 save_state
@@ -80,13 +82,14 @@ def before_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: A
     from .reset import _groups, _lock, current_plan, held_ids
 
     _state_init_steps.discard(optimizer)
+    _not_stepping.pop(optimizer, None)
     if not optimizer.state:  # nothing loaded, nothing stepped yet
         if _called_by_state_init():
             _state_init_steps.add(optimizer)
         return
     with _lock:
         groups = list(_groups)
-    state, held = optimizer.state, None
+    state, held, others = optimizer.state, None, []
     for group in groups:
         plan = group.plan
         if plan is None or not plan.targets or not state.get(plan.targets[0].weight):
@@ -95,8 +98,20 @@ def before_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: A
             if plan is not None:
                 held = held_ids(optimizer) if held is None else held
                 if plan.weight_ids.isdisjoint(held):
+                    others.append((id(group), id(plan)))
                     continue
         sync_reset_step(optimizer, group)
+    if others:
+        _not_stepping[optimizer] = others
+
+
+def not_stepping(optimizer: torch.optim.Optimizer) -> list[tuple[int, int]]:
+    """The (group, plan) ids that the pre-step hook of the step running now found `optimizer` holds nothing of.
+
+    Taken once by the post-step hook of the same step: the step changes values, not which tensors the model holds,
+    so the post-step hook need not check those plans again.
+    """
+    return _not_stepping.pop(optimizer, [])
 
 
 def _called_by_state_init() -> bool:

@@ -152,12 +152,15 @@ def test_an_optimizer_of_other_parameters_leaves_the_rst_model_alone(monkeypatch
     w = tuner.model[0].rst_weight["default"]["weight"]
     before, step = w.detach().clone(), tuner.reset_step()
 
-    calls = []
-    original = RSTLayer.reset_targets
+    calls, checks = [], []
+    original, valid = RSTLayer.reset_targets, ResetPlan.valid
     monkeypatch.setattr(RSTLayer, "reset_targets", lambda self, name: calls.append(name) or original(self, name))
+    monkeypatch.setattr(ResetPlan, "valid", lambda self, layers: checks.append(self) or valid(self, layers))
     other(torch.randn(3, 4)).sum().backward()
     other_opt.step()
     assert calls == [] and tuner.reset_step() == step and torch.equal(w.detach(), before)
+    plan = tuner._reset_groups["default"].plan
+    assert checks.count(plan) == 1  # checked before the step; the step after it trusts that check
     assert "rst_reset_step" not in other_opt.state[other.weight]
 
     with torch.no_grad():  # W moves by less than tau: the RST optimizer's step puts w0 back

@@ -381,20 +381,16 @@ class RSTModel(BaseTuner):
         """Memory an inference adapter holds: its changed entries in the layers, plus their compiled copy in the
         switch plan (made at the first switch after loading; see `peft_rst.switch_plan`). For sizing how many
         domains fit next to one base model; modules_to_save copies are not counted."""
-        layers, _ = self._switch_modules()
-        if not any(adapter_name in layer._modules["rst_sparse"] for layer in layers):
-            loaded = sorted({name for layer in layers for name in layer._modules["rst_sparse"].keys()})
+        sparse = [layer._modules["rst_sparse"] for layer in self._switch_modules()[0]]
+        held = [s.nbytes(adapter_name) for s in sparse if adapter_name in s]
+        if not held:
+            loaded = sorted({name for s in sparse for name in s.keys()})
             raise ValueError(
                 f"{adapter_name!r} is not a loaded inference adapter (loaded: {loaded}); load it with "
                 "load_adapter(path, adapter_name) first. Trainable adapters hold a dense W per parameter."
             )
-        held = sum(
-            layer._modules["rst_sparse"].nbytes(adapter_name)
-            for layer in layers
-            if adapter_name in layer._modules["rst_sparse"]
-        )
         plan = self.__dict__.get("_switch_plan")
-        return held + (plan.nbytes(adapter_name) if plan is not None else 0)
+        return sum(held) + (plan.nbytes(adapter_name) if plan is not None else 0)
 
     def _switch_modules(self) -> tuple[list[RSTLayer], list[AuxiliaryTrainingWrapper]]:
         cached = self.__dict__.get("_switch_cache")

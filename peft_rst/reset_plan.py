@@ -128,20 +128,8 @@ def _packable(target: ResetTarget) -> bool:
     return w.storage_offset() == 0 and w.untyped_storage().nbytes() == w.numel() * w.element_size()
 
 
-# Float dtypes whose reset compares |W - w0| with tau as integers (see `_reset_flat_in_buffers_`), and their widths.
+# Float dtypes whose reset compares |W - w0| with tau as integers (see `_reset_bits_`), and their widths.
 _BITS_OF = {torch.float32: torch.int32, torch.float64: torch.int64}
-
-
-def _reset_flat_in_buffers_(w: torch.Tensor, b: torch.Tensor, tau: float, d: torch.Tensor, m: torch.Tensor) -> None:
-    """`reset._reset_flat_` for float32 / float64 and tau >= 0, in the given work buffers (no allocation).
-
-    For non-negative floats (and NaN, whose bit pattern exceeds every number's), the IEEE bit patterns read as signed
-    integers are ordered like the values, so |d| <= tau is bits(|d|) - (bits(tau) + 1) < 0, and an arithmetic shift
-    by the width - 1 turns that sign into the all-ones mask of the entries that go back to w0. tau is rounded to W's
-    dtype as torch rounds a scalar compared with a tensor; `abs_` clears the sign bit of NaN too.
-    """
-    bits = m.dtype
-    _reset_bits_(w, w.view(bits), b, b.view(bits), d, d.view(bits), m, _tau_bits(tau, w.dtype, bits))
 
 
 def _tau_bits(tau: float, dtype: torch.dtype, bits: torch.dtype) -> int:
@@ -150,9 +138,14 @@ def _tau_bits(tau: float, dtype: torch.dtype, bits: torch.dtype) -> int:
 
 
 def _reset_bits_(w, w_bits, b, b_bits, d, d_bits, m, tau_bits: int) -> None:
-    """The arithmetic of `_reset_flat_in_buffers_` on views made beforehand (`*_bits`: the same memory as integers).
+    """`reset._reset_flat_` for float32 / float64 and tau >= 0, in work buffers `d` and `m` (no allocation).
 
-    A plan calls this for every chunk after every optimizer step, so nothing here makes a view or a Python object.
+    `*_bits` are the same memory viewed as integers, made beforehand: a plan calls this for every chunk after every
+    optimizer step, so nothing here makes a view or a Python object. For non-negative floats (and NaN, whose bit
+    pattern exceeds every number's), the IEEE bit patterns read as signed integers are ordered like the values, so
+    |d| <= tau is bits(|d|) - (bits(tau) + 1) < 0, and an arithmetic shift by the width - 1 turns that sign into the
+    all-ones mask of the entries that go back to w0. `tau_bits` is tau rounded to W's dtype (`_tau_bits`) as torch
+    rounds a scalar compared with a tensor; `abs_` clears the sign bit of NaN too.
     """
     torch.sub(w, b, out=d)
     d.abs_()

@@ -10,7 +10,7 @@ from torch import nn
 
 from peft_rst import RSTConfig
 from peft_rst.reset import ResetTarget, current_plan
-from peft_rst.reset_plan import ResetPlan, _reset_flat_in_buffers_
+from peft_rst.reset_plan import ResetPlan, _reset_bits_, _tau_bits
 
 BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16}
 
@@ -37,7 +37,9 @@ def test_integer_compare_matches_where(dtype, tau):
     w, b = _special(5000, dtype, torch.Generator().manual_seed(0))
     w[-10:], b[-10:] = torch.tensor(tau, dtype=dtype) if tau != float("inf") else 1.0, 0.0  # exactly tau away
     expected = _where_reference(w, b, tau)
-    _reset_flat_in_buffers_(w, b, tau, torch.empty_like(w), torch.empty(w.numel(), dtype=BITS[dtype]))
+    bits = BITS[dtype]
+    d, m = torch.empty_like(w), torch.empty(w.numel(), dtype=bits)
+    _reset_bits_(w, w.view(bits), b, b.view(bits), d, d.view(bits), m, _tau_bits(tau, dtype, bits))
     assert torch.equal(w.view(BITS[dtype]), expected.view(BITS[dtype]))
 
 

@@ -25,9 +25,17 @@ from torch.distributed.tensor import DTensor
 from .reset import _CHUNK, ResetTarget, _reset_flat_, reset_all_below_threshold_
 
 # Elements per chunk of the plan's reset, and per batch of small tensors (those of up to `_CHUNK` elements, whose
-# w0 are gathered): seven whole-chunk ops each, with work buffers and scratch of this size made once per plan. Fewer,
-# larger chunks than the generic path's spend less on dispatching ops; the buffers stay a few MB.
-_PLAN_CHUNK = 1 << 18
+# w0 are gathered), for each torch thread: seven whole-chunk ops each, with work buffers and scratch of this size made
+# once per plan. Each thread's share of a chunk's four arrays (W, w0, two work buffers) then fits in a core's L2
+# cache, so the seven passes over a chunk after the first read cache, not memory; larger chunks dispatch fewer ops
+# but spill. Capped so that the buffers stay a few MB with many threads.
+_PLAN_CHUNK_PER_THREAD = 1 << 16
+_PLAN_CHUNK_MAX = 1 << 20
+
+
+def plan_chunk() -> int:
+    """Elements per chunk of a plan built now: `_PLAN_CHUNK_PER_THREAD` per torch intra-op thread, capped."""
+    return min(_PLAN_CHUNK_PER_THREAD * max(1, torch.get_num_threads()), _PLAN_CHUNK_MAX)
 
 
 def _contiguous_storages(sizes: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -201,13 +209,14 @@ class ResetPlan:
         else:
             pieces = [t.weight.detach().view(-1) for t in targets]
         first = len(self.chunks)
+        chunk = plan_chunk()
         scratch = None
         batch_b: list[torch.Tensor] = []
         batch_start = offset = 0
 
         def close_batch() -> None:
             nonlocal scratch, batch_b
-            n = sum(b.numel() for b in batch_b)
+            n = offset - batch_start
             if n:
                 if scratch is None or scratch.numel() < n:
                     scratch = torch.empty(n, dtype=dtype)
@@ -223,16 +232,16 @@ class ResetPlan:
             b = t.base.detach().view(-1)
             if n > _CHUNK:
                 close_batch()
-                for start in range(0, n, _PLAN_CHUNK):
-                    self.chunks.append((view[start : start + _PLAN_CHUNK], b[start : start + _PLAN_CHUNK], None))
+                for start in range(0, n, chunk):
+                    self.chunks.append((view[start : start + chunk], b[start : start + chunk], None))
                 offset += n
                 batch_start = offset
                 continue
-            batch_b.append(b)
-            offset += n
-            if sum(x.numel() for x in batch_b) >= _PLAN_CHUNK:
+            if offset - batch_start + n > chunk:  # a batch stays within one chunk
                 close_batch()
                 batch_start = offset
+            batch_b.append(b)
+            offset += n
         close_batch()
         # this dtype's batches share one scratch buffer (the largest batch's)
         self.chunks[first:] = [(w, b, scratch if s is not None else None) for w, b, s in self.chunks[first:]]

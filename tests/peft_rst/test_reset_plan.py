@@ -10,7 +10,7 @@ from torch import nn
 
 from peft_rst import RSTConfig
 from peft_rst.reset import ResetTarget, current_plan
-from peft_rst.reset_plan import ResetPlan, _reset_bits_, _tau_bits
+from peft_rst.reset_plan import _PLAN_CHUNK_MAX, _PLAN_CHUNK_PER_THREAD, ResetPlan, _reset_bits_, _tau_bits
 
 BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16}
 
@@ -43,6 +43,10 @@ def test_integer_compare_matches_where(dtype, tau):
     assert torch.equal(w.view(BITS[dtype]), expected.view(BITS[dtype]))
 
 
+def plan_chunk_for(threads: int) -> int:
+    return min(_PLAN_CHUNK_PER_THREAD * threads, _PLAN_CHUNK_MAX)
+
+
 def _targets(shapes, dtype, g):
     targets, expected = [], []
     for shape in shapes:
@@ -57,13 +61,22 @@ def _targets(shapes, dtype, g):
     return targets, expected
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_plan_reset_is_bit_exact_and_keeps_separate_storages(dtype, tmp_path):
-    # small tensors batched (crossing the batch size), large ones chunked, odd sizes
-    shapes = [(3,), (64, 64), (1,), (300, 300), (257,), (1 << 16,), (1 << 16, 2)] + [(40, 40)] * 50
+def test_plan_reset_is_bit_exact_and_keeps_separate_storages(dtype, threads, tmp_path):
+    # small tensors batched (crossing the batch size), large ones chunked across chunk boundaries, odd sizes; the
+    # chunk size follows the thread count the plan is built with
+    shapes = [(3,), (64, 64), (1,), (300, 300), (257,), (1 << 16,), (1 << 16, 2), (1 << 17, 3)] + [(40, 40)] * 50
     targets, expected = _targets(shapes, dtype, torch.Generator().manual_seed(1))
     before = [t.weight.detach().clone() for t in targets]
-    plan = ResetPlan(layers=[], targets=targets)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        plan = ResetPlan(layers=[], targets=targets)
+    finally:
+        torch.set_num_threads(previous)
+    chunk = plan_chunk_for(threads)
+    assert max(w.numel() for w, _, _ in plan.chunks) == chunk  # the largest tensor spans several whole chunks
     for t, old in zip(targets, before):  # packing moves W, it does not change it
         assert torch.equal(t.weight.detach().view(BITS[dtype]), old.view(BITS[dtype]))
     plan.reset(1e-6)

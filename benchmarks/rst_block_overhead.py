@@ -6,7 +6,10 @@ Target (issue 12): forward + backward + reset overhead of RST over full fine-tun
 CLIP vision tower (width 64, batch 32) where per-call costs are not hidden by the matrix products.
 
 Both variants live in this one process, built from the same seed, with SGD momentum 0.9 nesterov + weight decay as
-in the release (RST's reset runs in the optimizer's post-step hook, so it is inside the optimizer phase). Each round
+in the release (RST's reset runs in the optimizer's post-step hook, so it is inside the optimizer phase). RST's
+hooks are global (they run around every optimizer's step in the process), so while full fine-tuning is timed the RST
+model's reset groups are unregistered: the baseline is full fine-tuning in a process without RST, and what RST's hooks
+cost another optimizer is `benchmarks/rst_step_hooks.py`'s figure. Each round
 times `--steps` steps of full fine-tuning, then of RST, alternating which goes first, so machine load hits both
 alike. Reported: the median over rounds of each variant's mean step time, their ratio, and the overhead: the median
 over rounds of (RST - full) within the round, with the interquartile range of those per-round differences (this
@@ -19,6 +22,7 @@ pre/post norms, projection).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import time
@@ -28,6 +32,7 @@ from peft import get_peft_model
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 import peft_rst
+from peft_rst.reset import register, unregister
 
 PHASES = ("forward", "backward", "step")
 
@@ -46,11 +51,25 @@ def tower(blocks: int) -> CLIPVisionModelWithProjection:
     return CLIPVisionModelWithProjection(config)
 
 
+@contextlib.contextmanager
+def without_rst_hooks(rst_model: torch.nn.Module):
+    """RST's global optimizer hooks see no reset group of `rst_model` inside: they return at once."""
+    groups = list(rst_model.base_model._reset_groups.values())
+    for group in groups:
+        unregister(group)
+    try:
+        yield
+    finally:
+        for group in groups:
+            register(group)
+
+
 class Variant:
     """A model, its optimizer and a fixed batch; `run` times `steps` training steps phase by phase with `clock`."""
 
-    def __init__(self, model: torch.nn.Module, batch: int, clock=time.perf_counter) -> None:
+    def __init__(self, model: torch.nn.Module, batch: int, clock=time.perf_counter, context=contextlib.nullcontext):
         self.clock = clock
+        self.context = context  # what the steps run inside
         self.model = model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -58,6 +77,10 @@ class Variant:
         self.times: dict[str, list[float]] = {phase: [] for phase in PHASES}
 
     def run(self, steps: int, record: bool = True) -> None:
+        with self.context():
+            self._run(steps, record)
+
+    def _run(self, steps: int, record: bool) -> None:
         totals = dict.fromkeys(PHASES, 0.0)
         for _ in range(steps):
             t0 = self.clock()
@@ -82,7 +105,10 @@ class Variant:
 def measure(blocks: int, batch: int, rounds: int, steps: int, clock) -> dict[str, Variant]:
     full_model = tower(blocks)
     rst_model = get_peft_model(copy.deepcopy(full_model), peft_rst.RSTConfig(tau=1e-6))
-    variants = {"full": Variant(full_model, batch, clock), "rst": Variant(rst_model, batch, clock)}
+    variants = {
+        "full": Variant(full_model, batch, clock, context=lambda: without_rst_hooks(rst_model)),
+        "rst": Variant(rst_model, batch, clock),
+    }
     for variant in variants.values():  # warm-up: allocations, momentum buffers
         variant.run(2, record=False)
     for r in range(rounds):

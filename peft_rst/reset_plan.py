@@ -48,6 +48,7 @@ def _contiguous_storages(sizes: list[int], dtype: torch.dtype) -> tuple[torch.Te
     """
     element = torch.empty(0, dtype=dtype).element_size()
     buffer = numpy.empty(sum(sizes) * element, dtype=numpy.uint8)
+    _BUFFERS[buffer.ctypes.data] = buffer  # a later plan over the same tensors finds them laid out (`_tiled`)
     pieces, start = [], 0
     for n in sizes:
         pieces.append(torch.from_numpy(buffer[start : start + n * element]).view(dtype))
@@ -55,7 +56,8 @@ def _contiguous_storages(sizes: list[int], dtype: torch.dtype) -> tuple[torch.Te
     return torch.from_numpy(buffer).view(dtype), pieces
 
 
-# start address -> numpy buffer of the W made by a `FlatAllocator`; weak: the buffer lives as long as any W in it
+# start address -> numpy buffer of tensors laid out back to back (by a `FlatAllocator` or `_contiguous_storages`);
+# weak: the buffer lives as long as any tensor in it
 _BUFFERS: weakref.WeakValueDictionary[int, numpy.ndarray] = weakref.WeakValueDictionary()
 
 
@@ -96,18 +98,56 @@ class FlatAllocator:
         return torch.from_numpy(buffer[start:end]).view(base.dtype).view(base.shape)
 
 
-def _preallocated(targets: list[ResetTarget], dtype: torch.dtype) -> torch.Tensor | None:
-    """The flat buffer that `targets`' W (in address order) tile from its start without gaps, if there is one."""
-    buffer = _BUFFERS.get(targets[0].weight.data_ptr())
+def _tiled(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor | None:
+    """The flat buffer that `tensors` (in this order) tile from its start without gaps, if there is one."""
+    buffer = _BUFFERS.get(tensors[0].data_ptr())
     if buffer is None:
         return None
     ptr = buffer.ctypes.data
-    for t in targets:
-        if t.weight.data_ptr() != ptr:
+    for t in tensors:
+        if t.data_ptr() != ptr:
             return None
-        ptr += t.weight.numel() * t.weight.element_size()
+        ptr += t.numel() * t.element_size()
     used = ptr - buffer.ctypes.data
     return torch.from_numpy(buffer[:used]).view(dtype)
+
+
+def _preallocated(targets: list[ResetTarget], dtype: torch.dtype) -> torch.Tensor | None:
+    """The flat buffer that `targets`' W (in address order) tile from its start without gaps, if there is one."""
+    return _tiled([t.weight for t in targets], dtype)
+
+
+def _alone_in_storage(base: torch.Tensor) -> bool:
+    """Whether `base` is a plain contiguous CPU float tensor that owns its whole storage and shares it with no other
+    tensor: moving it then unties nothing (two parameters made over one storage would stop sharing their values).
+    Decided by the storage's reference count (torch's private `_storage_Use_Count`); without it, nothing moves."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None or not _allocatable(base) or not base.is_contiguous() or base.storage_offset() != 0:
+        return False
+    storage = base.untyped_storage()
+    if storage.nbytes() != base.numel() * base.element_size():
+        return False
+    return use_count(storage._cdata) == 2  # held by `base` and by `storage` here
+
+
+def _flat_bases(bases: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor | None:
+    """`bases` (w0) back to back in one flat buffer in this order, each a storage of its own, as one flat tensor.
+
+    Why: w0 of small tensors would otherwise be gathered into a scratch buffer on every step, a copy that costs a
+    third of the reset once forward and backward have pushed w0 out of the caches. Moved once (same values, same
+    parameter objects; `base.data` is repointed, as `switch_plan` does); a later plan finds them laid out. None if
+    any cannot be moved (then they are gathered).
+    """
+    flat = _tiled(bases, dtype)
+    if flat is not None:
+        return flat
+    if len({id(b) for b in bases}) != len(bases) or not all(map(_alone_in_storage, bases)):
+        return None
+    flat, pieces = _contiguous_storages([b.numel() for b in bases], dtype)
+    for base, piece in zip(bases, pieces, strict=True):
+        piece.copy_(base.detach().reshape(-1))
+        base.data = piece.view(base.shape)
+    return flat
 
 
 def packs_in_place(targets: list[ResetTarget]) -> bool:
@@ -140,27 +180,30 @@ def _packable(target: ResetTarget) -> bool:
 _BITS_OF = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 
-def _tau_bits(tau: float, dtype: torch.dtype, bits: torch.dtype) -> int:
-    """tau rounded to `dtype`, as the signed integer of its bit pattern."""
-    return torch.tensor(tau, dtype=dtype).view(bits).item()
+def _tau_bits(tau: float, dtype: torch.dtype, bits: torch.dtype) -> torch.Tensor:
+    """tau rounded to `dtype`, as a 0-dim tensor of the signed integer of its bit pattern (-0.0 as 0.0: its bit
+    pattern, read as an integer, is the most negative one, yet |d| <= -0.0 holds where d is zero)."""
+    return torch.tensor(tau + 0.0, dtype=dtype).view(bits)
 
 
-def _reset_bits_(w, w_bits, b, b_bits, d, d_bits, m, tau_bits: int) -> None:
-    """`reset._reset_flat_` for float32 / float64 and tau >= 0, in work buffers `d` and `m` (no allocation).
+def _reset_bits_(w, w_bits, b, b_bits, d, d_bits, tau_bits: torch.Tensor) -> None:
+    """`reset._reset_flat_` for float32 / float64 and tau >= 0, in the work buffer `d` (no allocation).
 
     `*_bits` are the same memory viewed as integers, made beforehand: a plan calls this for every chunk after every
     optimizer step, so nothing here makes a view or a Python object. For non-negative floats (and NaN, whose bit
     pattern exceeds every number's), the IEEE bit patterns read as signed integers are ordered like the values, so
-    |d| <= tau is bits(|d|) - (bits(tau) + 1) < 0, and an arithmetic shift by the width - 1 turns that sign into the
-    all-ones mask of the entries that go back to w0. `tau_bits` is tau rounded to W's dtype (`_tau_bits`) as torch
+    W is kept where bits(tau) - bits(|d|) < 0, and an arithmetic shift by the width - 1 turns that sign into the
+    all-ones mask of the entries kept. W ^ w0, masked, ^ w0 is then W where kept and w0 elsewhere: the mask is
+    applied to W in place, with no second buffer. `tau_bits` is tau rounded to W's dtype (`_tau_bits`) as torch
     rounds a scalar compared with a tensor; `abs_` clears the sign bit of NaN too.
     """
     torch.sub(w, b, out=d)
     d.abs_()
-    d_bits.sub_(tau_bits + 1).bitwise_right_shift_(w.element_size() * 8 - 1)
-    torch.bitwise_xor(w_bits, b_bits, out=m)
-    m.bitwise_and_(d_bits)
-    w_bits.bitwise_xor_(m)
+    torch.sub(tau_bits, d_bits, out=d_bits)
+    d_bits.bitwise_right_shift_(w.element_size() * 8 - 1)
+    w_bits.bitwise_xor_(b_bits)
+    w_bits.bitwise_and_(d_bits)
+    w_bits.bitwise_xor_(b_bits)
 
 
 _MERGED = operator.attrgetter("merged_adapters")
@@ -189,6 +232,7 @@ class ResetPlan:
         # the first reset (`_prepare_steps`)
         self.steps: list[tuple] | None = None
         self.widths: dict[torch.dtype, torch.dtype] = {}
+        self._tau_bits: tuple[float, dict[torch.dtype, torch.Tensor]] = (float("nan"), {})  # tau, and its bits
         # where every tensor of the plan is held, and where its data was: the check before every step
         held = [(t.weight_owner, t.name, t.weight) for t in targets] + [
             (t.base_owner, t.name, t.base) for t in targets
@@ -210,14 +254,20 @@ class ResetPlan:
             pieces = [t.weight.detach().view(-1) for t in targets]
         first = len(self.chunks)
         chunk = plan_chunk()
+        # w0 of the small tensors (batched) laid out in W's order: a batch reads them in place, no gather
+        small_bases = [t.base for t in targets if t.weight.numel() <= _CHUNK]
+        flat_b = _flat_bases(small_bases, dtype) if small_bases else None
         scratch = None
         batch_b: list[torch.Tensor] = []
-        batch_start = offset = 0
+        batch_start = offset = b_offset = 0
 
         def close_batch() -> None:
-            nonlocal scratch, batch_b
+            nonlocal scratch, batch_b, b_offset
             n = offset - batch_start
-            if n:
+            if n and flat_b is not None:
+                self.chunks.append((flat[batch_start : batch_start + n], flat_b[b_offset : b_offset + n], None))
+                b_offset += n
+            elif n:
                 if scratch is None or scratch.numel() < n:
                     scratch = torch.empty(n, dtype=dtype)
                 self.chunks.append((flat[batch_start : batch_start + n], list(batch_b), scratch))
@@ -264,7 +314,9 @@ class ResetPlan:
         if self.steps is None:
             self.steps = self._prepare_steps()
         fast = tau >= 0  # False for NaN too
-        tau_bits = {dtype: _tau_bits(tau, dtype, bits) for dtype, bits in self.widths.items()} if fast else {}
+        if fast and self._tau_bits[0] != tau:  # tau changes only with a schedule
+            self._tau_bits = (tau, {dtype: _tau_bits(tau, dtype, bits) for dtype, bits in self.widths.items()})
+        tau_bits = self._tau_bits[1]
         for w, b, gathered, views in self.steps:
             if gathered is not None:
                 torch.cat(b, out=gathered)
@@ -272,19 +324,19 @@ class ResetPlan:
             if views is None or not fast:
                 _reset_flat_(w, b, tau)
                 continue
-            w_bits, b_bits, d, d_bits, m = views
-            _reset_bits_(w, w_bits, b, b_bits, d, d_bits, m, tau_bits[w.dtype])
+            w_bits, b_bits, d, d_bits = views
+            _reset_bits_(w, w_bits, b, b_bits, d, d_bits, tau_bits[w.dtype])
         if self.rest:
             reset_all_below_threshold_(self.rest, tau)
 
     def _prepare_steps(self) -> list[tuple]:
         """Per chunk: W, w0 (or the w0 pieces to gather and where), and the integer views and work buffers the
         bitwise reset needs. Made at the first reset, so a plan that never resets (inference) holds no buffers."""
-        work: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        work: dict[torch.dtype, torch.Tensor] = {}
         for dtype, bits in _BITS_OF.items():
             sizes = [w.numel() for w, _, _ in self.chunks if w.dtype == dtype]
             if sizes:
-                work[dtype] = (torch.empty(max(sizes), dtype=dtype), torch.empty(max(sizes), dtype=bits))
+                work[dtype] = torch.empty(max(sizes), dtype=dtype)
                 self.widths[dtype] = bits
         steps = []
         for w, b, scratch in self.chunks:
@@ -293,8 +345,8 @@ class ResetPlan:
             views = None
             if w.dtype in work:
                 bits = self.widths[w.dtype]
-                d, m = (buffer[:n] for buffer in work[w.dtype])
+                d = work[w.dtype][:n]
                 b_flat = gathered if gathered is not None else b
-                views = (w.view(bits), b_flat.view(bits), d, d.view(bits), m)
+                views = (w.view(bits), b_flat.view(bits), d, d.view(bits))
             steps.append((w, b, gathered, views))
         return steps

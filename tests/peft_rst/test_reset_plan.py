@@ -32,14 +32,14 @@ def _special(n: int, dtype: torch.dtype, g: torch.Generator) -> tuple[torch.Tens
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("tau", [0.0, 1e-7, 1e-6, 3e-6, 2.0**-6, 0.1, float("inf")])
+@pytest.mark.parametrize("tau", [0.0, -0.0, 1e-7, 1e-6, 3e-6, 2.0**-6, 0.1, float("inf")])
 def test_integer_compare_matches_where(dtype, tau):
     w, b = _special(5000, dtype, torch.Generator().manual_seed(0))
     w[-10:], b[-10:] = torch.tensor(tau, dtype=dtype) if tau != float("inf") else 1.0, 0.0  # exactly tau away
     expected = _where_reference(w, b, tau)
     bits = BITS[dtype]
-    d, m = torch.empty_like(w), torch.empty(w.numel(), dtype=bits)
-    _reset_bits_(w, w.view(bits), b, b.view(bits), d, d.view(bits), m, _tau_bits(tau, dtype, bits))
+    d = torch.empty_like(w)
+    _reset_bits_(w, w.view(bits), b, b.view(bits), d, d.view(bits), _tau_bits(tau, dtype, bits))
     assert torch.equal(w.view(BITS[dtype]), expected.view(BITS[dtype]))
 
 
@@ -122,22 +122,18 @@ def test_a_copy_does_not_carry_the_plan_s_buffers():
     assert torch.equal(w, w_twin) and w.data_ptr() != w_twin.data_ptr()
 
 
-def test_w_is_made_in_the_plan_s_buffer_at_injection(monkeypatch, tmp_path):
+def test_w_is_made_in_the_plan_s_buffer_at_injection(tmp_path):
     """No copy of W into the plan's buffer: W is made there (the copy's freed first storages stayed in RSS)."""
-    from peft_rst import reset_plan
-
-    def no_move(*args, **kwargs):
-        raise AssertionError("the plan moved W: it was not made in a flat buffer")
-
-    monkeypatch.setattr(reset_plan, "_contiguous_storages", no_move)
     torch.manual_seed(0)
     body = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2))
     body[1].weight.data = body[1].weight.data.double()  # a second dtype: a buffer of its own
     model = get_peft_model(body, RSTConfig(tau=1e-3, init_weights=False))
     group = model.base_model._reset_groups["default"]
     assert group.plan is None  # W lies in its buffer already: nothing to move, the plan is built when first needed
-    plan = current_plan(group)
     weights = [w for m in model.base_model.model for w in m.rst_weight["default"].values()]
+    made_at = [w.data_ptr() for w in weights]
+    plan = current_plan(group)
+    assert [w.data_ptr() for w in weights] == made_at  # the plan found W where injection made them
     assert plan is not None and not plan.rest and len(weights) == 6
     assert len({w.untyped_storage().data_ptr() for w in weights}) == len(weights)  # storages of their own
     ends = {}
@@ -212,3 +208,54 @@ def test_w_made_outside_a_flat_buffer_moves_at_injection(monkeypatch):
     model = get_peft_model(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)), RSTConfig(tau=1e-3))
     plan = model.base_model._reset_groups["default"].plan
     assert plan is not None and not plan.rest and len(plan.targets) == 4
+
+
+def _trained_tower():
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2)), RSTConfig(tau=1e-3))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    return model, opt
+
+
+def test_small_w0_are_laid_out_in_w_order_and_read_in_place(tmp_path):
+    """w0 of small tensors move once into a flat buffer in W's order (same objects, same values, storages of their
+    own), so no chunk gathers them; a rebuilt plan finds them there, and an in-place write to w0 is seen."""
+    model, opt = _trained_tower()
+    bases = [b for m in model.base_model.model for b in m.base_layer.parameters()]
+    values = [b.detach().clone() for b in bases]
+    plan = current_plan(model.base_model._reset_groups["default"])
+    assert all(torch.equal(b, v) for b, v in zip(bases, values))
+    assert all(not isinstance(b, list) for _, b, _ in plan.chunks)  # nothing to gather
+    by_w = sorted(plan.targets, key=lambda t: t.weight.data_ptr())
+    for before, after in zip(by_w, by_w[1:]):  # back to back in W's order
+        assert after.base.data_ptr() == before.base.data_ptr() + before.base.numel() * before.base.element_size()
+    assert len({b.untyped_storage().data_ptr() for b in bases}) == len(bases)
+    save_file({f"b{i}": b.detach() for i, b in enumerate(bases)}, tmp_path / "w0.safetensors")
+
+    where = [b.data_ptr() for b in bases]
+    model.base_model._reset_groups["default"].plan = None
+    current_plan(model.base_model._reset_groups["default"])
+    assert [b.data_ptr() for b in bases] == where  # not moved again
+
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        layer.base_layer.weight.add_(1.0)  # w0 edited in place (load_state_dict does this)
+        layer.rst_weight["default"]["weight"].copy_(layer.base_layer.weight + 1e-4)
+    opt.step()
+    assert torch.equal(layer.rst_weight["default"]["weight"], layer.base_layer.weight)
+
+
+def test_w0_sharing_its_storage_is_not_moved():
+    """A w0 whose storage another tensor shares (a parameter made over the same storage) keeps it: moving it would
+    untie them. Its batch gathers w0 instead, and the reset is the same."""
+    model, opt = _trained_tower()
+    layer = model.base_model.model[0]
+    twin = nn.Parameter(layer.base_layer.weight.data, requires_grad=False)
+    plan = current_plan(model.base_model._reset_groups["default"])
+    assert twin.data_ptr() == layer.base_layer.weight.data_ptr()
+    assert any(isinstance(b, list) for _, b, _ in plan.chunks)
+    w = layer.rst_weight["default"]["weight"]
+    with torch.no_grad():
+        w.copy_(twin + 1e-4)
+    opt.step()
+    assert torch.equal(w, twin)

@@ -53,6 +53,8 @@ class SparseEntries(NamedTuple):
 
 
 # Bumped whenever any layer's inference-adapter entries change: tells a `SwitchPlan` its compiled entries are stale.
+# Still 0 if no inference adapter was ever added in this process (copies and unpickled layers bump it too): then
+# every layer's `rst_sparse` is empty, and the forward pass skips looking.
 _generation = [0]
 
 
@@ -116,6 +118,10 @@ class SparseAdapters(nn.Module):
             e.indices.numel() * e.indices.element_size() + e.values.numel() * e.values.element_size()
             for e in self._adapters[adapter_name].values()
         )
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        _generation[0] += 1  # a copy or an unpickled layer: entries that no `add` or `fill` announced
 
     # dict interface, as peft's BaseTunerLayer expects of `other_param_names` containers
     def __getitem__(self, adapter_name: str) -> dict[str, SparseEntries]:
@@ -437,7 +443,7 @@ class RSTLayer(nn.Module, BaseTunerLayer):
             self.restore_base_weights()
             return self.base_layer(*args, **kwargs)
         modules = self._modules
-        if len(modules["rst_sparse"]):
+        if _generation[0] and len(modules["rst_sparse"]):  # no inference adapter in the process: nothing to look at
             self.sync_patch()  # cheap when nothing changed; covers adapters toggled behind peft's back
         active = self._active_adapter
         if not isinstance(active, str) and len(active) == 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import set_adapter as peft_set_adapter
+from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 import peft_rst  # noqa: F401  (registers RST)
@@ -31,8 +32,8 @@ def base() -> Net:
 
 
 def save_domain(folder, seed: int) -> None:
-    torch.manual_seed(seed)
     model = get_peft_model(base(), RSTConfig(tau=1e-3, modules_to_save=["head"]))
+    torch.manual_seed(seed)  # after `base()`, which seeds its own weights: each domain trains on its own data
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     for _ in range(2):
         model(torch.randn(5, 8)).pow(2).mean().backward()
@@ -100,3 +101,29 @@ def test_non_float_parameters_get_a_frozen_copy():
     peft_model.set_adapter("other")
     assert not peft_model.base_model.model.lin0.rst_weight["other"]["levels"].requires_grad
     assert peft_model.base_model.model.lin0.rst_weight["other"]["weight"].requires_grad
+
+
+def test_a_model_unpickled_where_no_adapter_was_loaded_still_patches_in_the_forward_pass(tmp_path, monkeypatch):
+    """The forward pass skips looking for inference adapters while none was ever added in the process. A model
+    unpickled into such a process holds some, so a layer whose active adapter is changed without RST's eager patch
+    (a plain attribute write, as peft's generic code makes in places) must still patch it in when it runs."""
+    import pickle
+
+    from peft_rst import layer as rst_layer
+
+    folders = [tmp_path / f"d{i}" for i in range(2)]
+    for i, folder in enumerate(folders):
+        save_domain(folder, i)
+    reference, payload = load(folders), pickle.dumps(load(folders))
+    reference.set_adapter("d1")
+    with torch.no_grad():
+        expected = reference(X)
+    monkeypatch.setattr(rst_layer, "_generation", [0])  # as in a fresh process
+    model = pickle.loads(payload)
+    for module in model.modules():
+        if isinstance(module, RSTLayer):
+            module._active_adapter = "d1"
+        elif isinstance(module, ModulesToSaveWrapper):
+            module.set_adapter("d1")
+    with torch.no_grad():
+        assert torch.equal(model(X), expected)
